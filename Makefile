@@ -1,0 +1,43 @@
+# Quick start: `make demo` (set up, then embed the sample text) and `make test` (set up, then run every test).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_MODEL := .models/instructor-base-random
+
+# Without CUDA, install the CPU build of torch first and pin it: an unpinned torch pulls a multi-GB CUDA build.
+ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda),cuda)
+TORCH := torch
+CONSTRAINTS :=
+else
+TORCH := torch==2.13.0
+CONSTRAINTS := -c constraints-cpu.txt
+endif
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+$(DEMO_MODEL)/modules.json: | $(VENV)/.installed
+	$(PY) -m fastinstructor make-test-model --preset base --out $(DEMO_MODEL)
+
+demo: $(VENV)/.installed $(DEMO_MODEL)/modules.json
+	$(PY) -m fastinstructor demo --model $(DEMO_MODEL) --out demo-output
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_core.py
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .models demo-output build dist *.egg-info

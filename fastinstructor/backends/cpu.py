@@ -1,0 +1,143 @@
+"""The project's own T5 encoder in PyTorch, for the CPU: float32, bfloat16 or int8.
+
+Differences from ``transformers.T5EncoderModel`` (the maths is the same, DESIGN section 5):
+
+- q, k and v are one fused projection ``[3 * heads * d_kv, d_model]``;
+- attention is ``scaled_dot_product_attention`` with ``scale=1.0`` (T5 has no 1/sqrt(d_kv)) and the
+  relative position bias plus the key padding mask as one additive mask, built once per batch and shared
+  by every layer;
+- bfloat16 runs the matrix products in bfloat16 while the residual stream, RMSNorm statistics and the
+  pooling head stay float32;
+- int8 is PyTorch dynamic quantization of every linear layer (int8 weights per output channel, activations
+  quantized per batch at run time); attention stays float32.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import Checkpoint, EncoderConfig
+from .base import check_precision, pool_head
+
+
+def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bidirectional buckets: half per direction, exact below num_buckets/4, log-spaced up to max_distance."""
+    num_buckets //= 2
+    buckets = (relative_position > 0).long() * num_buckets
+    distance = relative_position.abs()
+    max_exact = num_buckets // 2
+    large = max_exact + (
+        torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, large)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """T5LayerNorm: no mean subtraction, no bias, variance in float32."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps))
+
+
+class T5Block(nn.Module):
+    def __init__(self, config: EncoderConfig, weights: dict[str, torch.Tensor], prefix: str) -> None:
+        super().__init__()
+        d, inner, ff = config.d_model, config.inner_dim, config.d_ff
+        self.heads, self.d_kv, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
+        attn = prefix + "0.SelfAttention."
+        self.qkv = nn.Linear(d, 3 * inner, bias=False)
+        self.o = nn.Linear(inner, d, bias=False)
+        self.wi = nn.Linear(d, ff, bias=False)
+        self.wo = nn.Linear(ff, d, bias=False)
+        self.qkv.weight.data = torch.cat([weights[attn + n + ".weight"] for n in "qkv"])
+        self.o.weight.data = weights[attn + "o.weight"]
+        self.wi.weight.data = weights[prefix + "1.DenseReluDense.wi.weight"]
+        self.wo.weight.data = weights[prefix + "1.DenseReluDense.wo.weight"]
+        self.register_buffer("ln_attn", weights[prefix + "0.layer_norm.weight"])
+        self.register_buffer("ln_ff", weights[prefix + "1.layer_norm.weight"])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # x: [B, L, D] float32 residual stream; mask: [B, H, L, L] additive bias + padding, in `dtype`
+        b, length, _ = x.shape
+        h = rms_norm(x, self.ln_attn, self.eps).to(dtype)
+        q, k, v = self.qkv(h).view(b, length, 3, self.heads, self.d_kv).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, d_kv]
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # [B, H, L, d_kv]
+        x = x + self.o(attn.transpose(1, 2).reshape(b, length, -1)).float()
+        h = rms_norm(x, self.ln_ff, self.eps).to(dtype)
+        return x + self.wo(F.relu(self.wi(h))).float()
+
+
+class T5Encoder(nn.Module):
+    """Embedding, blocks and final RMSNorm; returns float32 states ``[B, L, D]``."""
+
+    def __init__(self, config: EncoderConfig, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("embed", weights["shared.weight"])
+        self.register_buffer("bias_table", weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"])
+        self.register_buffer("ln_final", weights["encoder.final_layer_norm.weight"])
+        self.blocks = nn.ModuleList(T5Block(config, weights, f"encoder.block.{i}.layer.") for i in range(config.num_layers))
+        self.compute_dtype = torch.float32
+
+    def attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Relative position bias ``[1, H, L, L]`` plus key padding ``[B, 1, 1, L]``, computed once per batch."""
+        length = attention_mask.shape[1]
+        positions = torch.arange(length)
+        buckets = relative_position_bucket(
+            positions[None, :] - positions[:, None], self.config.num_buckets, self.config.max_distance
+        )  # [L, L] (key - query)
+        bias = self.bias_table[buckets].permute(2, 0, 1)[None]  # [1, H, L, L]
+        padding = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        return (bias + padding).to(self.compute_dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed)  # [B, L, D] float32
+        mask = self.attention_mask(attention_mask)
+        for block in self.blocks:
+            x = block(x, mask, self.compute_dtype)
+        return rms_norm(x, self.ln_final, self.config.layer_norm_epsilon)
+
+
+class CpuBackend:
+    name: ClassVar[str] = "cpu"
+    precisions: ClassVar[tuple[str, ...]] = ("float32", "bfloat16", "int8")
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        return True, f"PyTorch {torch.__version__} on the CPU"
+
+    def __init__(self, checkpoint: Checkpoint, precision: str = "float32", device: str = "cpu") -> None:
+        check_precision(type(self), precision)
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the cpu backend runs on the CPU only, got device={device!r}; use backend='reference'")
+        encoder = T5Encoder(checkpoint.config, checkpoint.weights).eval()
+        if precision == "bfloat16":
+            encoder.blocks.to(torch.bfloat16)
+            encoder.compute_dtype = torch.bfloat16
+        elif precision == "int8":
+            encoder = _quantize_int8(encoder)
+        self.encoder = encoder
+        self.dense_weight = checkpoint.dense_weight
+        self.normalize = checkpoint.normalize
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids, attention_mask)
+        return pool_head(hidden, attention_mask, pool_start, self.dense_weight, self.normalize)
+
+
+def _quantize_int8(encoder: T5Encoder) -> T5Encoder:
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch.ao's eager dynamic quantization is deprecated in favour of torchao, but it is in torch 2.13,
+        # uses fbgemm's VNNI kernels, and adds no dependency.
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated.*")
+        return quantize_dynamic(encoder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)

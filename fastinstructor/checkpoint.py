@@ -1,0 +1,331 @@
+"""Finding and loading INSTRUCTOR / T5-encoder checkpoints.
+
+A checkpoint is a folder in the sentence-transformers INSTRUCTOR layout::
+
+    modules.json                     the module list (Transformer, Pooling, Dense, Normalize)
+    config.json                      the T5 config (every dimension comes from here)
+    model.safetensors | pytorch_model.bin   (or a sharded *.index.json)
+    spiece.model and/or tokenizer.json      the T5 SentencePiece tokenizer
+    sentence_bert_config.json        max_seq_length
+    1_Pooling/config.json            must be mean pooling
+    2_Dense/config.json + weights    bias-free projection d_model -> out_dim
+    3_Normalize/                     L2 normalization
+
+or a plain T5 encoder folder (no ``modules.json``: mean pooling, no Dense, no Normalize), or a Hugging Face
+hub id resolved from the local cache first and downloaded otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["CheckpointError", "EncoderConfig", "Checkpoint", "resolve_model_path", "load_checkpoint"]
+
+# Weight files we read, in order of preference. safetensors first: it cannot execute code.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# The encoder of a full seq2seq T5 checkpoint is usable; its decoder and LM head are not needed.
+_IGNORED_PREFIXES = ("decoder.", "lm_head.")
+
+
+class CheckpointError(ValueError):
+    """A model path or checkpoint folder that cannot be used; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The T5 encoder dimensions, read from ``config.json``."""
+
+    vocab_size: int
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_layers: int
+    num_heads: int
+    num_buckets: int = 32
+    max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "num_buckets", "max_distance"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise CheckpointError(f"config.json: {name} must be a positive integer, got {value!r}")
+
+    @property
+    def inner_dim(self) -> int:
+        """Width of the attention projections: heads * d_kv (4096 for instructor-xl, not d_model)."""
+        return self.num_heads * self.d_kv
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: Path) -> EncoderConfig:
+        if cfg.get("model_type") != "t5":
+            raise CheckpointError(
+                f"{source}: model_type is {cfg.get('model_type')!r}, expected 't5' "
+                "(fastinstructor runs INSTRUCTOR / T5 encoder checkpoints only)"
+            )
+        projection = cfg.get("feed_forward_proj", "relu")
+        if projection != "relu":
+            raise CheckpointError(
+                f"{source}: feed_forward_proj is {projection!r}; only T5 v1.0 'relu' feed-forward layers "
+                "(as in INSTRUCTOR and GTR) are supported"
+            )
+        try:
+            return cls(
+                vocab_size=cfg["vocab_size"],
+                d_model=cfg["d_model"],
+                d_kv=cfg["d_kv"],
+                d_ff=cfg["d_ff"],
+                num_layers=cfg["num_layers"],
+                num_heads=cfg["num_heads"],
+                num_buckets=cfg.get("relative_attention_num_buckets", 32),
+                max_distance=cfg.get("relative_attention_max_distance", 128),
+                layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-6)),
+            )
+        except KeyError as err:
+            raise CheckpointError(f"{source}: missing key {err.args[0]!r} in the T5 config") from None
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every encoder tensor by its transformers ``T5EncoderModel`` name, with its shape."""
+        d, inner, ff = self.d_model, self.inner_dim, self.d_ff
+        shapes: dict[str, tuple[int, ...]] = {
+            "shared.weight": (self.vocab_size, d),
+            "encoder.final_layer_norm.weight": (d,),
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (self.num_buckets, self.num_heads),
+        }
+        for i in range(self.num_layers):
+            p = f"encoder.block.{i}.layer."
+            shapes.update({
+                p + "0.SelfAttention.q.weight": (inner, d),
+                p + "0.SelfAttention.k.weight": (inner, d),
+                p + "0.SelfAttention.v.weight": (inner, d),
+                p + "0.SelfAttention.o.weight": (d, inner),
+                p + "0.layer_norm.weight": (d,),
+                p + "1.DenseReluDense.wi.weight": (ff, d),
+                p + "1.DenseReluDense.wo.weight": (d, ff),
+                p + "1.layer_norm.weight": (d,),
+            })
+        return shapes
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything a backend needs, loaded once: config, float32 weights, and the head."""
+
+    path: Path
+    config: EncoderConfig
+    hf_config: dict = field(repr=False)
+    weights: dict[str, torch.Tensor] = field(repr=False)  # T5EncoderModel names, float32, shared tied
+    dense_weight: torch.Tensor | None = field(repr=False)  # [out_dim, d_model] or None
+    normalize: bool
+    max_seq_length: int
+
+    @property
+    def out_dim(self) -> int:
+        return self.dense_weight.shape[0] if self.dense_weight is not None else self.config.d_model
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and os.sep not in model.replace("/", "")
+
+
+def resolve_model_path(model: str | os.PathLike, *, cache_dir: str | None = None, revision: str | None = None) -> Path:
+    """A local folder as is; a hub id (``org/name``) from the Hugging Face cache, downloading if allowed."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"model path {path} is a file; pass the checkpoint folder that contains it")
+        return path
+    text = str(model)
+    if not _looks_like_hub_id(text):
+        raise CheckpointError(
+            f"model {text!r}: no such folder, and it is not a hub id of the form 'org/name'. "
+            "Pass a checkpoint folder, a hub id such as 'hkunlp/instructor-large', or build a test checkpoint "
+            "with `fastinstructor make-test-model --preset tiny --out DIR`."
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    # Weights: safetensors when the repo has them, pytorch_model.bin otherwise; never both.
+    metadata = ["*.json", "*.model", "*.txt", "*.md"]
+    try:
+        local = Path(snapshot_download(text, revision=revision, cache_dir=cache_dir, local_files_only=True))
+        if _find_weights(local) is not None:
+            return local
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        local = Path(snapshot_download(text, revision=revision, cache_dir=cache_dir,
+                                       allow_patterns=metadata + ["*.safetensors", "*.safetensors.index.json"]))
+        if _find_weights(local) is None:
+            local = Path(snapshot_download(text, revision=revision, cache_dir=cache_dir,
+                                           allow_patterns=metadata + ["*.bin", "*.bin.index.json"]))
+        return local
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"hub id {text!r}: no such repository on the Hugging Face hub (check the spelling)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise CheckpointError(
+            f"hub id {text!r} is not in the local Hugging Face cache and could not be downloaded "
+            f"({type(err).__name__}). On an offline machine, download it elsewhere (`hf download {text}`) and "
+            "copy the folder here, then pass the folder path; or set HF_HOME to a cache that holds it."
+        ) from None
+
+
+def _read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is damaged, re-download it") from None
+
+
+def _find_weights(folder: Path) -> Path | None:
+    for name in _WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors and pickle raise several unrelated types for a damaged file
+        raise CheckpointError(
+            f"cannot read weights file {path}: {type(err).__name__}: {err}. The file is damaged or truncated; "
+            "re-download or re-create the checkpoint."
+        ) from None
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.name.endswith(".index.json"):
+        index = _read_json(path)
+        files = sorted(set(index.get("weight_map", {}).values())) if isinstance(index, dict) else []
+        if not files:
+            raise CheckpointError(f"{path} has no weight_map; the checkpoint index is damaged")
+        weights: dict[str, torch.Tensor] = {}
+        for name in files:
+            weights.update(_load_tensor_file(path.parent / name))
+        return weights
+    return _load_tensor_file(path)
+
+
+def _check_encoder_weights(raw: dict[str, torch.Tensor], config: EncoderConfig, source: Path) -> dict[str, torch.Tensor]:
+    """Validate names and shapes against the config; return float32 tensors under T5EncoderModel names."""
+    weights = {k: v for k, v in raw.items() if not k.startswith(_IGNORED_PREFIXES)}
+    # The token embedding is stored as shared.weight, encoder.embed_tokens.weight, or both (tied).
+    embed = weights.pop("encoder.embed_tokens.weight", None)
+    if "shared.weight" not in weights and embed is not None:
+        weights["shared.weight"] = embed
+    expected = config.expected_shapes()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(
+            f"{source}: weights do not match config.json ({'; '.join(parts)}). "
+            "The weights file belongs to a different model or config.json was edited."
+        )
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(weights[name].shape)}, config.json implies {shape}"
+            )
+    return {name: weights[name].to(torch.float32).contiguous() for name in expected}
+
+
+def _module_folders(folder: Path) -> dict[str, Path]:
+    """Map module kind (Transformer, Pooling, Dense, Normalize) to its folder, from modules.json."""
+    modules = _read_json(folder / "modules.json")
+    if not isinstance(modules, list):
+        raise CheckpointError(f"{folder / 'modules.json'} must be a JSON list of modules")
+    found: dict[str, Path] = {}
+    for entry in modules:
+        kind = str(entry.get("type", "")).rsplit(".", 1)[-1].replace("INSTRUCTOR_", "").replace("INSTRUCTOR", "")
+        kind = {"": "Transformer"}.get(kind, kind)
+        if kind not in ("Transformer", "Pooling", "Dense", "Normalize"):
+            raise CheckpointError(
+                f"{folder / 'modules.json'}: module type {entry.get('type')!r} is not supported; an INSTRUCTOR "
+                "checkpoint has Transformer, Pooling, Dense and Normalize modules"
+            )
+        found[kind] = folder / entry.get("path", "")
+    if "Transformer" not in found:
+        raise CheckpointError(f"{folder / 'modules.json'} lists no Transformer module")
+    return found
+
+
+def _load_dense(folder: Path, d_model: int) -> torch.Tensor:
+    cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    if cfg.get("bias", False):
+        raise CheckpointError(f"{folder}: Dense with bias is not supported (INSTRUCTOR's Dense is bias-free)")
+    activation = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
+    if not activation.endswith("Identity"):
+        raise CheckpointError(f"{folder}: Dense activation {activation!r} is not supported (INSTRUCTOR uses Identity)")
+    weights_file = _find_weights(folder)
+    if weights_file is None:
+        raise CheckpointError(f"{folder}: no Dense weights (expected model.safetensors or pytorch_model.bin)")
+    tensors = _load_weights(weights_file)
+    if set(tensors) != {"linear.weight"}:
+        raise CheckpointError(f"{weights_file}: expected exactly one tensor 'linear.weight', found {sorted(tensors)}")
+    weight = tensors["linear.weight"].to(torch.float32).contiguous()
+    expected_in = cfg.get("in_features", d_model)
+    expected_out = cfg.get("out_features", weight.shape[0])
+    if weight.ndim != 2 or tuple(weight.shape) != (expected_out, expected_in) or expected_in != d_model:
+        raise CheckpointError(
+            f"{folder}: Dense weight has shape {tuple(weight.shape)}; expected ({expected_out}, {expected_in}) from "
+            f"its config.json with in_features equal to the encoder's d_model ({d_model})"
+        )
+    return weight
+
+
+def load_checkpoint(model: str | os.PathLike, *, cache_dir: str | None = None, revision: str | None = None) -> Checkpoint:
+    """Resolve ``model`` and load it, validating every file against the config."""
+    folder = resolve_model_path(model, cache_dir=cache_dir, revision=revision)
+    has_modules = (folder / "modules.json").is_file()
+    modules = _module_folders(folder) if has_modules else {"Transformer": folder}
+    root = modules["Transformer"]
+    if not (root / "config.json").is_file():
+        raise CheckpointError(
+            f"{root}: no config.json, so this is not a checkpoint folder. Expected the sentence-transformers "
+            "INSTRUCTOR layout (modules.json, config.json, weights, tokenizer) or a T5 encoder folder."
+        )
+    hf_config = _read_json(root / "config.json")
+    config = EncoderConfig.from_hf_config(hf_config, root / "config.json")
+    weights_file = _find_weights(root)
+    if weights_file is None:
+        raise CheckpointError(f"{root}: no weights file; expected one of {', '.join(_WEIGHT_FILES)}")
+    if not ((root / "spiece.model").is_file() or (root / "tokenizer.json").is_file()):
+        raise CheckpointError(f"{root}: no tokenizer; expected spiece.model and/or tokenizer.json")
+    weights = _check_encoder_weights(_load_weights(weights_file), config, weights_file)
+
+    if "Pooling" in modules and (modules["Pooling"] / "config.json").is_file():
+        pooling = _read_json(modules["Pooling"] / "config.json")
+        modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode") and v)
+        if modes not in ([], ["pooling_mode_mean_tokens"]):
+            raise CheckpointError(f"{modules['Pooling']}: pooling modes {modes} are not supported; INSTRUCTOR uses mean")
+    dense = _load_dense(modules["Dense"], config.d_model) if "Dense" in modules else None
+
+    max_seq_length = 512
+    st_config = root / "sentence_bert_config.json"
+    if st_config.is_file():
+        max_seq_length = int(_read_json(st_config).get("max_seq_length") or max_seq_length)
+    return Checkpoint(
+        path=root,
+        config=config,
+        hf_config=hf_config,
+        weights=weights,
+        dense_weight=dense,
+        normalize="Normalize" in modules,
+        max_seq_length=max_seq_length,
+    )

@@ -1,0 +1,141 @@
+"""``fastinstructor.load`` and ``Instructor.encode``: the pipeline of DESIGN section 3.
+
+tokenize -> plan batches (sorted by length, token budget) -> backend.embed -> back to input order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backends import get_backend_class
+from .batching import pad_batch, plan_batches
+from .checkpoint import Checkpoint, load_checkpoint
+from .tokenization import PairTokenizer, load_tokenizer
+
+__all__ = ["Instructor", "load"]
+
+
+class Instructor:
+    """An INSTRUCTOR model bound to one backend; ``encode`` is a drop-in for ``InstructorEmbedding.INSTRUCTOR``."""
+
+    def __init__(self, checkpoint: Checkpoint, backend, tokenizer: PairTokenizer, precision: str) -> None:
+        self.checkpoint = checkpoint
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.precision = precision
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def dim(self) -> int:
+        """Embedding size: the Dense output (768 for INSTRUCTOR), or d_model without a Dense."""
+        return self.checkpoint.out_dim
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.tokenizer.max_length
+
+    def __repr__(self) -> str:
+        return (
+            f"Instructor(path={str(self.checkpoint.path)!r}, backend={self.backend_name!r}, "
+            f"precision={self.precision!r}, dim={self.dim}, max_seq_length={self.max_seq_length})"
+        )
+
+    def encode(
+        self,
+        sentences: Sequence | str,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        output_value: str = "sentence_embedding",
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        device: str | None = None,
+        normalize_embeddings: bool = True,
+        max_batch_tokens: int | None = None,
+    ):
+        """Embed ``[instruction, text]`` pairs (or plain strings) and return them in input order.
+
+        Same arguments and return types as ``InstructorEmbedding.INSTRUCTOR.encode``: a float32 numpy array
+        ``[N, dim]`` by default, a stacked tensor with ``convert_to_tensor``, a list of tensors with
+        ``convert_to_numpy=False``, and a single vector for a single string.
+        ``max_batch_tokens`` additionally bounds each batch by padded tokens (rows x longest row).
+        """
+        if output_value != "sentence_embedding":
+            raise ValueError(f"output_value {output_value!r} is not supported; only 'sentence_embedding' is")
+        if device is not None and torch.device(device) != torch.device(getattr(self.backend, "device", "cpu")):
+            raise ValueError(
+                f"this model runs on {getattr(self.backend, 'device', 'cpu')}; pass device= to fastinstructor.load "
+                f"instead of encode (got device={device!r})"
+            )
+        single = isinstance(sentences, str)  # as the authors' encode: only a bare string is one input
+        if single:
+            sentences = [sentences]
+        ids, pool_start = self.tokenizer(sentences)
+        batches = plan_batches([len(row) for row in ids], batch_size, max_batch_tokens)
+        out = torch.empty((len(ids), self.dim), dtype=torch.float32)
+        progress = _progress(len(ids), show_progress_bar)
+        for rows in batches:
+            embeddings = self.backend.embed(*pad_batch([ids[i] for i in rows], [pool_start[i] for i in rows]))
+            out[rows] = embeddings.float().cpu()
+            progress.update(len(rows))
+        progress.close()
+        if normalize_embeddings:
+            out = F.normalize(out, p=2, dim=1)
+        if convert_to_tensor:
+            result = out
+        elif convert_to_numpy:
+            result = out.numpy()
+        else:
+            result = list(out)
+        return result[0] if single else result
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, show: bool | None):
+    if not show:
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="text", desc="Embedding")
+
+
+def load(
+    model: str | os.PathLike,
+    backend: str = "cpu",
+    precision: str = "float32",
+    *,
+    device: str = "cpu",
+    pooling_rule: str = "instructor",
+    max_seq_length: int | None = None,
+    cache_dir: str | None = None,
+    revision: str | None = None,
+) -> Instructor:
+    """Load a checkpoint (folder, plain T5 encoder folder, or hub id) onto a backend.
+
+    ``backend``: ``"cpu"`` (the project's PyTorch encoder; float32, bfloat16, int8) or ``"reference"``
+    (transformers, float32). ``pooling_rule``: ``"instructor"`` (the authors' package, the default) or
+    ``"sentence-transformers"`` (``prompt=`` with ``include_prompt=False``: no 1-token exception).
+    """
+    backend_class = get_backend_class(backend)
+    checkpoint = load_checkpoint(model, cache_dir=cache_dir, revision=revision)
+    length = max_seq_length or checkpoint.max_seq_length
+    if length > checkpoint.max_seq_length and max_seq_length is not None:
+        raise ValueError(
+            f"max_seq_length={max_seq_length} exceeds the checkpoint's max_seq_length ({checkpoint.max_seq_length})"
+        )
+    tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), length, pooling_rule)
+    return Instructor(checkpoint, backend_class(checkpoint, precision=precision, device=device), tokenizer, precision)

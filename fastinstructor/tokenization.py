@@ -1,0 +1,85 @@
+"""Tokenizing (instruction, text) pairs exactly as the authors' InstructorEmbedding 1.0.1 does.
+
+For a pair the model reads ``(instruction + text.strip()).strip()`` (no separator: the instruction's own
+trailing space or colon is the boundary), truncated to ``max_seq_length`` with ``</s>`` kept last. Pooling
+skips the first ``n`` positions, where ``n`` is the token count of ``instruction.strip()`` without its
+``</s>``; with the authors' rule an instruction of 0 or 1 tokens gives ``n = 0`` (pool everything). The
+sentence-transformers rule (``prompt=`` with ``include_prompt=False``) is the same without that exception.
+A plain string pools over all its tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = ["POOLING_RULES", "PairTokenizer", "load_tokenizer"]
+
+POOLING_RULES = ("instructor", "sentence-transformers")
+
+
+def load_tokenizer(folder: Path):
+    """The checkpoint's fast tokenizer, from the folder (never from a bare vocab file; see the README)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"cannot load the tokenizer in {folder}: {err}") from None
+
+
+def _check_sentences(sentences: Sequence) -> None:
+    if isinstance(sentences, (str, bytes)) or not isinstance(sentences, Sequence):
+        raise TypeError(
+            f"sentences must be a list of [instruction, text] pairs or of strings, got {type(sentences).__name__}"
+        )
+    for i, item in enumerate(sentences):
+        if isinstance(item, str):
+            continue
+        if not isinstance(item, (list, tuple)):
+            raise TypeError(f"sentences[{i}] is {type(item).__name__}; expected a string or an [instruction, text] pair")
+        if len(item) != 2:
+            raise ValueError(
+                f"sentences[{i}] has {len(item)} items; expected exactly 2: [instruction, text]"
+            )
+        for j, part in enumerate(item):
+            if not isinstance(part, str):
+                what = "instruction" if j == 0 else "text"
+                raise TypeError(f"sentences[{i}][{j}] ({what}) is {type(part).__name__}; expected str")
+
+
+@dataclass
+class PairTokenizer:
+    """Turns sentences into token ids and pooling start positions; instruction lengths are cached."""
+
+    tokenizer: object
+    max_length: int
+    pooling_rule: str = "instructor"
+
+    def __post_init__(self) -> None:
+        if self.pooling_rule not in POOLING_RULES:
+            raise ValueError(f"pooling_rule {self.pooling_rule!r} is not one of {POOLING_RULES}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {self.max_length}")
+        # Instructions repeat across millions of texts: count each one once.
+        self.instruction_length = lru_cache(maxsize=4096)(self._instruction_length)
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)["input_ids"]
+
+    def _instruction_length(self, instruction: str) -> int:
+        n = len(self._ids([instruction.strip()])[0]) - 1  # without </s>
+        if self.pooling_rule == "instructor" and n <= 1:
+            return 0
+        return n
+
+    def __call__(self, sentences: Sequence) -> tuple[list[list[int]], list[int]]:
+        """Token ids per sentence and the position where pooling starts, in input order."""
+        _check_sentences(sentences)
+        joined = [s.strip() if isinstance(s, str) else (s[0] + s[1].strip()).strip() for s in sentences]
+        ids = self._ids(joined) if joined else []
+        starts = [0 if isinstance(s, str) else self.instruction_length(s[0]) for s in sentences]
+        return ids, starts
+
