@@ -6,7 +6,8 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent
 version = next(
-    line.split('"')[1] for line in (ROOT / "fastinstructor" / "__init__.py").read_text().splitlines()
+    line.split('"')[1]
+    for line in (ROOT / "fastinstructor" / "__init__.py").read_text().splitlines()
     if line.startswith("__version__")
 )
 
@@ -37,7 +38,15 @@ setup(
         "onnx": ["onnx>=1.16", "onnxruntime>=1.20"],
         # onnxruntime-gpu replaces onnxruntime on CUDA machines: install one or the other, never both.
         "gpu": ["triton>=3.0", "onnxruntime-gpu>=1.20"],
-        "dev": ["pytest>=8", "sentence-transformers>=3.0", "ruff>=0.6", "build>=1.0", "pytest-benchmark>=4"],
+        # setuptools and wheel: the layout test builds the wheel without build isolation.
+        "dev": [
+            "pytest>=8",
+            "sentence-transformers>=3.0",
+            "ruff>=0.6",
+            "pytest-benchmark>=4",
+            "setuptools>=70.1",
+            "wheel",
+        ],
     },
     entry_points={"console_scripts": ["fastinstructor=fastinstructor.cli:main"]},
 )

@@ -27,7 +27,12 @@ import torch
 __all__ = ["CheckpointError", "EncoderConfig", "Checkpoint", "resolve_model_path", "load_checkpoint"]
 
 # Weight files we read, in order of preference. safetensors first: it cannot execute code.
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 # The encoder of a full seq2seq T5 checkpoint is usable; its decoder and LM head are not needed.
 _IGNORED_PREFIXES = ("decoder.", "lm_head.")
 
@@ -99,16 +104,18 @@ class EncoderConfig:
         }
         for i in range(self.num_layers):
             p = f"encoder.block.{i}.layer."
-            shapes.update({
-                p + "0.SelfAttention.q.weight": (inner, d),
-                p + "0.SelfAttention.k.weight": (inner, d),
-                p + "0.SelfAttention.v.weight": (inner, d),
-                p + "0.SelfAttention.o.weight": (d, inner),
-                p + "0.layer_norm.weight": (d,),
-                p + "1.DenseReluDense.wi.weight": (ff, d),
-                p + "1.DenseReluDense.wo.weight": (d, ff),
-                p + "1.layer_norm.weight": (d,),
-            })
+            shapes.update(
+                {
+                    p + "0.SelfAttention.q.weight": (inner, d),
+                    p + "0.SelfAttention.k.weight": (inner, d),
+                    p + "0.SelfAttention.v.weight": (inner, d),
+                    p + "0.SelfAttention.o.weight": (d, inner),
+                    p + "0.layer_norm.weight": (d,),
+                    p + "1.DenseReluDense.wi.weight": (ff, d),
+                    p + "1.DenseReluDense.wo.weight": (d, ff),
+                    p + "1.layer_norm.weight": (d,),
+                }
+            )
         return shapes
 
 
@@ -160,14 +167,28 @@ def resolve_model_path(model: str | os.PathLike, *, cache_dir: str | None = None
     except LocalEntryNotFoundError:
         pass
     try:
-        local = Path(snapshot_download(text, revision=revision, cache_dir=cache_dir,
-                                       allow_patterns=metadata + ["*.safetensors", "*.safetensors.index.json"]))
+        local = Path(
+            snapshot_download(
+                text,
+                revision=revision,
+                cache_dir=cache_dir,
+                allow_patterns=metadata + ["*.safetensors", "*.safetensors.index.json"],
+            )
+        )
         if _find_weights(local) is None:
-            local = Path(snapshot_download(text, revision=revision, cache_dir=cache_dir,
-                                           allow_patterns=metadata + ["*.bin", "*.bin.index.json"]))
+            local = Path(
+                snapshot_download(
+                    text,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    allow_patterns=metadata + ["*.bin", "*.bin.index.json"],
+                )
+            )
         return local
     except RepositoryNotFoundError:
-        raise CheckpointError(f"hub id {text!r}: no such repository on the Hugging Face hub (check the spelling)") from None
+        raise CheckpointError(
+            f"hub id {text!r}: no such repository on the Hugging Face hub (check the spelling)"
+        ) from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise CheckpointError(
             f"hub id {text!r} is not in the local Hugging Face cache and could not be downloaded "
@@ -217,7 +238,9 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return _load_tensor_file(path)
 
 
-def _check_encoder_weights(raw: dict[str, torch.Tensor], config: EncoderConfig, source: Path) -> dict[str, torch.Tensor]:
+def _check_encoder_weights(
+    raw: dict[str, torch.Tensor], config: EncoderConfig, source: Path
+) -> dict[str, torch.Tensor]:
     """Validate names and shapes against the config; return float32 tensors under T5EncoderModel names."""
     weights = {k: v for k, v in raw.items() if not k.startswith(_IGNORED_PREFIXES)}
     # The token embedding is stored as shared.weight, encoder.embed_tokens.weight, or both (tied).
@@ -289,7 +312,9 @@ def _load_dense(folder: Path, d_model: int) -> torch.Tensor:
     return weight
 
 
-def load_checkpoint(model: str | os.PathLike, *, cache_dir: str | None = None, revision: str | None = None) -> Checkpoint:
+def load_checkpoint(
+    model: str | os.PathLike, *, cache_dir: str | None = None, revision: str | None = None
+) -> Checkpoint:
     """Resolve ``model`` and load it, validating every file against the config."""
     folder = resolve_model_path(model, cache_dir=cache_dir, revision=revision)
     has_modules = (folder / "modules.json").is_file()
@@ -313,7 +338,9 @@ def load_checkpoint(model: str | os.PathLike, *, cache_dir: str | None = None, r
         pooling = _read_json(modules["Pooling"] / "config.json")
         modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode") and v)
         if modes not in ([], ["pooling_mode_mean_tokens"]):
-            raise CheckpointError(f"{modules['Pooling']}: pooling modes {modes} are not supported; INSTRUCTOR uses mean")
+            raise CheckpointError(
+                f"{modules['Pooling']}: pooling modes {modes} are not supported; INSTRUCTOR uses mean"
+            )
     dense = _load_dense(modules["Dense"], config.d_model) if "Dense" in modules else None
 
     max_seq_length = 512

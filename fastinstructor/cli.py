@@ -44,17 +44,34 @@ def _demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "embeddings.npy", embeddings)
     (out / "ids.txt").write_text("".join(f"{pid}\n" for pid, _ in passages), encoding="utf-8")
-    (out / "run.json").write_text(json.dumps({
-        "model": str(model.checkpoint.path), "backend": model.backend_name, "precision": model.precision,
-        "instruction": args.instruction, "rows": len(passages), "dim": model.dim, "real_tokens": tokens,
-        "seconds": round(seconds, 3), "random_weights": random_weights,
-    }, indent=2) + "\n", encoding="utf-8")
-    print(f"embedded {len(passages)} texts ({tokens} real tokens) in {seconds:.1f} s: "
-          f"{len(passages) / seconds:.1f} texts/s, {tokens / seconds:.0f} tokens/s")
+    (out / "run.json").write_text(
+        json.dumps(
+            {
+                "model": str(model.checkpoint.path),
+                "backend": model.backend_name,
+                "precision": model.precision,
+                "instruction": args.instruction,
+                "rows": len(passages),
+                "dim": model.dim,
+                "real_tokens": tokens,
+                "seconds": round(seconds, 3),
+                "random_weights": random_weights,
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    print(
+        f"embedded {len(passages)} texts ({tokens} real tokens) in {seconds:.1f} s: "
+        f"{len(passages) / seconds:.1f} texts/s, {tokens / seconds:.0f} tokens/s"
+    )
     print(f"output: {out / 'embeddings.npy'} {embeddings.shape} float32, ids in {out / 'ids.txt'}")
     if random_weights:
-        print("NOTE: this checkpoint has RANDOM weights, so these embeddings are meaningless; the speed is real. "
-              "For meaningful embeddings pass a real checkpoint: --model hkunlp/instructor-large (or its folder).")
+        print(
+            "NOTE: this checkpoint has RANDOM weights, so these embeddings are meaningless; the speed is real. "
+            "For meaningful embeddings pass a real checkpoint: --model hkunlp/instructor-large (or its folder)."
+        )
     return 0
 
 
@@ -68,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     make = commands.add_parser("make-test-model", help="write a random-weight checkpoint in the INSTRUCTOR layout")
-    make.add_argument("--preset", choices=list(PRESETS), required=True, help="dimensions (base/large/xl are the real ones)")
+    make.add_argument(
+        "--preset", choices=list(PRESETS), required=True, help="dimensions (base/large/xl are the real ones)"
+    )
     make.add_argument("--out", required=True, help="new folder to write")
     make.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
     make.set_defaults(run=_make_test_model)

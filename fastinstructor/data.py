@@ -16,13 +16,12 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def shared_data_dir() -> Path | None:
-    """``$FASTINSTRUCTOR_DATA``, else ``../shared/data`` beside the checkout or the working directory."""
-    candidates = [os.environ.get("FASTINSTRUCTOR_DATA")]
-    candidates += [str(_PACKAGE.parent.parent / "shared" / "data"), str(Path.cwd().parent / "shared" / "data")]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "climate_fever_evidence.jsonl").is_file():
-            return Path(candidate)
-    return None
+    """``$FASTINSTRUCTOR_DATA`` when set (only that), else ``../shared/data`` beside the checkout or the cwd."""
+    if "FASTINSTRUCTOR_DATA" in os.environ:
+        candidates = [Path(os.environ["FASTINSTRUCTOR_DATA"])]
+    else:
+        candidates = [_PACKAGE.parent.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    return next((c for c in candidates if (c / "climate_fever_evidence.jsonl").is_file()), None)
 
 
 def read_jsonl_texts(path: Path, limit: int | None = None) -> list[tuple[str, str]]:

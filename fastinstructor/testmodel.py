@@ -38,16 +38,29 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Small enough for fast tests, with every structural feature of the real ones.
-    "tiny": Preset(d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128, dense_out=48, vocab_rows=2176, spm_pieces=2000),
+    "tiny": Preset(
+        d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128, dense_out=48, vocab_rows=2176, spm_pieces=2000
+    ),
     # instructor-xl's shape in miniature: heads * d_kv (128) != d_model (64), d_ff = 16 * d_model.
-    "tiny-xl": Preset(d_model=64, num_layers=2, num_heads=4, d_kv=32, d_ff=1024, dense_out=48, vocab_rows=2176,
-                      spm_pieces=2000),
-    "base": Preset(d_model=768, num_layers=12, num_heads=12, d_kv=64, d_ff=3072, dense_out=768, vocab_rows=32128,
-                   spm_pieces=8000),
-    "large": Preset(d_model=1024, num_layers=24, num_heads=16, d_kv=64, d_ff=4096, dense_out=768, vocab_rows=32128,
-                    spm_pieces=8000),
-    "xl": Preset(d_model=1024, num_layers=24, num_heads=32, d_kv=128, d_ff=16384, dense_out=768, vocab_rows=32128,
-                 spm_pieces=8000),
+    "tiny-xl": Preset(
+        d_model=64, num_layers=2, num_heads=4, d_kv=32, d_ff=1024, dense_out=48, vocab_rows=2176, spm_pieces=2000
+    ),
+    "base": Preset(
+        d_model=768, num_layers=12, num_heads=12, d_kv=64, d_ff=3072, dense_out=768, vocab_rows=32128, spm_pieces=8000
+    ),
+    "large": Preset(
+        d_model=1024, num_layers=24, num_heads=16, d_kv=64, d_ff=4096, dense_out=768, vocab_rows=32128, spm_pieces=8000
+    ),
+    "xl": Preset(
+        d_model=1024,
+        num_layers=24,
+        num_heads=32,
+        d_kv=128,
+        d_ff=16384,
+        dense_out=768,
+        vocab_rows=32128,
+        spm_pieces=8000,
+    ),
 }
 
 _MODULES = [
@@ -85,8 +98,13 @@ def _train_sentencepiece(pieces: int) -> tuple[bytes, int, str]:
             model_type="unigram",
             vocab_size=pieces,
             hard_vocab_limit=False,  # a small corpus (the docs fallback) may support fewer pieces
-            pad_id=0, eos_id=1, unk_id=2, bos_id=-1,  # T5's ids: <pad> 0, </s> 1, <unk> 2, no BOS
-            pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,  # T5's ids: <pad> 0, </s> 1, <unk> 2, no BOS
+            pad_piece="<pad>",
+            eos_piece="</s>",
+            unk_piece="<unk>",
             normalization_rule_name="nmt_nfkc",
             num_threads=os.cpu_count() or 1,
             logstream=quiet,
@@ -101,10 +119,17 @@ def _save_tokenizer(out: Path, spm_bytes: bytes, max_length: int) -> None:
     from transformers import AutoTokenizer
 
     (out / "spiece.model").write_bytes(spm_bytes)
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "T5Tokenizer", "extra_ids": EXTRA_IDS, "model_max_length": max_length,
-        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-    })
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "T5Tokenizer",
+            "extra_ids": EXTRA_IDS,
+            "model_max_length": max_length,
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": "<pad>",
+        },
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     # transformers can silently build a tokenizer that maps everything to <unk>: compare with SentencePiece.
@@ -136,10 +161,22 @@ def make_test_model(preset: str, out: str | os.PathLike, *, seed: int = 0, max_s
 
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=p.vocab_rows, d_model=p.d_model, d_kv=p.d_kv, d_ff=p.d_ff, num_layers=p.num_layers,
-        num_heads=p.num_heads, relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        layer_norm_epsilon=1e-6, feed_forward_proj="relu", dropout_rate=0.1, is_encoder_decoder=False,
-        use_cache=False, pad_token_id=0, eos_token_id=1, architectures=["T5EncoderModel"],
+        vocab_size=p.vocab_rows,
+        d_model=p.d_model,
+        d_kv=p.d_kv,
+        d_ff=p.d_ff,
+        num_layers=p.num_layers,
+        num_heads=p.num_heads,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        layer_norm_epsilon=1e-6,
+        feed_forward_proj="relu",
+        dropout_rate=0.1,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        architectures=["T5EncoderModel"],
     )
     T5EncoderModel(config).save_pretrained(str(out))  # T5's own initialization and file format
 
@@ -149,27 +186,46 @@ def make_test_model(preset: str, out: str | os.PathLike, *, seed: int = 0, max_s
     _write_json(out / "modules.json", _MODULES)
     _write_json(out / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
     (out / "1_Pooling").mkdir()
-    _write_json(out / "1_Pooling" / "config.json", {
-        "word_embedding_dimension": p.d_model, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
-        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-    })
+    _write_json(
+        out / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": p.d_model,
+            "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        },
+    )
     (out / "2_Dense").mkdir()
-    _write_json(out / "2_Dense" / "config.json", {
-        "in_features": p.d_model, "out_features": p.dense_out, "bias": False,
-        "activation_function": "torch.nn.modules.linear.Identity",
-    })
+    _write_json(
+        out / "2_Dense" / "config.json",
+        {
+            "in_features": p.d_model,
+            "out_features": p.dense_out,
+            "bias": False,
+            "activation_function": "torch.nn.modules.linear.Identity",
+        },
+    )
     from safetensors.torch import save_file
 
     dense = torch.randn(p.dense_out, p.d_model) / p.d_model**0.5
     save_file({"linear.weight": dense}, str(out / "2_Dense" / "model.safetensors"))
     (out / "3_Normalize").mkdir()
 
-    (out / "README.md").write_text(_README.format(preset=preset, seed=seed, pieces=pieces, source=source), encoding="utf-8")
-    _write_json(out / "fastinstructor_test_model.json", {
-        "random_weights": True, "preset": preset, "seed": seed, "tokenizer_pieces": pieces,
-        "tokenizer_trained_on": source,
-        "note": "random weights: the embeddings are meaningless; for tests, demos and speed measurements only",
-    })
+    (out / "README.md").write_text(
+        _README.format(preset=preset, seed=seed, pieces=pieces, source=source), encoding="utf-8"
+    )
+    _write_json(
+        out / "fastinstructor_test_model.json",
+        {
+            "random_weights": True,
+            "preset": preset,
+            "seed": seed,
+            "tokenizer_pieces": pieces,
+            "tokenizer_trained_on": source,
+            "note": "random weights: the embeddings are meaningless; for tests, demos and speed measurements only",
+        },
+    )
     if final.exists():
         final.rmdir()  # empty, checked above
     out.rename(final)

@@ -39,11 +39,11 @@ def _check_sentences(sentences: Sequence) -> None:
         if isinstance(item, str):
             continue
         if not isinstance(item, (list, tuple)):
-            raise TypeError(f"sentences[{i}] is {type(item).__name__}; expected a string or an [instruction, text] pair")
-        if len(item) != 2:
-            raise ValueError(
-                f"sentences[{i}] has {len(item)} items; expected exactly 2: [instruction, text]"
+            raise TypeError(
+                f"sentences[{i}] is {type(item).__name__}; expected a string or an [instruction, text] pair"
             )
+        if len(item) != 2:
+            raise ValueError(f"sentences[{i}] has {len(item)} items; expected exactly 2: [instruction, text]")
         for j, part in enumerate(item):
             if not isinstance(part, str):
                 what = "instruction" if j == 0 else "text"
@@ -82,4 +82,3 @@ class PairTokenizer:
         ids = self._ids(joined) if joined else []
         starts = [0 if isinstance(s, str) else self.instruction_length(s[0]) for s in sentences]
         return ids, starts
-

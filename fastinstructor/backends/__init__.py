@@ -14,7 +14,9 @@ __all__ = ["BACKENDS", "Backend", "CpuBackend", "ReferenceBackend", "get_backend
 def get_backend_class(name: str) -> type:
     """The backend class for ``name``; unknown or unavailable backends raise with the list of choices."""
     if name not in BACKENDS:
-        choices = ", ".join(f"{n} ({'available' if c.availability()[0] else c.availability()[1]})" for n, c in BACKENDS.items())
+        choices = ", ".join(
+            f"{n} ({'available' if c.availability()[0] else c.availability()[1]})" for n, c in BACKENDS.items()
+        )
         raise ValueError(f"unknown backend {name!r}; choose one of: {choices}")
     cls = BACKENDS[name]
     ok, why = cls.availability()

@@ -23,7 +23,9 @@ class Backend(Protocol):
     @classmethod
     def availability(cls) -> tuple[bool, str]: ...
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor: ...
+    def embed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 def check_precision(backend: type, precision: str) -> None:

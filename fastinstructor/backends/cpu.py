@@ -32,9 +32,12 @@ def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, 
     buckets = (relative_position > 0).long() * num_buckets
     distance = relative_position.abs()
     max_exact = num_buckets // 2
-    large = max_exact + (
-        torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    ).long()
+    large = (
+        max_exact
+        + (
+            torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+        ).long()
+    )
     large = large.clamp(max=num_buckets - 1)
     return buckets + torch.where(distance < max_exact, distance, large)
 
@@ -80,9 +83,13 @@ class T5Encoder(nn.Module):
         super().__init__()
         self.config = config
         self.register_buffer("embed", weights["shared.weight"])
-        self.register_buffer("bias_table", weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"])
+        self.register_buffer(
+            "bias_table", weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        )
         self.register_buffer("ln_final", weights["encoder.final_layer_norm.weight"])
-        self.blocks = nn.ModuleList(T5Block(config, weights, f"encoder.block.{i}.layer.") for i in range(config.num_layers))
+        self.blocks = nn.ModuleList(
+            T5Block(config, weights, f"encoder.block.{i}.layer.") for i in range(config.num_layers)
+        )
         self.compute_dtype = torch.float32
 
     def attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""Instructor.encode: a drop-in for InstructorEmbedding's encode, with clear errors for bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastinstructor
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return fastinstructor.load(tiny_model, backend="cpu")
+
+
+def test_return_types(model, real_pairs):
+    pairs = real_pairs[:5]
+    array = model.encode(pairs)
+    assert isinstance(array, np.ndarray) and array.dtype == np.float32 and array.shape == (5, model.dim)
+    tensor = model.encode(pairs, convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (5, model.dim)
+    listed = model.encode(pairs, convert_to_numpy=False)
+    assert isinstance(listed, list) and len(listed) == 5 and all(t.shape == (model.dim,) for t in listed)
+    np.testing.assert_array_equal(tensor.numpy(), array)
+    single = model.encode("Sea ice is melting.")
+    assert single.shape == (model.dim,)
+    np.testing.assert_array_equal(single, model.encode(["Sea ice is melting."])[0])
+    assert model.encode([]).shape == (0, model.dim)
+
+
+def test_unit_norm_and_input_order(model, real_pairs):
+    out = model.encode(real_pairs)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
+    reversed_out = model.encode(real_pairs[::-1])
+    np.testing.assert_allclose(reversed_out[::-1], out, atol=1e-6, rtol=0)
+
+
+def test_progress_bar(model, real_pairs, capsys):
+    model.encode(real_pairs[:4], show_progress_bar=True)
+    assert "Embedding" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "sentences, error, message",
+    [
+        ([["Represent:", 42]], TypeError, r"sentences\[0\]\[1\] \(text\) is int; expected str"),
+        ([["Represent:", "a", "b"]], ValueError, r"sentences\[0\] has 3 items; expected exactly 2"),
+        (["fine", ["only one"]], ValueError, r"sentences\[1\] has 1 items"),
+        ([[None, "text"]], TypeError, r"sentences\[0\]\[0\] \(instruction\) is NoneType"),
+        ([b"bytes"], TypeError, r"sentences\[0\] is bytes"),
+        (42, TypeError, "sentences must be a list"),
+    ],
+)
+def test_bad_sentences(model, sentences, error, message):
+    with pytest.raises(error, match=message):
+        model.encode(sentences)
+
+
+def test_bad_arguments(model, tiny_model):
+    with pytest.raises(ValueError, match="output_value 'token_embeddings' is not supported"):
+        model.encode(["a"], output_value="token_embeddings")
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        model.encode(["a"], batch_size=0)
+    with pytest.raises(ValueError, match="pass device= to fastinstructor.load"):
+        model.encode(["a"], device="cuda")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'; choose one of: reference .*cpu"):
+        fastinstructor.load(tiny_model, backend="gpu")
+    with pytest.raises(ValueError, match="does not support precision 'float16'; choose one of float32, bfloat16, int8"):
+        fastinstructor.load(tiny_model, backend="cpu", precision="float16")
+    with pytest.raises(ValueError, match="exceeds the checkpoint's max_seq_length"):
+        fastinstructor.load(tiny_model, max_seq_length=4096)
+
+
+def test_shorter_max_seq_length_truncates(tiny_model):
+    model = fastinstructor.load(tiny_model, max_seq_length=16)
+    ids, _ = model.tokenizer([["Represent the document:", "word " * 100]])
+    assert len(ids[0]) == 16 and ids[0][-1] == 1

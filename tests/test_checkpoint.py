@@ -1,0 +1,160 @@
+"""Loading checkpoints: the INSTRUCTOR layout, plain T5 encoders, the Hugging Face cache, and bad folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fastinstructor
+from fastinstructor import CheckpointError
+from fastinstructor.checkpoint import load_checkpoint
+
+
+@pytest.fixture
+def tiny_copy(tiny_model, tmp_path):
+    """A private copy of the tiny checkpoint that a test may damage."""
+    return shutil.copytree(tiny_model, tmp_path / "copy")
+
+
+def test_dimensions_come_from_the_files(make_model):
+    ckpt = load_checkpoint(make_model("tiny-xl"))
+    assert (ckpt.config.d_model, ckpt.config.num_heads, ckpt.config.d_kv, ckpt.config.d_ff) == (64, 4, 32, 1024)
+    assert ckpt.config.inner_dim == 128 and ckpt.out_dim == 48 and ckpt.normalize and ckpt.max_seq_length == 512
+
+
+def test_pytorch_model_bin_loads_like_safetensors(tiny_model, tiny_copy, real_pairs):
+    weights = load_file(str(tiny_copy / "model.safetensors"))
+    weights["encoder.embed_tokens.weight"] = weights["shared.weight"]  # older files store the tie twice
+    torch.save(weights, tiny_copy / "pytorch_model.bin")
+    (tiny_copy / "model.safetensors").unlink()
+    expected = fastinstructor.load(tiny_model).encode(real_pairs[:6])
+    np.testing.assert_array_equal(fastinstructor.load(tiny_copy).encode(real_pairs[:6]), expected)
+
+
+def test_plain_t5_encoder_folder(tiny_copy, real_pairs):
+    """No modules.json: mean pooling over the encoder output, no Dense; encode normalizes by default."""
+    for extra in ("modules.json", "1_Pooling", "2_Dense", "3_Normalize"):
+        path = tiny_copy / extra
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    model = fastinstructor.load(tiny_copy, backend="reference")
+    assert model.dim == 64 and model.checkpoint.dense_weight is None and not model.checkpoint.normalize
+    raw = model.encode(real_pairs[:4], normalize_embeddings=False)
+    assert raw.shape == (4, 64) and not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+    np.testing.assert_allclose(np.linalg.norm(model.encode(real_pairs[:4]), axis=1), 1.0, atol=1e-6)
+    cpu = fastinstructor.load(tiny_copy, backend="cpu").encode(real_pairs[:4], normalize_embeddings=False)
+    np.testing.assert_allclose(cpu, raw, atol=1e-5, rtol=0)
+
+
+def _fake_hf_cache(cache, repo_id, source):
+    """The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(source, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub access, as on these machines (huggingface_hub reads HF_HUB_OFFLINE at import, hence both)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_hub_id_resolves_from_local_cache(tiny_model, tmp_path, offline, real_pairs):
+    snapshot = _fake_hf_cache(tmp_path / "hub", "hkunlp/instructor-tiny", tiny_model)
+    model = fastinstructor.load("hkunlp/instructor-tiny", cache_dir=str(tmp_path / "hub"))
+    assert model.checkpoint.path == snapshot
+    np.testing.assert_array_equal(model.encode(real_pairs[:3]), fastinstructor.load(tiny_model).encode(real_pairs[:3]))
+
+
+def test_hub_id_resolves_through_hf_home(tiny_model, tmp_path):
+    """As a user would: HF_HOME names the cache, in a fresh process."""
+    _fake_hf_cache(tmp_path / "hf" / "hub", "hkunlp/instructor-tiny", tiny_model)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    code = "import fastinstructor; m = fastinstructor.load('hkunlp/instructor-tiny'); print(m.dim, m.checkpoint.path)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("48 ") and str(tmp_path / "hf" / "hub") in out
+
+
+def test_hub_id_missing_offline_is_a_clear_error(tmp_path, offline):
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache.*hkunlp/instructor-large"):
+        fastinstructor.load("hkunlp/instructor-large", cache_dir=str(tmp_path / "empty"))
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="no such folder"):
+        fastinstructor.load(str(tmp_path / "nowhere" / "model"))
+
+
+def test_folder_without_modules_or_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        fastinstructor.load(tmp_path / "empty")
+
+
+def test_file_instead_of_folder(tiny_model):
+    with pytest.raises(CheckpointError, match="is a file"):
+        fastinstructor.load(tiny_model / "config.json")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weights(tiny_copy, damage):
+    path = tiny_copy / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a weights file" * 10)
+    with pytest.raises(CheckpointError, match="cannot read weights file.*model.safetensors"):
+        fastinstructor.load(tiny_copy)
+
+
+def test_malformed_json(tiny_copy):
+    (tiny_copy / "modules.json").write_text("[{not json")
+    with pytest.raises(CheckpointError, match="modules.json is not valid JSON"):
+        fastinstructor.load(tiny_copy)
+
+
+def test_wrong_shaped_dense(tiny_copy):
+    save_file({"linear.weight": torch.randn(48, 32)}, str(tiny_copy / "2_Dense" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"Dense weight has shape \(48, 32\)"):
+        fastinstructor.load(tiny_copy)
+
+
+def test_missing_and_unexpected_tensors_are_named(tiny_copy):
+    weights = load_file(str(tiny_copy / "model.safetensors"))
+    del weights["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+    weights["encoder.block.7.extra.weight"] = torch.zeros(2)
+    save_file(weights, str(tiny_copy / "model.safetensors"))
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing tensors \['encoder.block.1.layer.1.DenseReluDense.wo.weight'\]"
+        r".*unexpected tensors \['encoder.block.7.extra.weight'\]",
+    ):
+        fastinstructor.load(tiny_copy)
+
+
+def test_config_that_does_not_match_weights(tiny_copy):
+    config = json.loads((tiny_copy / "config.json").read_text())
+    config["d_ff"] = 256
+    (tiny_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"wi.weight has shape \(128, 64\), config.json implies \(256, 64\)"):
+        fastinstructor.load(tiny_copy)
+
+
+def test_non_t5_config(tiny_copy):
+    config = json.loads((tiny_copy / "config.json").read_text())
+    config["model_type"] = "bert"
+    (tiny_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="model_type is 'bert', expected 't5'"):
+        fastinstructor.load(tiny_copy)
