@@ -38,7 +38,7 @@ def test_tokenizer_agrees_with_sentencepiece(tiny_model, real_texts):
 
     sp = spm.SentencePieceProcessor(model_file=str(tiny_model / "spiece.model"))
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
-    assert sp.get_piece_size() > 1000
+    assert sp.get_piece_size() > 100
     assert len(tokenizer) == sp.get_piece_size() + 100  # + <extra_id_*>
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
     for text in real_texts[:10]:
