@@ -76,7 +76,7 @@ class Instructor:
         single = isinstance(sentences, str)  # as the authors' encode: only a bare string is one input
         if single:
             sentences = [sentences]
-        ids, pool_start = self.tokenizer(sentences)
+        ids, pool_start, _ = self.tokenizer(sentences)
         batches = plan_batches([len(row) for row in ids], batch_size, max_batch_tokens)
         out = torch.empty((len(ids), self.dim), dtype=torch.float32)
         progress = _progress(len(ids), show_progress_bar)

@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 from pathlib import Path
 
-__all__ = ["POOLING_RULES", "PairTokenizer", "load_tokenizer"]
+__all__ = ["POOLING_RULES", "PairTokenizer", "Tokenized", "load_tokenizer"]
 
 POOLING_RULES = ("instructor", "sentence-transformers")
 
@@ -50,6 +51,12 @@ def _check_sentences(sentences: Sequence) -> None:
                 raise TypeError(f"sentences[{i}][{j}] ({what}) is {type(part).__name__}; expected str")
 
 
+class Tokenized(NamedTuple):
+    ids: list[list[int]]  # per sentence, ending in </s>
+    pool_start: list[int]  # first pooled position (0 for plain strings)
+    truncated: list[bool]  # whether the sentence was cut to max_length
+
+
 @dataclass
 class PairTokenizer:
     """Turns sentences into token ids and pooling start positions; instruction lengths are cached."""
@@ -66,19 +73,23 @@ class PairTokenizer:
         # Instructions repeat across millions of texts: count each one once.
         self.instruction_length = lru_cache(maxsize=4096)(self._instruction_length)
 
-    def _ids(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)["input_ids"]
+    def _ids(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Ids truncated to ``max_length`` with ``</s>`` kept last, as transformers' truncation does, and
+        whether each text was cut: tokenizing one token further tells that exactly."""
+        rows = self.tokenizer(texts, truncation=True, max_length=self.max_length + 1)["input_ids"]
+        cut = [len(row) > self.max_length for row in rows]
+        return [row[: self.max_length - 1] + row[-1:] if c else row for row, c in zip(rows, cut)], cut
 
     def _instruction_length(self, instruction: str) -> int:
-        n = len(self._ids([instruction.strip()])[0]) - 1  # without </s>
+        n = len(self._ids([instruction.strip()])[0][0]) - 1  # without </s>
         if self.pooling_rule == "instructor" and n <= 1:
             return 0
         return n
 
-    def __call__(self, sentences: Sequence) -> tuple[list[list[int]], list[int]]:
-        """Token ids per sentence and the position where pooling starts, in input order."""
+    def __call__(self, sentences: Sequence) -> Tokenized:
+        """Token ids per sentence, the position where pooling starts, and which were truncated; input order."""
         _check_sentences(sentences)
         joined = [s.strip() if isinstance(s, str) else (s[0] + s[1].strip()).strip() for s in sentences]
-        ids = self._ids(joined) if joined else []
+        ids, truncated = self._ids(joined) if joined else ([], [])
         starts = [0 if isinstance(s, str) else self.instruction_length(s[0]) for s in sentences]
-        return ids, starts
+        return Tokenized(ids, starts, truncated)

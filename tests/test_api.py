@@ -74,5 +74,7 @@ def test_bad_arguments(model, tiny_model):
 
 def test_shorter_max_seq_length_truncates(tiny_model):
     model = fastinstructor.load(tiny_model, max_seq_length=16)
-    ids, _ = model.tokenizer([["Represent the document:", "word " * 100]])
-    assert len(ids[0]) == 16 and ids[0][-1] == 1
+    ids, _, truncated = model.tokenizer([["Represent the document:", "word " * 100], "Sea ice"])
+    assert len(ids[0]) == 16 and ids[0][-1] == 1 and truncated == [True, False]
+    untruncated = model.tokenizer.tokenizer("word " * 100)["input_ids"]
+    assert ids[1] == model.tokenizer.tokenizer("Sea ice")["input_ids"] and len(untruncated) > 16

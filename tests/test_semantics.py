@@ -87,7 +87,7 @@ def test_edge_cases_match_independent_computation(tiny_model, reference, one_tok
 def test_edge_case_token_facts(reference, one_token):
     """What the rules imply, checked on the token ids and pooling starts themselves."""
     tok = reference.tokenizer
-    ids, starts = tok(
+    ids, starts, truncated = tok(
         [
             ["", "Sea ice is melting."],
             "Sea ice is melting.",
@@ -103,6 +103,7 @@ def test_edge_case_token_facts(reference, one_token):
     assert len(ids[4]) == 512 and ids[4][-1] == 1  # truncated, </s> kept last
     assert len(ids[5]) == 512 and starts[5] == 511  # instruction of 511+ tokens: only </s> pooled
     assert all(row[-1] == 1 and 0 not in row for row in ids)
+    assert truncated == [False, False, False, False, True, True]
 
 
 def test_sentence_transformers_rule_differs_only_for_one_token_instructions(reference, one_token):
