@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_MODEL := .models/instructor-base-random
+DEMO_OUT := demo-output
+# The shared real text where this checkout has it; on a user's machine, this project's own README.
+DEMO_DATA := $(wildcard ../shared/data/climate_fever_evidence.jsonl)
+DEMO_INPUT := $(if $(DEMO_DATA),$(DEMO_DATA) --input-format jsonl,README.md --input-format text)
 
 # Without CUDA, install the CPU build of torch first and pin it: an unpinned torch pulls a multi-GB CUDA build.
 ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda),cuda)
@@ -28,7 +32,8 @@ $(DEMO_MODEL)/modules.json: | $(VENV)/.installed
 	$(PY) -m fastinstructor make-test-model --preset base --out $(DEMO_MODEL)
 
 demo: $(VENV)/.installed $(DEMO_MODEL)/modules.json
-	$(PY) -m fastinstructor demo --model $(DEMO_MODEL) --out demo-output
+	$(PY) -m fastinstructor embed --model $(DEMO_MODEL) --instruction "Represent the Wikipedia document for retrieval:" \
+		--input $(DEMO_INPUT) --limit 500 --on-error skip --output $(DEMO_OUT) --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
@@ -40,4 +45,4 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) .models demo-output build dist *.egg-info
+	rm -rf $(VENV) .models $(DEMO_OUT) build dist *.egg-info

@@ -32,6 +32,7 @@ setup(
         "safetensors>=0.4",
         "huggingface_hub>=0.26",
         "numpy>=1.24",
+        "pyarrow>=14",  # Parquet in and out of the embed job, the project's main use
         "tqdm>=4.60",
     ],
     extras_require={

@@ -5,8 +5,10 @@
 >>> model.encode([["Represent the Science title:", "3D ActionSLAM: wearable person tracking"]])
 """
 
-from .checkpoint import CheckpointError
-from .model import Instructor, load
-
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "Instructor", "load", "__version__"]
+
+from .checkpoint import CheckpointError  # noqa: E402  (corpus reads __version__)
+from .corpus import CorpusError, embed_corpus, read_embeddings  # noqa: E402
+from .model import Instructor, load  # noqa: E402
+
+__all__ = ["CheckpointError", "CorpusError", "Instructor", "embed_corpus", "load", "read_embeddings", "__version__"]

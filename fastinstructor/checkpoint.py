@@ -17,9 +17,11 @@ hub id resolved from the local cache first and downloaded otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -134,6 +136,20 @@ class Checkpoint:
     @property
     def out_dim(self) -> int:
         return self.dense_weight.shape[0] if self.dense_weight is not None else self.config.d_model
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of everything that decides the embeddings: weights, head, tokenizer files, max length."""
+        digest = hashlib.sha256()
+        tensors = {**self.weights, **({"dense": self.dense_weight} if self.dense_weight is not None else {})}
+        for name in sorted(tensors):
+            digest.update(f"{name}{tuple(tensors[name].shape)}".encode())
+            digest.update(tensors[name].numpy().tobytes())
+        for name in ("spiece.model", "tokenizer.json"):
+            if (self.path / name).is_file():
+                digest.update((self.path / name).read_bytes())
+        digest.update(f"normalize={self.normalize} max_seq_length={self.max_seq_length}".encode())
+        return digest.hexdigest()
 
 
 def _looks_like_hub_id(model: str) -> bool:

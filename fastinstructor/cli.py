@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 __all__ = ["main"]
 
@@ -21,53 +19,45 @@ def _make_test_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import numpy as np
+def _embed(args: argparse.Namespace) -> int:
+    import torch
 
     from . import load
-    from .data import sample_passages
+    from .corpus import embed_corpus
 
-    passages, source = sample_passages(args.limit)
-    if not passages:
-        raise ValueError(f"no sample text found in {source}")
-    model = load(args.model, backend=args.backend, precision=args.precision)
-    random_weights = (Path(model.checkpoint.path) / "fastinstructor_test_model.json").is_file()
-    print(f"model: {model}")
-    print(f"text: {len(passages)} passages from {source}")
-    print(f"instruction: {args.instruction!r}")
-    sentences = [[args.instruction, text] for _, text in passages]
-    tokens = sum(len(row) for row in model.tokenizer(sentences)[0])
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = load(args.model, backend=args.backend, precision=args.precision, pooling_rule=args.pooling_rule)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say(f"model: {model}")
     start = time.perf_counter()
-    embeddings = model.encode(sentences, batch_size=args.batch_size, show_progress_bar=sys.stderr.isatty())
+    manifest = embed_corpus(
+        model,
+        args.input,
+        args.output,
+        instruction=args.instruction,
+        instruction_field=args.instruction_field,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        input_format=args.input_format,
+        output_format=args.output_format,
+        dtype=args.dtype,
+        normalize=args.normalize,
+        shard_rows=args.shard_rows,
+        batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        limit=args.limit,
+        on_error=args.on_error,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
     seconds = time.perf_counter() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", embeddings)
-    (out / "ids.txt").write_text("".join(f"{pid}\n" for pid, _ in passages), encoding="utf-8")
-    (out / "run.json").write_text(
-        json.dumps(
-            {
-                "model": str(model.checkpoint.path),
-                "backend": model.backend_name,
-                "precision": model.precision,
-                "instruction": args.instruction,
-                "rows": len(passages),
-                "dim": model.dim,
-                "real_tokens": tokens,
-                "seconds": round(seconds, 3),
-                "random_weights": random_weights,
-            },
-            indent=2,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
+    totals = manifest["totals"]
     print(
-        f"embedded {len(passages)} texts ({tokens} real tokens) in {seconds:.1f} s: "
-        f"{len(passages) / seconds:.1f} texts/s, {tokens / seconds:.0f} tokens/s"
+        f"embedded {totals['rows']} rows ({totals['tokens']} real tokens) into {len(manifest['shards'])} shard(s) in "
+        f"{args.output}; skipped {totals['skipped']}, truncated {totals['truncated']}; this run: {seconds:.1f} s"
     )
-    print(f"output: {out / 'embeddings.npy'} {embeddings.shape} float32, ids in {out / 'ids.txt'}")
-    if random_weights:
+    if manifest["random_weights"]:
         print(
             "NOTE: this checkpoint has RANDOM weights, so these embeddings are meaningless; the speed is real. "
             "For meaningful embeddings pass a real checkpoint: --model hkunlp/instructor-large (or its folder)."
@@ -78,7 +68,10 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .backends import BACKENDS
+    from .corpus import DTYPES, ON_ERROR, OUTPUT_FORMATS
+    from .readers import FORMATS
     from .testmodel import PRESETS
+    from .tokenization import POOLING_RULES
 
     parser = argparse.ArgumentParser(prog="fastinstructor", description="Fast, exact INSTRUCTOR text embeddings.")
     parser.add_argument("--version", action="version", version=f"fastinstructor {__version__}")
@@ -92,29 +85,64 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
     make.set_defaults(run=_make_test_model)
 
-    demo = commands.add_parser("demo", help="embed sample text and report throughput")
-    demo.add_argument("--model", required=True, help="checkpoint folder or hub id")
-    demo.add_argument("--backend", choices=list(BACKENDS), default="cpu")
-    demo.add_argument("--precision", default="float32", help="float32 (default), bfloat16 or int8 (cpu backend)")
-    demo.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
-    demo.add_argument("--limit", type=int, default=512, help="number of sample passages (default 512)")
-    demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--out", default="demo-output", help="folder for embeddings.npy, ids.txt, run.json")
-    demo.set_defaults(run=_demo)
+    embed = commands.add_parser(
+        "embed",
+        help="embed a corpus into a folder of shards (streaming, resumable)",
+        description="Embed a corpus into a folder of shards with a manifest. Streaming and resumable: re-run the "
+        "same command after a crash or Ctrl-C and it continues after the last complete shard.",
+    )
+    embed.add_argument("--model", required=True, help="checkpoint folder or hub id (e.g. hkunlp/instructor-large)")
+    source = embed.add_mutually_exclusive_group()
+    source.add_argument("--instruction", help="one instruction for every row, e.g. " + repr(DEFAULT_INSTRUCTION))
+    source.add_argument("--instruction-field", help="take each row's instruction from this field")
+    embed.add_argument("--input", required=True, help="JSON Lines, CSV, TSV, Parquet or text file; - for stdin")
+    embed.add_argument("--input-format", choices=("auto", *FORMATS), default="auto", help="default: from the suffix")
+    embed.add_argument("--text-field", default="text", help="field or column holding the text (default: text)")
+    embed.add_argument("--id-field", help="field holding the row id (default: 'id' where present, else row number)")
+    embed.add_argument("--output", required=True, help="output folder (created; a re-run continues in it)")
+    embed.add_argument("--output-format", choices=OUTPUT_FORMATS, default="parquet")
+    embed.add_argument("--dtype", choices=DTYPES, default="float32", help="stored embedding type")
+    embed.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="L2-normalize (INSTRUCTOR checkpoints are unit-norm either way: they end in Normalize)",
+    )
+    embed.add_argument("--backend", choices=list(BACKENDS), default="cpu")
+    embed.add_argument("--precision", default="float32", help="float32 (default), bfloat16 or int8 (cpu backend)")
+    embed.add_argument("--pooling-rule", choices=POOLING_RULES, default="instructor")
+    embed.add_argument("--batch-size", type=int, default=32, help="rows per batch at most (default 32)")
+    embed.add_argument(
+        "--max-batch-tokens", type=int, default=16_384, help="padded tokens per batch at most (default 16384)"
+    )
+    embed.add_argument("--shard-rows", type=int, default=10_000, help="input rows per shard (default 10000)")
+    embed.add_argument("--limit", type=int, help="embed only the first N input rows")
+    embed.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    embed.add_argument(
+        "--on-error",
+        choices=ON_ERROR,
+        default="fail",
+        help="bad rows: fail (stop, keep finished shards) or skip (count and list them)",
+    )
+    embed.add_argument("--overwrite", action="store_true", help="replace the output of a different job")
+    embed.add_argument("--quiet", action="store_true", help="no progress output")
+    embed.set_defaults(run=_embed)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-
     try:
         return args.run(args)
-    except (CheckpointError, ValueError, TypeError, FileExistsError, ImportError, OSError) as err:
+    except (ValueError, TypeError, FileExistsError, ImportError, OSError) as err:  # CheckpointError, CorpusError too
         print(f"fastinstructor {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(
+            f"fastinstructor {args.command}: interrupted; finished work is kept (embed: re-run the same command "
+            "to continue)",
+            file=sys.stderr,
+        )
         return 130
 
 

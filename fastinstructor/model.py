@@ -6,7 +6,7 @@ tokenize -> plan batches (sorted by length, token budget) -> backend.embed -> ba
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +76,9 @@ class Instructor:
         single = isinstance(sentences, str)  # as the authors' encode: only a bare string is one input
         if single:
             sentences = [sentences]
-        ids, pool_start, _ = self.tokenizer(sentences)
-        batches = plan_batches([len(row) for row in ids], batch_size, max_batch_tokens)
-        out = torch.empty((len(ids), self.dim), dtype=torch.float32)
-        progress = _progress(len(ids), show_progress_bar)
-        for rows in batches:
-            embeddings = self.backend.embed(*pad_batch([ids[i] for i in rows], [pool_start[i] for i in rows]))
-            out[rows] = embeddings.float().cpu()
-            progress.update(len(rows))
+        tokenized = self.tokenizer(sentences)
+        progress = _progress(len(sentences), show_progress_bar)
+        out = self.embed_tokens(tokenized.ids, tokenized.pool_start, batch_size, max_batch_tokens, progress.update)
         progress.close()
         if normalize_embeddings:
             out = F.normalize(out, p=2, dim=1)
@@ -94,6 +89,27 @@ class Instructor:
         else:
             result = list(out)
         return result[0] if single else result
+
+    def embed_tokens(
+        self,
+        ids: list[list[int]],
+        pool_start: list[int],
+        batch_size: int = 32,
+        max_batch_tokens: int | None = None,
+        on_batch: Callable[[int], object] | None = None,
+    ) -> torch.Tensor:  # [N, dim] float32, input order
+        """The pipeline after tokenization: length-sorted batches through the backend, back in input order.
+
+        ``on_batch(rows)`` is called after each batch (progress reporting).
+        """
+        out = torch.empty((len(ids), self.dim), dtype=torch.float32)
+        for rows in plan_batches([len(row) for row in ids], batch_size, max_batch_tokens):
+            out[rows] = (
+                self.backend.embed(*pad_batch([ids[i] for i in rows], [pool_start[i] for i in rows])).float().cpu()
+            )
+            if on_batch is not None:
+                on_batch(len(rows))
+        return out
 
 
 class _NoProgress:

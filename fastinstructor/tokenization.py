@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = ["POOLING_RULES", "PairTokenizer", "Tokenized", "load_tokenizer"]
 
@@ -78,7 +78,7 @@ class PairTokenizer:
         whether each text was cut: tokenizing one token further tells that exactly."""
         rows = self.tokenizer(texts, truncation=True, max_length=self.max_length + 1)["input_ids"]
         cut = [len(row) > self.max_length for row in rows]
-        return [row[: self.max_length - 1] + row[-1:] if c else row for row, c in zip(rows, cut)], cut
+        return [row[: self.max_length - 1] + row[-1:] if c else row for row, c in zip(rows, cut, strict=True)], cut
 
     def _instruction_length(self, instruction: str) -> int:
         n = len(self._ids([instruction.strip()])[0][0]) - 1  # without </s>

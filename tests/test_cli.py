@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
+from pathlib import Path
 
-import numpy as np
+import pytest
 
-import fastinstructor
+from fastinstructor import read_embeddings
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "fastinstructor", *args], capture_output=True, text=True, cwd=cwd)
-
-
-def test_demo_writes_embeddings_and_says_weights_are_random(tiny_model, tmp_path):
-    result = run_cli("demo", "--model", str(tiny_model), "--limit", "20", "--out", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr
-    assert "tokens/s" in result.stdout and "RANDOM weights" in result.stdout
-    embeddings = np.load(tmp_path / "out" / "embeddings.npy")
-    ids = (tmp_path / "out" / "ids.txt").read_text().splitlines()
-    run = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert embeddings.shape == (20, 48) and len(ids) == 20 and run["random_weights"] is True
-    # The demo's output is what the API gives for the same texts.
-    from fastinstructor.data import sample_passages
-
-    passages, _ = sample_passages(20)
-    assert ids == [pid for pid, _ in passages]
-    expected = fastinstructor.load(tiny_model).encode([[run["instruction"], text] for _, text in passages])
-    np.testing.assert_allclose(embeddings, expected, atol=1e-6, rtol=0)
 
 
 def test_make_test_model_command(tmp_path):
@@ -42,7 +27,32 @@ def test_make_test_model_command(tmp_path):
 
 
 def test_errors_exit_non_zero_with_a_message(tmp_path):
-    missing = run_cli("demo", "--model", str(tmp_path / "nowhere"))
+    missing = run_cli(
+        "embed",
+        "--model",
+        str(tmp_path / "nowhere"),
+        "--input",
+        __file__,
+        "--input-format",
+        "text",
+        "--output",
+        str(tmp_path / "out"),
+    )
     assert missing.returncode == 2 and "no such folder" in missing.stderr and "Traceback" not in missing.stderr
     bad_preset = run_cli("make-test-model", "--preset", "huge", "--out", str(tmp_path / "x"))
     assert bad_preset.returncode == 2 and "invalid choice: 'huge'" in bad_preset.stderr
+
+
+@pytest.mark.skipif(
+    not (REPO / ".venv" / ".installed").is_file(), reason="runs `make demo`, which needs `make setup` first"
+)
+def test_make_demo(tiny_model, tmp_path):
+    """The README's demo command, on the tiny model instead of the base one to keep the suite fast."""
+    out = tmp_path / "demo-output"
+    result = subprocess.run(
+        ["make", "-s", "demo", f"DEMO_MODEL={tiny_model}", f"DEMO_OUT={out}"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "embedded 500 rows" in result.stdout and "RANDOM weights" in result.stdout
+    ids, embeddings = read_embeddings(out)
+    assert len(ids) == 500 and embeddings.shape == (500, 48)
