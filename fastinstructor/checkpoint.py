@@ -232,13 +232,17 @@ def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors and pickle raise several unrelated types for a damaged file
         raise CheckpointError(
             f"cannot read weights file {path}: {type(err).__name__}: {err}. The file is damaged or truncated; "
             "re-download or re-create the checkpoint."
         ) from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise CheckpointError(f"{path} holds a {type(tensors).__name__}, not a mapping of tensor names to tensors")
+    return tensors
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -291,8 +295,8 @@ def _module_folders(folder: Path) -> dict[str, Path]:
         raise CheckpointError(f"{folder / 'modules.json'} must be a JSON list of modules")
     found: dict[str, Path] = {}
     for entry in modules:
-        kind = str(entry.get("type", "")).rsplit(".", 1)[-1].replace("INSTRUCTOR_", "").replace("INSTRUCTOR", "")
-        kind = {"": "Transformer"}.get(kind, kind)
+        # sentence_transformers.models.Dense, or the authors' InstructorEmbedding.INSTRUCTOR_Transformer
+        kind = str(entry.get("type", "")).rsplit(".", 1)[-1].removeprefix("INSTRUCTOR_")
         if kind not in ("Transformer", "Pooling", "Dense", "Normalize"):
             raise CheckpointError(
                 f"{folder / 'modules.json'}: module type {entry.get('type')!r} is not supported; an INSTRUCTOR "

@@ -158,3 +158,24 @@ def test_non_t5_config(tiny_copy):
     (tiny_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="model_type is 'bert', expected 't5'"):
         fastinstructor.load(tiny_copy)
+
+
+def test_pickle_that_is_not_a_state_dict(tiny_copy):
+    (tiny_copy / "model.safetensors").unlink()
+    torch.save([torch.zeros(2)], tiny_copy / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="holds a list, not a mapping of tensor names to tensors"):
+        fastinstructor.load(tiny_copy)
+
+
+def test_authors_module_type_names(tiny_copy, tiny_model, real_pairs):
+    """InstructorEmbedding's own module types name the same modules."""
+    modules = json.loads((tiny_copy / "modules.json").read_text())
+    modules[0]["type"] = "InstructorEmbedding.INSTRUCTOR_Transformer"
+    (tiny_copy / "modules.json").write_text(json.dumps(modules))
+    np.testing.assert_array_equal(
+        fastinstructor.load(tiny_copy).encode(real_pairs[:3]), fastinstructor.load(tiny_model).encode(real_pairs[:3])
+    )
+    modules[1]["type"] = "sentence_transformers.models.LSTM"
+    (tiny_copy / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(CheckpointError, match="module type 'sentence_transformers.models.LSTM' is not supported"):
+        fastinstructor.load(tiny_copy)
