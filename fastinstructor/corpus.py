@@ -122,7 +122,7 @@ def _write_shard(folder: Path, index: int, ids: list[str], embeddings: np.ndarra
     written = []
     for name, write in files.items():
         _write_atomic(folder / name, write)
-        written.append({"file": name, "sha256": _sha256(folder / name)})
+        written.append({"file": name, "bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)})
     return written
 
 
@@ -178,13 +178,14 @@ def _open_output(output: Path, identity: dict, overwrite: bool) -> dict:
                 f"{output} holds the output of a different job (differs in: {', '.join(changed)}). "
                 "Use another --output folder, or --overwrite to replace it."
             )
+        # Sizes, not checksums: a resume must not re-read terabytes; read_embeddings verifies the checksums.
         for shard in manifest["shards"]:
             for entry in shard["files"]:
                 path = output / entry["file"]
-                if not path.is_file() or _sha256(path) != entry["sha256"]:
+                if not path.is_file() or path.stat().st_size != entry["bytes"]:
                     raise CorpusError(
-                        f"{path} is missing or does not match its checksum in {manifest_path}; "
-                        "the output was modified. Re-run with --overwrite to start again."
+                        f"{path} is missing or not the size recorded in {manifest_path}; the output was modified. "
+                        "Re-run with --overwrite to start again."
                     )
         return manifest
     if output.is_dir() and any(output.iterdir()) and not overwrite:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fastinstructor.data import read_jsonl_texts, sample_passages, shared_data_dir
+from fastinstructor.parity import TOLERANCES, compare
 from fastinstructor.testmodel import make_test_model
 
 INSTRUCTIONS = [
@@ -52,23 +53,7 @@ def real_pairs(real_texts) -> list[list[str]]:
     return pairs + real_texts[:4]
 
 
-def assert_parity(
-    actual: np.ndarray,
-    expected: np.ndarray,
-    *,
-    min_cos: float,
-    max_abs: float | None = None,
-    mean_cos: float | None = None,
-) -> None:
-    """DESIGN section 5's tolerances, per embedding; on failure name the worst rows."""
-    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
-    assert np.isfinite(actual).all(), f"non-finite values in rows {np.where(~np.isfinite(actual).all(1))[0][:10]}"
-    cos = (actual * expected).sum(1) / (np.linalg.norm(actual, axis=1) * np.linalg.norm(expected, axis=1))
-    worst = np.argsort(cos)[:5]
-    assert cos.min() >= min_cos, f"min cosine {cos.min():.7f} < {min_cos}; worst rows {worst} {cos[worst]}"
-    if mean_cos is not None:
-        assert cos.mean() >= mean_cos, f"mean cosine {cos.mean():.7f} < {mean_cos}"
-    if max_abs is not None:
-        diff = np.abs(actual - expected)
-        row, col = np.unravel_index(diff.argmax(), diff.shape)
-        assert diff.max() <= max_abs, f"max abs difference {diff.max():.3g} > {max_abs} at [{row}, {col}]"
+def assert_parity(actual: np.ndarray, expected: np.ndarray, precision: str) -> None:
+    """DESIGN section 5's tolerance for ``precision``, per embedding; on failure name the worst rows."""
+    problems = compare(actual, expected).failures(TOLERANCES[precision])
+    assert not problems, f"{precision} parity: " + "; ".join(problems)

@@ -227,9 +227,14 @@ def test_tampered_shard_is_detected(model, evidence, tmp_path):
     path, _ = evidence
     embed_corpus(model, path, tmp_path / "out", instruction=INSTRUCTION, limit=20, shard_rows=10, quiet=True)
     shard = tmp_path / "out" / "part-00000.parquet"
-    shard.write_bytes(shard.read_bytes()[:-10])
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF  # same size, different content
+    shard.write_bytes(bytes(data))
     with pytest.raises(CorpusError, match="does not match its checksum"):
         read_embeddings(tmp_path / "out")
+    shard.write_bytes(bytes(data[:-10]))  # a resume notices a truncated shard
+    with pytest.raises(CorpusError, match="not the size recorded"):
+        embed_corpus(model, path, tmp_path / "out", instruction=INSTRUCTION, limit=20, shard_rows=10, quiet=True)
 
 
 def _run_and_interrupt(command, manifest_path, sig, shards_before_kill=2):
