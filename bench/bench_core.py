@@ -1,4 +1,4 @@
-"""Core benchmark: fastinstructor's CPU backend against transformers and sentence-transformers, on real text.
+"""Core benchmark: fastinstructor's cpu and onnx backends against transformers and sentence-transformers.
 
 Every contender embeds the same climate-fever claims and evidence sentences with their INSTRUCTOR instructions
 (batch size 32) in one process; the repeats are interleaved (A B C D E, A B C D E, ...) so that drift in a
@@ -73,15 +73,44 @@ def encode_sentence_transformers(model: SentenceTransformer, groups: Groups) -> 
     )
 
 
+def load_onnx(model_dir: Path, precision: str, optimize: bool) -> fastinstructor.Instructor:
+    """The ONNX Runtime backend on a graph exported once into .models/onnx/ (export time is not timed)."""
+    from fastinstructor.export.onnx_export import MODEL_FILE, export_onnx
+
+    from fastinstructor.checkpoint import load_checkpoint
+
+    folder = model_dir.parent / "onnx" / f"{model_dir.name}-{precision}-{'optimized' if optimize else 'plain'}"
+    checkpoint = load_checkpoint(model_dir)
+    if not (folder / MODEL_FILE).is_file():
+        print(f"exporting {folder}", file=sys.stderr)
+        export_onnx(checkpoint, folder, precision=precision, optimize=optimize, parity=False)
+    return fastinstructor.load(model_dir, backend="onnx", precision=precision, backend_options={"onnx_dir": folder})
+
+
 def contenders(model_dir: Path) -> list[Contender]:
     def fast(backend: str, precision: str) -> Callable[[], fastinstructor.Instructor]:
         return partial(fastinstructor.load, model_dir, backend=backend, precision=precision)
 
+    onnx = []
+    if fastinstructor.backends.OnnxBackend.availability()[0]:
+        onnx = [
+            Contender(
+                "onnx float32", "float32", partial(load_onnx, model_dir, "float32", False), encode_fastinstructor
+            ),
+            Contender(
+                "onnx float32 optimized",
+                "float32",
+                partial(load_onnx, model_dir, "float32", True),
+                encode_fastinstructor,
+            ),
+            Contender("onnx int8", "int8", partial(load_onnx, model_dir, "int8", True), encode_fastinstructor),
+        ]
     return [
         Contender(REFERENCE, "float32", fast("reference", "float32"), encode_fastinstructor),
         Contender("cpu float32", "float32", fast("cpu", "float32"), encode_fastinstructor),
         Contender("cpu bfloat16", "bfloat16", fast("cpu", "bfloat16"), encode_fastinstructor),
         Contender("cpu int8", "int8", fast("cpu", "int8"), encode_fastinstructor),
+        *onnx,
         Contender(
             SENTENCE_TRANSFORMERS,
             "float32",

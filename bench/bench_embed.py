@@ -14,7 +14,7 @@ process with interleaved repeats:
 Reported: rows/s, real tokens/s (padding excluded), ratios from the same run, and the padding efficiency
 (real tokens / padded tokens) of each batching strategy.
 
-    .venv/bin/python bench/bench_embed.py [--model DIR] [--rows 256] [--repeat 3] [--precision float32]
+    .venv/bin/python bench/bench_embed.py [--model DIR] [--rows 192] [--repeat 3] [--precision float32]
 """
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ def padded_tokens(lengths: list[int], batches: list[list[int]]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint (base preset built if absent)")
-    parser.add_argument("--rows", type=int, default=256, help="rows: half articles, half evidence (default 256)")
+    parser.add_argument("--rows", type=int, default=192, help="rows: half articles, half evidence (default 192)")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved timed passes per contender")
     parser.add_argument("--precision", default="float32", help="cpu backend precision for embed and fixed")
+    parser.add_argument("--also", default="int8", help="more embed precisions to time, comma-separated ('' for none)")
     parser.add_argument("--batch-size", type=int, default=None, help="embed's --batch-size (default: its own)")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="embed's token budget (default: its own)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -99,11 +100,14 @@ def main() -> None:
     st_order = np.argsort([-len(t) for t in texts])
     st_batches = [[int(i) for i in st_order[j : j + FIXED_BATCH]] for j in range(0, len(rows), FIXED_BATCH)]
 
-    def run_embed() -> np.ndarray:
+    def embed_with(instructor: fastinstructor.Instructor) -> np.ndarray:
         fastinstructor.embed_corpus(
-            model, corpus, workdir / "out", instruction=INSTRUCTION, overwrite=True, quiet=True, **embed_options
+            instructor, corpus, workdir / "out", instruction=INSTRUCTION, overwrite=True, quiet=True, **embed_options
         )
         return fastinstructor.read_embeddings(workdir / "out")[1]
+
+    also = [p for p in args.also.split(",") if p and p != args.precision]
+    extra = {p: fastinstructor.load(args.model, backend="cpu", precision=p) for p in also}
 
     def run_fixed() -> np.ndarray:
         tok = model.tokenizer([[INSTRUCTION, t] for t in texts])
@@ -116,20 +120,24 @@ def main() -> None:
     def run_st() -> np.ndarray:
         return st.encode(texts, prompt=INSTRUCTION, batch_size=FIXED_BATCH, show_progress_bar=False)
 
-    runs = {"embed": run_embed, "fixed": run_fixed, "sentence-transformers": run_st}
-    for run in runs.values():  # warm-up
-        run()
+    embed_name = f"embed {args.precision}"
+    fixed_name = f"fixed {args.precision}"
+    runs = {embed_name: lambda: embed_with(model), fixed_name: run_fixed, "sentence-transformers": run_st}
+    runs.update({f"embed {p}": (lambda m=m: embed_with(m)) for p, m in extra.items()})
+    precisions = {embed_name: args.precision, fixed_name: args.precision, "sentence-transformers": "float32"}
+    precisions.update({f"embed {p}": p for p in extra})
+    for instructor in (model, *extra.values()):  # warm-up on a few rows, not a whole pass
+        instructor.encode([[INSTRUCTION, t] for t in texts[:8]])
+    st.encode(texts[:8], prompt=INSTRUCTION)
     times, loadavg, last = interleaved(runs, args.repeat)
     medians = {name: median(t) for name, t in times.items()}
-    padding = {
-        "embed": padded_tokens(lengths, embed_batches),
-        "fixed": padded_tokens(lengths, fixed_batches),
-        "sentence-transformers": padded_tokens(lengths, st_batches),
-    }
-    tolerance = TOLERANCES[args.precision]
+    padding = {name: padded_tokens(lengths, embed_batches) for name in runs if name.startswith("embed")}
+    padding[fixed_name] = padded_tokens(lengths, fixed_batches)
+    padding["sentence-transformers"] = padded_tokens(lengths, st_batches)
     table_rows = []
     for name in runs:
         report = compare(last[name], last["sentence-transformers"])
+        tolerance = TOLERANCES[precisions[name]]
         table_rows.append(
             {
                 "name": name,
@@ -138,7 +146,9 @@ def main() -> None:
                 "median_s": medians[name],
                 "rows_per_s": len(rows) / medians[name],
                 "tokens_per_s": real / medians[name],
-                "vs_fixed": medians["fixed"] / medians[name],
+                "precision": precisions[name],
+                "tolerance": str(tolerance),
+                "vs_fixed": medians[fixed_name] / medians[name],
                 "vs_sentence_transformers": medians["sentence-transformers"] / medians[name],
                 "padded_tokens": padding[name],
                 "padding_efficiency": real / padding[name],
@@ -169,12 +179,12 @@ def main() -> None:
     summary = (
         f"{len(rows)} rows ({n_articles} climate-fever articles and {len(rows) - n_articles} evidence sentences, "
         f"alternating), {real} real tokens after truncation to 512; instruction {INSTRUCTION!r}; cpu backend "
-        f"{args.precision} for embed and fixed; embed batches: at most {defaults.batch_size} rows and "
+        f"({args.precision} for fixed); embed batches: at most {defaults.batch_size} rows and "
         f"{defaults.max_batch_tokens} padded tokens; median of {args.repeat} interleaved passes; "
         f"{env['torch_threads']} torch threads on {env['cpu_model']}; max 1-minute load average after a pass "
         f"{max(max(v) for v in loadavg.values()):.1f}. Random-weight base checkpoint (speed carries over, the "
-        f"embeddings mean nothing). Parity column: against sentence-transformers with the {args.precision} "
-        f"tolerance ({tolerance})."
+        "embeddings mean nothing). Parity column: against sentence-transformers (float32) with the tolerance of "
+        "the row's precision (DESIGN section 5)."
     )
     write_results(
         args.out,

@@ -19,6 +19,34 @@ def _make_test_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .export.onnx_export import export_onnx
+
+    checkpoint = load_checkpoint(args.model)
+    print(
+        f"exporting {checkpoint.path} to {args.out} ({args.precision}, optimize={args.optimize}) ...", file=sys.stderr
+    )
+    metadata = export_onnx(checkpoint, args.out, precision=args.precision, optimize=args.optimize)
+    parity = metadata["parity"]
+    fused = ", ".join(f"{op} {n}" for op, n in metadata["fused_ops"].items()) or "none"
+    print(
+        f"wrote {args.out}/model.onnx ({metadata['precision']}, opset {metadata['opset']}) in "
+        f"{metadata['export_seconds']} s; nodes {sum(metadata['op_counts_before'].values())} -> "
+        f"{sum(metadata['op_counts_after'].values())}; fused: {fused}"
+    )
+    if parity and parity["measured"]:
+        verdict = "PASS" if parity["passed"] else "FAIL: " + "; ".join(parity["failures"])
+        print(
+            f"parity vs the float32 reference on {parity['rows']} calibration inputs: min cos "
+            f"{parity['min_cos']:.6f}, mean cos {parity['mean_cos']:.6f}, max abs {parity['max_abs']:.2e} "
+            f"({parity['tolerance']}): {verdict}"
+        )
+        return 0 if parity["passed"] else 1
+    print(f"parity not measured: {parity['why'] if parity else 'disabled'}")
+    return 0
+
+
 def _embed(args: argparse.Namespace) -> int:
     import torch
 
@@ -84,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--out", required=True, help="new folder to write")
     make.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
     make.set_defaults(run=_make_test_model)
+
+    export = commands.add_parser("export", help="export the model to one ONNX graph (ids -> normalized embedding)")
+    export.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    export.add_argument("--out", required=True, help="folder for model.onnx and its metadata (replaced)")
+    export.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "int8"),
+        default="fp32",
+        help="fp32 (default), fp16 (for CUDA), int8 (dynamic quantization, for the CPU)",
+    )
+    export.add_argument(
+        "--optimize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run ONNX Runtime's T5 graph optimizer (default on)",
+    )
+    export.set_defaults(run=_export)
 
     embed = commands.add_parser(
         "embed",

@@ -138,12 +138,15 @@ def load(
     max_seq_length: int | None = None,
     cache_dir: str | None = None,
     revision: str | None = None,
+    backend_options: dict | None = None,
 ) -> Instructor:
     """Load a checkpoint (folder, plain T5 encoder folder, or hub id) onto a backend.
 
-    ``backend``: ``"cpu"`` (the project's PyTorch encoder; float32, bfloat16, int8) or ``"reference"``
-    (transformers, float32). ``pooling_rule``: ``"instructor"`` (the authors' package, the default) or
-    ``"sentence-transformers"`` (``prompt=`` with ``include_prompt=False``: no 1-token exception).
+    ``backend``: ``"cpu"`` (the project's PyTorch encoder; float32, bfloat16, int8), ``"onnx"`` (ONNX Runtime;
+    float32, int8 on the CPU, float16 on CUDA) or ``"reference"`` (transformers, float32).
+    ``backend_options`` go to the backend (onnx: ``onnx_dir``, ``threads``). ``pooling_rule``: ``"instructor"``
+    (the authors' package, the default) or ``"sentence-transformers"`` (``prompt=`` with ``include_prompt=False``:
+    no 1-token exception).
     """
     backend_class = get_backend_class(backend)
     checkpoint = load_checkpoint(model, cache_dir=cache_dir, revision=revision)
@@ -153,4 +156,5 @@ def load(
             f"max_seq_length={max_seq_length} exceeds the checkpoint's max_seq_length ({checkpoint.max_seq_length})"
         )
     tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), length, pooling_rule)
-    return Instructor(checkpoint, backend_class(checkpoint, precision=precision, device=device), tokenizer, precision)
+    instance = backend_class(checkpoint, precision=precision, device=device, **(backend_options or {}))
+    return Instructor(checkpoint, instance, tokenizer, precision)

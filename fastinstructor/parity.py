@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TOLERANCES", "Tolerance", "ParityReport", "compare"]
+from .data import sample_passages
+
+__all__ = ["TOLERANCES", "Tolerance", "ParityReport", "calibration_pairs", "compare"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +86,28 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> ParityReport:
         max_abs_at=tuple(int(i) for i in np.unravel_index(np.nanargmax(diff), diff.shape)),
         non_finite_rows=tuple(int(i) for i in np.where(~np.isfinite(actual).all(1))[0]),
     )
+
+
+CALIBRATION_INSTRUCTIONS = (
+    "Represent the Wikipedia document for retrieval:",
+    "Represent the climate claim for retrieving supporting documents:",
+    "Represent the sentence for clustering:",
+)
+
+
+def calibration_pairs(n: int = 30) -> list:
+    """Real text of several lengths under several instructions, plus the edge cases of DESIGN section 4:
+    an empty instruction, a one-character instruction, an empty text, a text past 512 tokens, a plain string."""
+    passages, _ = sample_passages(n)
+    texts = [text for _, text in passages]
+    pairs: list = [[CALIBRATION_INSTRUCTIONS[i % len(CALIBRATION_INSTRUCTIONS)], t] for i, t in enumerate(texts)]
+    long_text = " ".join(texts)
+    while len(long_text.split()) < 800:  # past 512 tokens whatever the tokenizer
+        long_text += " " + long_text
+    return pairs + [
+        ["", texts[0]],
+        ["x", texts[1 % len(texts)]],
+        [CALIBRATION_INSTRUCTIONS[0], ""],
+        [CALIBRATION_INSTRUCTIONS[0], long_text],
+        texts[2 % len(texts)],
+    ]

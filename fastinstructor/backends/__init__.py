@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from .base import Backend, pool_head
 from .cpu import CpuBackend
+from .onnx import OnnxBackend
 from .reference import ReferenceBackend
 
-BACKENDS: dict[str, type] = {cls.name: cls for cls in (ReferenceBackend, CpuBackend)}
+BACKENDS: dict[str, type] = {cls.name: cls for cls in (ReferenceBackend, CpuBackend, OnnxBackend)}
 
-__all__ = ["BACKENDS", "Backend", "CpuBackend", "ReferenceBackend", "get_backend_class", "pool_head"]
+__all__ = ["BACKENDS", "Backend", "CpuBackend", "OnnxBackend", "ReferenceBackend", "get_backend_class", "pool_head"]
 
 
 def get_backend_class(name: str) -> type:

@@ -1,0 +1,304 @@
+"""Export an INSTRUCTOR checkpoint to one ONNX graph: token ids in, the normalized embedding out.
+
+Graph contract (opset 17, dynamic batch ``B`` and sequence ``L``)::
+
+    input_ids       int64 [B, L]    right-padded token ids (pad id 0)
+    attention_mask  int64 [B, L]    1 for tokens, 0 for padding
+    pool_start      int64 [B]       first pooled position: the instruction's token count (0 = pool everything)
+    embeddings      float32 [B, out_dim]   encoder + instruction-masked mean pooling + Dense + L2 normalize
+
+How it is built, and why:
+
+- ``torch.onnx.export`` with the TorchScript exporter (``dynamo=False``) on transformers' ``T5EncoderModel``
+  in **eager** attention, wrapped with the project's pooling head. The dynamo exporter fails on transformers'
+  SDPA T5 attention, and the eager graph is the pattern ONNX Runtime's T5 fusions recognize.
+- ``--optimize``: ONNX Runtime's own transformer optimizer (``onnxruntime.transformers.optimizer``, model type
+  ``t5``): RMSNorm becomes ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` and the
+  relative position bias and attention are fused where its patterns match. The op counts before and after
+  are recorded, so what actually fused is visible.
+- ``float16``: ONNX Runtime's float16 converter with inputs/outputs kept int64/float32 and the numerically
+  fragile ops kept float32 (RMSNorm, softmax, the FFN output projection ``wo``, pooling, normalize): T5
+  overflows float16 in the FFN output on trained weights (DESIGN section 5). For the CUDA provider.
+- ``int8``: ``onnxruntime.quantization.quantize_dynamic`` on the MatMuls with constant weights: int8 weights
+  per output channel, uint8 activations quantized at run time, no reduced range (VNNI). For the CPU.
+- Models over 2 GB (instructor-xl in float32) are saved with their weights in ``model.onnx.data``.
+- ``optimum`` is not used: optimum 2.x no longer contains the ONNX exporter, ``optimum-onnx`` pins
+  transformers < 4.58 (this project runs on 5.x), and its T5 export builds the seq2seq encoder/decoder graphs,
+  not an encoder with our pooling head. Everything it would do here is the two ONNX Runtime tools above.
+
+Each export folder holds ``model.onnx`` and ``fastinstructor_onnx.json``: the source model's fingerprint,
+opset, precision, optimization, op counts, and the parity against the float32 reference measured at export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..backends.base import pool_head
+from ..checkpoint import Checkpoint
+
+__all__ = ["PRECISIONS", "OPSET", "METADATA", "canonical_precision", "export_onnx", "read_metadata"]
+
+PRECISIONS = ("float32", "float16", "int8")
+_ALIASES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16", "int8": "int8"}
+OPSET = 17
+METADATA = "fastinstructor_onnx.json"
+MODEL_FILE = "model.onnx"
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB; stay clear of it
+# Kept float32 in float16 graphs: normalization, softmax, reductions of the pooling head, and the division
+# and power of the L2 normalize (DESIGN section 5).
+FP16_KEEP_FLOAT32_OPS = [
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "Softmax",
+    "ReduceMean",
+    "ReduceSum",
+    "Pow",
+    "Sqrt",
+    "Div",
+    "ReduceL2",
+    "Einsum",
+    "Clip",
+    "Max",
+]
+
+
+def canonical_precision(precision: str) -> str:
+    if precision not in _ALIASES:
+        raise ValueError(f"ONNX precision {precision!r} is not one of fp32/float32, fp16/float16, int8")
+    return _ALIASES[precision]
+
+
+class _EmbeddingGraph(nn.Module):
+    """transformers' eager T5 encoder + the pooling head, as one module to trace."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        super().__init__()
+        from ..backends.reference import ReferenceBackend
+
+        self.encoder = ReferenceBackend(checkpoint).model
+        self.register_buffer("dense", checkpoint.dense_weight)
+        self.normalize = checkpoint.normalize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool_head(hidden, attention_mask, pool_start, self.dense, self.normalize)
+
+
+def _op_counts(model) -> dict[str, int]:
+    return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    large = model.ByteSize() > _EXTERNAL_DATA_THRESHOLD
+    if large:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _trace(checkpoint: Checkpoint, path: Path) -> None:
+    graph = _EmbeddingGraph(checkpoint).eval()
+    ids = torch.tensor([[100, 200, 300, 1], [100, 200, 1, 0]], dtype=torch.long)
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        torch.onnx.export(
+            graph,
+            (ids, mask, torch.tensor([1, 0], dtype=torch.long)),
+            str(path),
+            input_names=["input_ids", "attention_mask", "pool_start"],
+            output_names=["embeddings"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                "pool_start": {0: "batch"},
+                "embeddings": {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def _optimize(path: Path, checkpoint: Checkpoint) -> dict[str, int]:
+    """ONNX Runtime's transformer optimizer for T5, in place; returns its fused-op statistics."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    cfg = checkpoint.config
+    optimized = optimize_model(
+        str(path), model_type="t5", num_heads=cfg.num_heads, hidden_size=cfg.d_model, opt_level=0, use_gpu=False
+    )
+    fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    model = optimized.model
+    # The fused ops live in the com.microsoft domain; declare it, or onnx's shape inference (run by the
+    # quantizer) rejects the graph.
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and not any(
+        o.domain == "com.microsoft" for o in model.opset_import
+    ):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    _save(model, path)
+    return fused
+
+
+def _to_float16(path: Path) -> list[str]:
+    """Convert to float16 keeping the fragile ops and the FFN output projections in float32."""
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(path)))
+    # The FFN output projection (wo) is the one that overflows float16 on trained T5 weights.
+    keep_nodes = [n.name for n in model.model.graph.node if "DenseReluDense/wo" in n.name or ".wo/" in n.name]
+    model.convert_float_to_float16(keep_io_types=True, op_block_list=FP16_KEEP_FLOAT32_OPS, node_block_list=keep_nodes)
+    _save(model.model, path)
+    return keep_nodes
+
+
+def _quantize_int8(path: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_name("quantized.onnx")
+    quantize_dynamic(
+        str(path),
+        str(quantized),
+        per_channel=True,
+        reduce_range=False,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        # Shape inference cannot type the outputs of ORT's fused ops; they are float32.
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+        use_external_data_format=path.with_name(path.name + ".data").exists(),
+    )
+    os.replace(quantized, path)
+    if quantized.with_name(quantized.name + ".data").exists():
+        os.replace(quantized.with_name(quantized.name + ".data"), path.with_name(path.name + ".data"))
+
+
+def export_onnx(
+    checkpoint: Checkpoint,
+    out: str | os.PathLike,
+    *,
+    precision: str = "float32",
+    optimize: bool = True,
+    parity: bool = True,
+) -> dict:
+    """Write ``model.onnx`` and its metadata to ``out`` (created; replaced atomically); returns the metadata.
+
+    ``parity`` measures the exported graph against the float32 reference on the calibration set (CPU; for
+    float16 only where a CUDA provider is present) and records it.
+    """
+    import onnx
+    import onnxruntime
+
+    precision = canonical_precision(precision)
+    out = Path(out)
+    start = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))  # same filesystem: atomic rename
+    try:
+        path = work / MODEL_FILE
+        _trace(checkpoint, path)
+        before = _op_counts(onnx.load(str(path), load_external_data=False))
+        fused = _optimize(path, checkpoint) if optimize else {}
+        kept_float32 = _to_float16(path) if precision == "float16" else []
+        if precision == "int8":
+            _quantize_int8(path)
+        after = _op_counts(onnx.load(str(path), load_external_data=False))
+        # Validity: ONNX Runtime must load it (onnx.checker does not know ORT's fused contrib ops).
+        onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        metadata = {
+            "format_version": 1,
+            "source_model": str(checkpoint.path),
+            "source_fingerprint": checkpoint.fingerprint,
+            "precision": precision,
+            "optimized": optimize,
+            "opset": OPSET,
+            "inputs": {"input_ids": "int64 [B, L]", "attention_mask": "int64 [B, L]", "pool_start": "int64 [B]"},
+            "output": f"embeddings float32 [B, {checkpoint.out_dim}]",
+            "out_dim": checkpoint.out_dim,
+            "max_seq_length": checkpoint.max_seq_length,
+            "op_counts_before": before,
+            "op_counts_after": after,
+            "fused_ops": fused,
+            "float16_kept_float32_nodes": len(kept_float32),
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+            "export_seconds": None,
+            "parity": None,
+        }
+        write = lambda: (work / METADATA).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")  # noqa: E731
+        write()  # the parity check loads the folder as a user would
+        if parity:
+            metadata["parity"] = _measure_parity(checkpoint, work, precision)
+        metadata["export_seconds"] = round(time.perf_counter() - start, 1)
+        write()
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+        return metadata
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure_parity(checkpoint: Checkpoint, folder: Path, precision: str) -> dict | None:
+    """The exported graph against the float32 reference on the calibration set."""
+    from ..backends.onnx import OnnxBackend, cuda_available
+    from ..backends.reference import ReferenceBackend
+    from ..batching import pad_batch
+    from ..parity import TOLERANCES, calibration_pairs, compare
+    from ..tokenization import PairTokenizer, load_tokenizer
+
+    if precision == "float16" and not cuda_available():
+        return {"measured": False, "why": "float16 graphs are checked on the CUDA provider; none here"}
+    tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), checkpoint.max_seq_length)
+    tokenized = tokenizer(calibration_pairs())
+    onnx_backend = OnnxBackend.from_folder(checkpoint, folder)
+    reference = ReferenceBackend(checkpoint)
+    actual, expected = [], []
+    for i in range(0, len(tokenized.ids), 8):
+        batch = pad_batch(tokenized.ids[i : i + 8], tokenized.pool_start[i : i + 8])
+        actual.append(onnx_backend.embed(*batch).numpy())
+        expected.append(reference.embed(*batch).numpy())
+    report = compare(np.concatenate(actual), np.concatenate(expected))
+    failures = report.failures(TOLERANCES[precision])
+    return {
+        "measured": True,
+        "rows": report.rows,
+        "min_cos": report.min_cos,
+        "mean_cos": report.mean_cos,
+        "max_abs": report.max_abs,
+        "tolerance": str(TOLERANCES[precision]),
+        "passed": not failures,
+        "failures": failures,
+    }
+
+
+def read_metadata(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    if not (folder / METADATA).is_file() or not (folder / MODEL_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a fastinstructor ONNX export (expected {MODEL_FILE} and {METADATA}); "
+            "create one with `fastinstructor export --model M --out DIR`"
+        )
+    try:
+        return json.loads((folder / METADATA).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / METADATA} is damaged ({err}); export again") from None

@@ -1,0 +1,153 @@
+"""The ONNX Runtime backend: one exported graph (encoder + pooling + Dense + normalize) per model and precision.
+
+The graph comes from an export folder (``onnx_dir=``) or is exported on first use into a cache folder keyed
+by the model's fingerprint, the precision and the onnxruntime version (``$FASTINSTRUCTOR_CACHE``, default
+``~/.cache/fastinstructor``), under a file lock so that two processes never export the same graph twice.
+
+Execution providers: CUDA when onnxruntime-gpu sees a GPU (inputs and outputs then stay on the GPU through
+I/O binding), the CPU otherwise. float16 graphs are for CUDA; int8 (dynamic quantization) is for the CPU.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint
+from .base import check_precision
+
+__all__ = ["OnnxBackend", "cuda_available", "onnx_cache_dir"]
+
+_INSTALL = "pip install 'fastinstructor[onnx]' (CPU) or 'fastinstructor[gpu]' (CUDA: onnxruntime-gpu)"
+
+
+def cuda_available() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def onnx_cache_dir(checkpoint: Checkpoint, precision: str) -> Path:
+    import onnxruntime
+
+    root = Path(os.environ.get("FASTINSTRUCTOR_CACHE", "~/.cache/fastinstructor")).expanduser()
+    return root / "onnx" / f"{checkpoint.fingerprint[:20]}-{precision}-ort{onnxruntime.__version__}"
+
+
+class OnnxBackend:
+    name: ClassVar[str] = "onnx"
+    precisions: ClassVar[tuple[str, ...]] = ("float32", "float16", "int8")
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+        if missing:
+            return False, f"{' and '.join(missing)} not installed: {_INSTALL}"
+        import onnxruntime
+
+        return True, f"onnxruntime {onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        precision: str = "float32",
+        device: str = "cpu",
+        *,
+        onnx_dir: str | os.PathLike | None = None,
+        threads: int | None = None,
+    ) -> None:
+        check_precision(type(self), precision)
+        ok, why = self.availability()
+        if not ok:
+            raise ImportError(f"the onnx backend needs {why}")
+        import onnxruntime
+
+        from ..export.onnx_export import MODEL_FILE, export_onnx, read_metadata
+
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"the onnx backend runs on 'cpu' or 'cuda', got device={device!r}")
+        on_cuda = self.device.type == "cuda"
+        if on_cuda and not cuda_available():
+            raise ValueError(
+                f"device='cuda' needs onnxruntime-gpu and a GPU; providers here: "
+                f"{onnxruntime.get_available_providers()}"
+            )
+        if precision == "float16" and not on_cuda:
+            raise ValueError("float16 ONNX graphs run on the CUDA provider; on the CPU use float32 or int8")
+        if precision == "int8" and on_cuda:
+            raise ValueError("int8 ONNX graphs (dynamic quantization) run on the CPU; on CUDA use float16")
+
+        folder = Path(onnx_dir) if onnx_dir is not None else onnx_cache_dir(checkpoint, precision)
+        if onnx_dir is None and not (folder / MODEL_FILE).is_file():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be exporting the same graph
+                if not (folder / MODEL_FILE).is_file():
+                    export_onnx(checkpoint, folder, precision=precision, optimize=True, parity=False)
+        metadata = read_metadata(folder)
+        if metadata.get("source_fingerprint") != checkpoint.fingerprint:
+            raise ValueError(
+                f"{folder} was exported from a different model ({metadata.get('source_model')}); "
+                "export this model again or pass its own export folder"
+            )
+        if metadata.get("precision") != precision:
+            raise ValueError(f"{folder} holds a {metadata.get('precision')} graph, not {precision}")
+        self.folder, self.metadata, self.out_dim = folder, metadata, checkpoint.out_dim
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_cuda else ["CPUExecutionProvider"]
+        try:
+            self.session = onnxruntime.InferenceSession(str(folder / MODEL_FILE), options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+            raise ValueError(
+                f"cannot load {folder / MODEL_FILE}: {type(err).__name__}: {err}. The file is damaged or "
+                "incomplete; delete the folder and export again."
+            ) from None
+
+    @classmethod
+    def from_folder(cls, checkpoint: Checkpoint, folder: str | os.PathLike, device: str = "cpu") -> OnnxBackend:
+        """The graph in an export folder, at the precision it was exported with."""
+        from ..export.onnx_export import read_metadata
+
+        return cls(checkpoint, read_metadata(folder)["precision"], device, onnx_dir=folder)
+
+    def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor) -> None:
+        for name, t, ndim in (
+            ("input_ids", input_ids, 2),
+            ("attention_mask", attention_mask, 2),
+            ("pool_start", pool_start, 1),
+        ):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.ndim != ndim:
+                what = f"{t.dtype} with {t.ndim} dims" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be an int64 tensor with {ndim} dims, got {what}")
+        if attention_mask.shape != input_ids.shape or pool_start.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"shapes disagree: input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)}, "
+                f"pool_start {tuple(pool_start.shape)}; expected [B, L], [B, L], [B]"
+            )
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
+        self._check(input_ids, attention_mask, pool_start)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pool_start": pool_start}
+        if self.device.type == "cpu":
+            feed = {name: t.numpy() for name, t in inputs.items()}
+            return torch.from_numpy(self.session.run(["embeddings"], feed)[0])
+        # CUDA: bind device memory directly; no copies through the host.
+        binding = self.session.io_binding()
+        for name, t in inputs.items():
+            t = t.to(self.device).contiguous()
+            inputs[name] = t  # keep alive until the run ends
+            binding.bind_input(name, "cuda", self.device.index or 0, np.int64, tuple(t.shape), t.data_ptr())
+        out = torch.empty((input_ids.shape[0], self.out_dim), dtype=torch.float32, device=self.device)
+        binding.bind_output("embeddings", "cuda", self.device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return out

@@ -1,0 +1,213 @@
+"""ONNX export and the ONNX Runtime backend against the float32 reference (DESIGN section 5)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_parity
+
+import fastinstructor
+from fastinstructor.batching import pad_batch
+from fastinstructor.checkpoint import load_checkpoint
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'fastinstructor[onnx]')")
+from fastinstructor.export.onnx_export import FP16_KEEP_FLOAT32_OPS, export_onnx, read_metadata  # noqa: E402
+
+from fastinstructor.backends.onnx import OnnxBackend  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def exported(make_model, tmp_path_factory):
+    """``exported(preset, precision, optimize)``: an export folder, made once per session."""
+    made = {}
+
+    def get(preset: str, precision: str = "float32", optimize: bool = True):
+        key = (preset, precision, optimize)
+        if key not in made:
+            folder = tmp_path_factory.mktemp("onnx") / f"{preset}-{precision}-{optimize}"
+            export_onnx(
+                load_checkpoint(make_model(preset)), folder, precision=precision, optimize=optimize, parity=False
+            )
+            made[key] = folder
+        return made[key]
+
+    return get
+
+
+def onnx_model(make_model, exported, preset, precision="float32", optimize=True):
+    return fastinstructor.load(
+        make_model(preset),
+        backend="onnx",
+        precision=precision,
+        backend_options={"onnx_dir": exported(preset, precision, optimize)},
+    )
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-xl"])
+@pytest.mark.parametrize("optimize", [False, True])
+def test_float32_matches_reference(make_model, exported, real_pairs, preset, optimize):
+    expected = fastinstructor.load(make_model(preset), backend="reference").encode(real_pairs)
+    actual = onnx_model(make_model, exported, preset, optimize=optimize).encode(real_pairs)
+    assert_parity(actual, expected, "float32")
+
+
+def test_optimizer_fused_rmsnorm_and_recorded_counts(exported):
+    meta = read_metadata(exported("tiny"))
+    # 2 layers x 2 norms + the final one; all but the first become SkipSimplifiedLayerNormalization.
+    assert (
+        meta["fused_ops"].get("SimplifiedLayerNormalization", 0)
+        + meta["fused_ops"].get("SkipSimplifiedLayerNormalization", 0)
+        == 5
+    )
+    assert sum(meta["op_counts_after"].values()) < sum(meta["op_counts_before"].values())
+    assert "ReduceMean" not in meta["op_counts_after"]  # every RMSNorm was fused
+    assert meta["opset"] == 17 and meta["inputs"]["pool_start"] == "int64 [B]"
+
+
+def test_int8_on_base(make_model, exported, real_pairs):
+    expected = fastinstructor.load(make_model("base"), backend="reference").encode(real_pairs)
+    model = onnx_model(make_model, exported, "base", "int8")
+    assert "MatMulInteger" in model.backend.metadata["op_counts_after"]
+    actual = model.encode(real_pairs)
+    assert_parity(actual, expected, "int8")
+    assert not np.allclose(actual, expected, atol=1e-6), "int8 gave float32 results: was it quantized?"
+
+
+def test_float16_graph_keeps_fragile_ops_in_float32(make_model, exported):
+    import onnx
+    import onnxruntime
+
+    folder = exported("tiny", "float16")
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])  # it loads
+    producers = {out: node for node in graph.node for out in node.output}
+    float32_tensors = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    float32_tensors |= {i.name for i in graph.input}
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer), "nothing became float16"
+
+    def is_float32(name: str) -> bool:
+        node = producers.get(name)
+        if node is None:
+            return name in float32_tensors or name == ""
+        if node.op_type == "Cast":
+            return next(a.i for a in node.attribute if a.name == "to") == onnx.TensorProto.FLOAT
+        # Kept ops and the kept FFN output projections write float32 (to be cast for float16 consumers);
+        # Constant inputs of these ops are int64 axes.
+        return node.op_type in (*FP16_KEEP_FLOAT32_OPS, "Constant") or "DenseReluDense/wo" in node.name
+
+    fragile = [
+        n
+        for n in graph.node
+        if n.op_type
+        in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "Softmax", "ReduceSum", "ReduceL2")
+    ]
+    assert len(fragile) >= 5
+    for node in fragile:
+        assert all(is_float32(name) for name in node.input), f"{node.op_type} {node.name} reads float16"
+    wo = [n for n in graph.node if n.op_type == "MatMul" and "DenseReluDense/wo" in n.name]
+    assert len(wo) == 2 and all(is_float32(name) for n in wo for name in n.input), "the FFN output left float32"
+    assert read_metadata(folder)["float16_kept_float32_nodes"] == 2
+    output = next(o for o in graph.output if o.name == "embeddings")
+    assert output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 out
+
+
+@pytest.mark.parametrize("batch, length", [(1, 1), (1, 512), (37, 9), (37, 512)])
+def test_batch_and_length_extremes(make_model, exported, batch, length):
+    checkpoint = load_checkpoint(make_model("tiny"))
+    backend = OnnxBackend.from_folder(checkpoint, exported("tiny"))
+    reference = fastinstructor.load(make_model("tiny"), backend="reference").backend
+    generator = torch.Generator().manual_seed(batch * 1000 + length)
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    lengths[0] = length
+    ids = [torch.randint(3, 2000, (int(n),), generator=generator).tolist()[:-1] + [1] for n in lengths]
+    starts = [int(torch.randint(0, len(row), (1,), generator=generator)) for row in ids]
+    inputs = pad_batch(ids, starts)
+    assert_parity(backend.embed(*inputs).numpy(), reference.embed(*inputs).numpy(), "float32")
+
+
+def test_wrong_inputs_are_clear_errors(make_model, exported):
+    backend = OnnxBackend.from_folder(load_checkpoint(make_model("tiny")), exported("tiny"))
+    ids, mask, start = pad_batch([[5, 6, 1], [7, 1]], [1, 0])
+    with pytest.raises(ValueError, match=r"input_ids must be an int64 tensor with 2 dims, got torch.int32"):
+        backend.embed(ids.int(), mask, start)
+    with pytest.raises(ValueError, match=r"attention_mask must be an int64 tensor with 2 dims, got torch.float32"):
+        backend.embed(ids, mask.float(), start)
+    with pytest.raises(ValueError, match=r"shapes disagree: input_ids \(2, 3\), attention_mask \(2, 2\)"):
+        backend.embed(ids, mask[:, :2], start)
+    with pytest.raises(ValueError, match=r"pool_start must be an int64 tensor with 1 dims"):
+        backend.embed(ids, mask, start[None])
+
+
+def test_corrupt_and_mismatched_exports(make_model, exported, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(exported("tiny"), tmp_path / "copy")
+    with pytest.raises(ValueError, match="exported from a different model"):
+        OnnxBackend.from_folder(load_checkpoint(make_model("tiny-xl")), folder)
+    (folder / "model.onnx").write_bytes(b"\x08\x07garbage" * 100)
+    with pytest.raises(ValueError, match="cannot load .*model.onnx.*damaged"):
+        OnnxBackend.from_folder(load_checkpoint(make_model("tiny")), folder)
+    (folder / "fastinstructor_onnx.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not a fastinstructor ONNX export"):
+        OnnxBackend.from_folder(load_checkpoint(make_model("tiny")), folder)
+    with pytest.raises(ValueError, match="float16 ONNX graphs run on the CUDA provider"):
+        fastinstructor.load(make_model("tiny"), backend="onnx", precision="float16")
+
+
+def test_first_use_exports_once_into_the_cache(tiny_model, tmp_path, real_pairs):
+    """Two processes start at once with an empty cache: one exports (under the lock), both get the graph."""
+    code = (
+        "import fastinstructor, json, sys; m = fastinstructor.load(sys.argv[1], backend='onnx'); "
+        "print(json.dumps({'folder': str(m.backend.folder), 'e': m.encode(['Sea ice.']).tolist()}))"
+    )
+    env = {**__import__("os").environ, "FASTINSTRUCTOR_CACHE": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tiny_model)], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    results = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert results[0]["folder"] == results[1]["folder"] and results[0]["e"] == results[1]["e"]
+    exports = [p for p in (tmp_path / "cache" / "onnx").iterdir() if p.is_dir()]
+    assert len(exports) == 1, exports  # no second export, no leftover temporary folder
+    expected = fastinstructor.load(tiny_model).encode(["Sea ice."])
+    np.testing.assert_allclose(np.array(results[0]["e"]), expected, atol=1e-5)
+
+
+def test_export_command(tiny_model, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastinstructor",
+            "export",
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(tmp_path / "x"),
+            "--precision",
+            "int8",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "parity vs the float32 reference" in result.stdout and "PASS" in result.stdout
+    meta = read_metadata(tmp_path / "x")
+    assert meta["precision"] == "int8" and meta["parity"]["passed"] and meta["parity"]["rows"] >= 30
+
+
+def test_missing_onnxruntime_is_reported(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    ok, why = OnnxBackend.availability()
+    assert not ok and "fastinstructor[onnx]" in why
+    with pytest.raises(ImportError, match=r"backend 'onnx' is not available here: onnxruntime not installed"):
+        fastinstructor.backends.get_backend_class("onnx")
