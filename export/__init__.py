@@ -1,5 +1,8 @@
 """ONNX export, graph optimization, fp16 conversion and int8 quantization, importable as ``fastinstructor.export``.
 
-The exporter and the ONNX Runtime backend are tracked in issue 4; this package is installed and
-import-tested already so that the layout of DESIGN section 2 holds for the editable install and the wheel.
+See ``onnx_export`` for the graph contract and how each step is done.
 """
+
+from .onnx_export import PRECISIONS, canonical_precision, export_onnx, read_metadata
+
+__all__ = ["PRECISIONS", "canonical_precision", "export_onnx", "read_metadata"]

@@ -33,6 +33,7 @@ opset, precision, optimization, op counts, and the parity against the float32 re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -177,20 +178,26 @@ def _quantize_int8(path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantized = path.with_name("quantized.onnx")
-    quantize_dynamic(
-        str(path),
-        str(quantized),
-        per_channel=True,
-        reduce_range=False,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        # Shape inference cannot type the outputs of ORT's fused ops; they are float32.
-        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
-        use_external_data_format=path.with_name(path.name + ".data").exists(),
-    )
-    os.replace(quantized, path)
-    if quantized.with_name(quantized.name + ".data").exists():
-        os.replace(quantized.with_name(quantized.name + ".data"), path.with_name(path.name + ".data"))
+    logging.disable(logging.WARNING)  # it warns, per tensor, that it cannot type ORT's fused ops
+    try:
+        quantize_dynamic(
+            str(path),
+            str(quantized),
+            per_channel=True,
+            reduce_range=False,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            # Shape inference cannot type the outputs of ORT's fused ops; they are float32.
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+            use_external_data_format=path.with_name(path.name + ".data").exists(),
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    # Re-save under our file names (the quantizer's external data file is named after its output).
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
+    _save(onnx.load(str(quantized)), path)
+    quantized.unlink()
+    quantized.with_name(quantized.name + ".data").unlink(missing_ok=True)
 
 
 def export_onnx(

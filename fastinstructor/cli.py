@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -44,6 +45,81 @@ def _export(args: argparse.Namespace) -> int:
         )
         return 0 if parity["passed"] else 1
     print(f"parity not measured: {parity['why'] if parity else 'disabled'}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from .checkpoint import load_checkpoint
+    from .dispatch import all_candidates, check_parity, clear_cache, probe, unavailable_reason
+    from .tokenization import PairTokenizer, load_tokenizer
+
+    if args.clear_cache:
+        print(f"removed {clear_cache()} cached parity result(s)")
+    hardware = probe()
+    checkpoint = load_checkpoint(args.model)
+    tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), checkpoint.max_seq_length)
+    from .backends import BACKENDS
+    from .backends.reference import ReferenceBackend
+    from .batching import pad_batch
+    from .parity import calibration_pairs
+
+    tokenized = tokenizer(calibration_pairs())
+    batches = [
+        pad_batch(tokenized.ids[i : i + 8], tokenized.pool_start[i : i + 8]) for i in range(0, len(tokenized.ids), 8)
+    ]
+    tokens = sum(len(row) for row in tokenized.ids)
+    rows, failed = [], False
+    reference = None
+    for candidate in all_candidates(hardware):
+        if args.backend not in (None, candidate.backend) or args.precision not in (None, candidate.precision):
+            continue
+        why = unavailable_reason(candidate, hardware)
+        instance = None
+        if why is None:
+            try:
+                instance = BACKENDS[candidate.backend](
+                    checkpoint, precision=candidate.precision, device=candidate.device
+                )
+            except (ImportError, ValueError, RuntimeError, OSError) as err:
+                why = f"failed to start: {err}"
+        if instance is None:
+            rows.append(f"| {candidate} | no: {why} | | | | | |")
+            continue
+        reference = reference or ReferenceBackend(checkpoint, device=candidate.device)
+        result = check_parity(
+            checkpoint, tokenizer, instance, candidate, hardware, reference=reference, use_cache=not args.no_cache
+        )
+        instance.embed(*batches[0])  # warm-up
+        start = _time.perf_counter()
+        for batch in batches:
+            instance.embed(*batch)
+        rate = tokens / (_time.perf_counter() - start)
+        verdict = "PASS" if result.passed else "FAIL: " + "; ".join(result.failures)
+        failed |= not result.passed and args.backend is not None
+        rows.append(
+            f"| {candidate} | yes | {result.min_cos:.6f} | {result.mean_cos:.6f} | {result.max_abs:.2e} "
+            f"| {result.topk_agreement:.2f} | {rate:,.0f} | {verdict}{' (cached)' if result.cached else ''} |"
+        )
+    print(f"model: {checkpoint.path}\nhardware: {json.dumps(hardware.describe())}\n")
+    print(
+        "| backend/precision/device | available | min cos | mean cos | max abs | top-5 agreement | tokens/s | parity |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 1 if failed else 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from . import __version__, load
+    from .dispatch import probe
+
+    print(json.dumps({"fastinstructor": __version__, **probe().describe()}, indent=2))
+    if args.model:
+        model = load(args.model)
+        report = {k: v for k, v in model.backend_report.items() if k != "hardware"}
+        print(json.dumps({"model": str(model.checkpoint.path), "chosen": report}, indent=2))
     return 0
 
 
@@ -130,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=_export)
 
+    check = commands.add_parser("check", help="every backend x precision here: availability, parity, throughput")
+    check.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    check.add_argument("--backend", choices=list(BACKENDS), help="only this backend (exit 1 if it fails parity)")
+    check.add_argument("--precision", help="only this precision (exit 1 if it fails parity)")
+    check.add_argument("--no-cache", action="store_true", help="measure parity again instead of using the cache")
+    check.add_argument("--clear-cache", action="store_true", help="delete every cached parity result first")
+    check.set_defaults(run=_check)
+
+    info = commands.add_parser("info", help="versions, hardware, and (with --model) the backend auto chooses")
+    info.add_argument("--model", help="checkpoint folder or hub id")
+    info.set_defaults(run=_info)
+
     embed = commands.add_parser(
         "embed",
         help="embed a corpus into a folder of shards (streaming, resumable)",
@@ -153,8 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="L2-normalize (INSTRUCTOR checkpoints are unit-norm either way: they end in Normalize)",
     )
-    embed.add_argument("--backend", choices=list(BACKENDS), default="cpu")
-    embed.add_argument("--precision", default="float32", help="float32 (default), bfloat16 or int8 (cpu backend)")
+    embed.add_argument(
+        "--backend",
+        choices=["auto", *BACKENDS],
+        default="auto",
+        help="auto (default): the fastest backend that passes its parity check here",
+    )
+    embed.add_argument("--precision", default="auto", help="auto (default), float32, bfloat16, float16 or int8")
     embed.add_argument("--pooling-rule", choices=POOLING_RULES, default="instructor")
     embed.add_argument("--batch-size", type=int, default=32, help="rows per batch at most (default 32)")
     embed.add_argument(

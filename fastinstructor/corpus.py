@@ -224,8 +224,8 @@ def embed_corpus(
     on_error: str = "fail",
     overwrite: bool = False,
     quiet: bool = False,
-    backend: str = "cpu",
-    precision: str = "float32",
+    backend: str = "auto",
+    precision: str = "auto",
 ) -> dict:
     """Embed a corpus into ``output`` (see the module docstring); returns the final manifest.
 
@@ -272,6 +272,7 @@ def embed_corpus(
             "model": str(model.checkpoint.path),
             "random_weights": (model.checkpoint.path / "fastinstructor_test_model.json").is_file(),
             "dim": model.dim,
+            "backend_report": model.backend_report,  # the dispatcher's choice and its parity figures
         }
     )
     if manifest["complete"]:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import get_backend_class
+from .backends.base import check_precision
 from .batching import pad_batch, plan_batches
 from .checkpoint import Checkpoint, load_checkpoint
 from .tokenization import PairTokenizer, load_tokenizer
@@ -22,11 +23,14 @@ __all__ = ["Instructor", "load"]
 class Instructor:
     """An INSTRUCTOR model bound to one backend; ``encode`` is a drop-in for ``InstructorEmbedding.INSTRUCTOR``."""
 
-    def __init__(self, checkpoint: Checkpoint, backend, tokenizer: PairTokenizer, precision: str) -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, backend, tokenizer: PairTokenizer, precision: str, backend_report: dict
+    ) -> None:
         self.checkpoint = checkpoint
         self.backend = backend
         self.tokenizer = tokenizer
         self.precision = precision
+        self.backend_report = backend_report  # what the dispatcher chose, its parity figures, what it skipped
 
     @property
     def backend_name(self) -> str:
@@ -130,25 +134,46 @@ def _progress(total: int, show: bool | None):
 
 def load(
     model: str | os.PathLike,
-    backend: str = "cpu",
-    precision: str = "float32",
+    backend: str = "auto",
+    precision: str = "auto",
     *,
-    device: str = "cpu",
+    device: str | None = None,
     pooling_rule: str = "instructor",
     max_seq_length: int | None = None,
     cache_dir: str | None = None,
     revision: str | None = None,
     backend_options: dict | None = None,
+    allow_int8: bool = True,
+    min_cosine: float | None = None,
+    allow_fallback: bool = True,
+    parity_cache: bool = True,
 ) -> Instructor:
-    """Load a checkpoint (folder, plain T5 encoder folder, or hub id) onto a backend.
+    """Load a checkpoint (folder, plain T5 encoder folder, or hub id) onto the fastest backend proven right.
 
-    ``backend``: ``"cpu"`` (the project's PyTorch encoder; float32, bfloat16, int8), ``"onnx"`` (ONNX Runtime;
-    float32, int8 on the CPU, float16 on CUDA) or ``"reference"`` (transformers, float32).
-    ``backend_options`` go to the backend (onnx: ``onnx_dir``, ``threads``). ``pooling_rule``: ``"instructor"``
-    (the authors' package, the default) or ``"sentence-transformers"`` (``prompt=`` with ``include_prompt=False``:
-    no 1-token exception).
+    ``backend``: ``"auto"`` (default: the dispatcher's choice, see ``fastinstructor.dispatch``), ``"onnx"``
+    (ONNX Runtime; float32, int8 on the CPU, float16 on CUDA), ``"cpu"`` (the project's PyTorch encoder;
+    float32, bfloat16, int8) or ``"reference"`` (transformers, float32). ``precision``: ``"auto"`` or one the
+    backend supports. ``FASTINSTRUCTOR_BACKEND`` / ``FASTINSTRUCTOR_PRECISION`` replace an ``"auto"``.
+    Every candidate other than the reference must pass its parity check against the float32 reference
+    (DESIGN section 5; cached on disk unless ``parity_cache=False``); an explicit request that cannot be
+    honoured raises with what is available and why not. ``allow_int8=False`` keeps ``auto`` off int8;
+    ``min_cosine`` demands more than the precision's tolerance; ``allow_fallback=False`` fails rather than
+    degrading past the first available candidate. ``model.backend_report`` says what was chosen and why.
+
+    ``backend_options`` go to the onnx backend (``onnx_dir``, ``threads``). ``pooling_rule``:
+    ``"instructor"`` (the authors' package, the default) or ``"sentence-transformers"`` (``prompt=`` with
+    ``include_prompt=False``: no 1-token exception).
     """
-    backend_class = get_backend_class(backend)
+    from .dispatch import choose
+
+    if backend == "auto":
+        backend = os.environ.get("FASTINSTRUCTOR_BACKEND") or "auto"
+    if precision == "auto":
+        precision = os.environ.get("FASTINSTRUCTOR_PRECISION") or "auto"
+    if backend != "auto":
+        backend_class = get_backend_class(backend)  # unknown or unavailable: raises with the choices
+        if precision != "auto":
+            check_precision(backend_class, precision)
     checkpoint = load_checkpoint(model, cache_dir=cache_dir, revision=revision)
     length = max_seq_length or checkpoint.max_seq_length
     if length > checkpoint.max_seq_length and max_seq_length is not None:
@@ -156,5 +181,16 @@ def load(
             f"max_seq_length={max_seq_length} exceeds the checkpoint's max_seq_length ({checkpoint.max_seq_length})"
         )
     tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), length, pooling_rule)
-    instance = backend_class(checkpoint, precision=precision, device=device, **(backend_options or {}))
-    return Instructor(checkpoint, instance, tokenizer, precision)
+    instance, candidate, report = choose(
+        checkpoint,
+        tokenizer,
+        backend=backend,
+        precision=precision,
+        device=device,
+        allow_int8=allow_int8,
+        min_cosine=min_cosine,
+        allow_fallback=allow_fallback,
+        use_cache=parity_cache,
+        backend_options=backend_options,
+    )
+    return Instructor(checkpoint, instance, tokenizer, candidate.precision, report)

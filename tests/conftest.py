@@ -57,3 +57,15 @@ def assert_parity(actual: np.ndarray, expected: np.ndarray, precision: str) -> N
     """DESIGN section 5's tolerance for ``precision``, per embedding; on failure name the worst rows."""
     problems = compare(actual, expected).failures(TOLERANCES[precision])
     assert not problems, f"{precision} parity: " + "; ".join(problems)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_settings(tmp_path_factory):
+    """Caches (ONNX exports, parity results) in a temporary folder, and the exact cpu/float32 path wherever a
+    test does not name a backend: the dispatcher's own tests (test_dispatch.py) lift this."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("FASTINSTRUCTOR_CACHE", str(tmp_path_factory.mktemp("cache")))
+    patch.setenv("FASTINSTRUCTOR_BACKEND", "cpu")
+    patch.setenv("FASTINSTRUCTOR_PRECISION", "float32")
+    yield
+    patch.undo()

@@ -155,7 +155,7 @@ def test_corrupt_and_mismatched_exports(make_model, exported, tmp_path):
     (folder / "fastinstructor_onnx.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a fastinstructor ONNX export"):
         OnnxBackend.from_folder(load_checkpoint(make_model("tiny")), folder)
-    with pytest.raises(ValueError, match="float16 ONNX graphs run on the CUDA provider"):
+    with pytest.raises(RuntimeError, match="onnx/float16/cpu: failed to start: float16 ONNX graphs run on the CUDA"):
         fastinstructor.load(make_model("tiny"), backend="onnx", precision="float16")
 
 
@@ -211,3 +211,19 @@ def test_missing_onnxruntime_is_reported(monkeypatch):
     assert not ok and "fastinstructor[onnx]" in why
     with pytest.raises(ImportError, match=r"backend 'onnx' is not available here: onnxruntime not installed"):
         fastinstructor.backends.get_backend_class("onnx")
+
+
+def test_large_models_use_external_data(make_model, tmp_path, monkeypatch, real_pairs):
+    """Past protobuf's 2 GB limit the weights go to model.onnx.data (threshold lowered to exercise it)."""
+    import fastinstructor.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_THRESHOLD", 0)
+    for precision in ("float32", "int8"):
+        folder = tmp_path / precision
+        export_onnx(load_checkpoint(make_model("tiny")), folder, precision=precision, parity=False)
+        assert (folder / "model.onnx.data").stat().st_size > (folder / "model.onnx").stat().st_size
+        model = fastinstructor.load(
+            make_model("tiny"), backend="onnx", precision=precision, backend_options={"onnx_dir": folder}
+        )
+        expected = fastinstructor.load(make_model("tiny"), backend="reference").encode(real_pairs[:8])
+        assert_parity(model.encode(real_pairs[:8]), expected, precision)

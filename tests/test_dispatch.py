@@ -1,0 +1,190 @@
+"""The dispatcher: each decision path, with real backends where this machine has them and fakes where not."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import fastinstructor
+from fastinstructor import dispatch
+from fastinstructor.backends import BACKENDS, CpuBackend
+from fastinstructor.cli import main as cli_main
+from fastinstructor.dispatch import Candidate, candidates, probe, unavailable_reason
+from fastinstructor.parity import TOLERANCES, Tolerance
+
+pytest.importorskip("onnxruntime", reason="the dispatcher's CPU order starts with onnx (pip install '.[onnx]')")
+
+
+@pytest.fixture(autouse=True)
+def auto(monkeypatch, tmp_path):
+    """auto for real (conftest pins cpu/float32 for the other tests), with a private parity cache."""
+    monkeypatch.delenv("FASTINSTRUCTOR_BACKEND", raising=False)
+    monkeypatch.delenv("FASTINSTRUCTOR_PRECISION", raising=False)
+    monkeypatch.setenv("FASTINSTRUCTOR_CACHE", str(tmp_path / "cache"))
+
+
+def test_cpu_machine_picks_onnx_int8_after_parity(tiny_model):
+    model = fastinstructor.load(tiny_model)
+    report = model.backend_report
+    assert (report["backend"], report["precision"], report["device"]) == ("onnx", "int8", "cpu")
+    assert model.backend_name == "onnx" and model.precision == "int8"
+    parity = report["parity"]
+    assert parity["passed"] and parity["min_cos"] >= 0.99 and parity["rows"] >= 30 and not parity["cached"]
+    assert 0 <= parity["topk_agreement"] <= 1 and report["skipped"] == []
+
+
+def test_without_onnxruntime_auto_falls_to_the_cpu_backend(tiny_model, monkeypatch, caplog):
+    monkeypatch.setattr(BACKENDS["onnx"], "availability", classmethod(lambda cls: (False, "onnxruntime missing")))
+    with caplog.at_level(logging.INFO, logger="fastinstructor.dispatch"):
+        model = fastinstructor.load(tiny_model)
+    assert (model.backend_name, model.precision) == ("cpu", "int8")
+    assert [s["candidate"] for s in model.backend_report["skipped"]] == ["onnx/int8/cpu", "onnx/float32/cpu"]
+    assert all(s["why"] == "onnxruntime missing" for s in model.backend_report["skipped"])
+    assert "skipping onnx/int8/cpu: onnxruntime missing" in caplog.text
+    with pytest.raises(ImportError, match="backend 'onnx' is not available here: onnxruntime missing"):
+        fastinstructor.load(tiny_model, backend="onnx")
+
+
+class Perturbed(CpuBackend):
+    """A backend that is fast and wrong: what the parity check exists to catch."""
+
+    name = "onnx"
+
+    def embed(self, input_ids, attention_mask, pool_start):
+        out = super().embed(input_ids, attention_mask, pool_start)
+        noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+        return torch.nn.functional.normalize(out + 0.5 * noise, dim=1)
+
+
+def test_a_candidate_failing_parity_is_skipped_with_the_reason(tiny_model, monkeypatch, caplog):
+    monkeypatch.setitem(BACKENDS, "onnx", Perturbed)
+    with caplog.at_level(logging.WARNING, logger="fastinstructor.dispatch"):
+        model = fastinstructor.load(tiny_model)
+    assert (model.backend_name, model.precision) == ("cpu", "int8")
+    skipped = model.backend_report["skipped"]
+    assert [s["candidate"] for s in skipped] == ["onnx/int8/cpu", "onnx/float32/cpu"]
+    assert all(s["why"].startswith("parity failed: min cosine") for s in skipped)
+    assert "skipping onnx/int8/cpu: parity failed" in caplog.text
+    with pytest.raises(RuntimeError, match=r"no backend .* Tried: onnx/int8/cpu: parity failed"):
+        fastinstructor.load(tiny_model, allow_fallback=False)
+    with pytest.raises(RuntimeError, match="parity failed"):  # an explicit request is not degraded either
+        fastinstructor.load(tiny_model, backend="onnx", precision="float32")
+
+
+def test_policy_knobs(tiny_model):
+    assert fastinstructor.load(tiny_model, allow_int8=False).precision == "float32"
+    strict = fastinstructor.load(tiny_model, min_cosine=0.99999)  # int8 cannot meet it; float32 can
+    assert strict.precision == "float32" and strict.backend_report["skipped"][0]["candidate"] == "onnx/int8/cpu"
+    assert "the required 0.99999" in strict.backend_report["skipped"][0]["why"]
+
+
+def test_explicit_requests_are_honoured_or_fail_with_the_list(tiny_model, monkeypatch):
+    model = fastinstructor.load(tiny_model, backend="cpu", precision="bfloat16")
+    assert (model.backend_name, model.precision) == ("cpu", "bfloat16") and model.backend_report["parity"]["passed"]
+    monkeypatch.setenv("FASTINSTRUCTOR_BACKEND", "reference")
+    assert fastinstructor.load(tiny_model).backend_name == "reference"
+    assert fastinstructor.load(tiny_model).backend_report["parity"] is None  # the yardstick itself
+    monkeypatch.setenv("FASTINSTRUCTOR_BACKEND", "cpu")
+    monkeypatch.setenv("FASTINSTRUCTOR_PRECISION", "int8")
+    assert (fastinstructor.load(tiny_model).backend_name, fastinstructor.load(tiny_model).precision) == ("cpu", "int8")
+    with pytest.raises(ValueError, match="does not support precision 'float16'; choose one of float32, bfloat16, int8"):
+        fastinstructor.load(tiny_model, backend="cpu", precision="float16")
+    with pytest.raises(RuntimeError, match=r"device='cuda'.*Backends here: reference .*cpu .*onnx"):
+        fastinstructor.load(tiny_model, backend="reference", precision="float32", device="cuda")
+
+
+def test_parity_cache_hit_and_invalidation(tiny_model, tmp_path, monkeypatch):
+    first = fastinstructor.load(tiny_model)
+    assert not first.backend_report["parity"]["cached"]
+    # Second start: cached, and the reference model is not even built.
+    from fastinstructor.backends import reference
+
+    monkeypatch.setattr(reference.ReferenceBackend, "__init__", lambda *a, **k: pytest.fail("reference was built"))
+    second = fastinstructor.load(tiny_model)
+    assert second.backend_report["parity"]["cached"] and second.precision == first.precision
+    monkeypatch.undo()
+    monkeypatch.delenv("FASTINSTRUCTOR_BACKEND", raising=False)
+    monkeypatch.delenv("FASTINSTRUCTOR_PRECISION", raising=False)
+    monkeypatch.setenv("FASTINSTRUCTOR_CACHE", str(tmp_path / "cache"))
+    # A library version change invalidates it.
+    real_probe = dispatch.probe
+    monkeypatch.setattr(
+        dispatch,
+        "probe",
+        lambda: dataclasses.replace(real_probe(), packages={**real_probe().packages, "onnxruntime": "0.0-other"}),
+    )
+    assert not fastinstructor.load(tiny_model).backend_report["parity"]["cached"]
+    monkeypatch.setattr(dispatch, "probe", real_probe)
+    # Other weights invalidate it.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    changed = shutil.copytree(tiny_model, tmp_path / "changed")
+    weights = load_file(str(changed / "model.safetensors"))
+    weights["encoder.final_layer_norm.weight"] = weights["encoder.final_layer_norm.weight"] * 1.01
+    save_file(weights, str(changed / "model.safetensors"))
+    assert not fastinstructor.load(changed).backend_report["parity"]["cached"]
+    assert not fastinstructor.load(tiny_model, parity_cache=False).backend_report["parity"]["cached"]
+    assert dispatch.clear_cache() >= 3
+
+
+def test_cuda_machine_order_and_reasons():
+    """A CUDA machine without the Triton backend or onnxruntime-gpu (faked: this machine has no GPU)."""
+    fake = dataclasses.replace(
+        probe(), cuda_device="Fake GPU", cuda_capability=(9, 0), onnx_providers=("CPUExecutionProvider",)
+    )
+    order = candidates(fake)
+    assert [str(c) for c in order] == [
+        "triton/bfloat16/cuda",
+        "triton/float16/cuda",
+        "onnx/float16/cuda",
+        "reference/float32/cuda",
+    ]
+    assert "not part of this build" in unavailable_reason(order[0], fake)
+    assert "no CUDA provider" in unavailable_reason(order[2], fake)
+    assert unavailable_reason(order[3], fake) is None
+    cpu_only = dataclasses.replace(fake, cuda_device=None)
+    assert unavailable_reason(Candidate("reference", "float32", "cuda"), cpu_only) == "no CUDA device"
+    no_bf16 = dataclasses.replace(cpu_only, cpu_flags=frozenset({"avx2"}))
+    assert "no native bfloat16" in unavailable_reason(Candidate("cpu", "bfloat16", "cpu"), no_bf16)
+
+
+def test_check_command_table_and_exit_code(tiny_model, capsys, monkeypatch):
+    assert cli_main(["check", "--model", str(tiny_model)]) == 0
+    out = capsys.readouterr().out
+    for row in (
+        "| reference/float32/cpu | yes",
+        "| cpu/float32/cpu | yes",
+        "| onnx/int8/cpu | yes",
+        "| onnx/float32/cpu | yes",
+        "| triton/bfloat16/cuda | no",
+    ):
+        assert row in out, row
+    assert out.count("PASS") >= 6
+    monkeypatch.setitem(TOLERANCES, "int8", Tolerance(min_cos=0.9999999))
+    assert cli_main(["check", "--model", str(tiny_model), "--backend", "cpu", "--precision", "int8", "--no-cache"]) == 1
+    assert "FAIL: min cosine" in capsys.readouterr().out
+
+
+def test_info_and_embed_manifest_record_the_choice(tiny_model, tmp_path, capsys):
+    assert cli_main(["info", "--model", str(tiny_model)]) == 0
+    out = capsys.readouterr().out
+    assert '"fastinstructor"' in out and '"backend": "onnx"' in out and '"precision": "int8"' in out
+    (tmp_path / "in.txt").write_text("Sea ice is melting.\nGlaciers retreat.\n")
+    manifest = fastinstructor.embed_corpus(
+        tiny_model,
+        tmp_path / "in.txt",
+        tmp_path / "out",
+        instruction="Represent:",
+        quiet=True,
+        backend="auto",
+        precision="auto",
+    )
+    assert manifest["backend_report"]["backend"] == "onnx" and manifest["backend_report"]["parity"]["passed"]
+    ids, embeddings = fastinstructor.read_embeddings(tmp_path / "out")
+    assert ids == ["1", "2"] and np.isfinite(embeddings).all()
