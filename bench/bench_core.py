@@ -30,6 +30,7 @@ from harness import (
     environment,
     interleaved,
     load_sentence_transformers,
+    markdown_table,
     median,
     source_version,
     write_results,
@@ -140,20 +141,43 @@ def load_groups(total: int) -> Groups:
     return groups
 
 
-def markdown_table(rows: list[dict[str, object]]) -> str:
-    header = (
-        "| contender | load s | median s | min–max s | texts/s | real tokens/s | × reference | × sent-tr "
-        "| min cos | mean cos | max abs | tolerance | parity |"
+def results_table(rows: list[dict]) -> str:
+    header = [
+        "contender",
+        "load s",
+        "median s",
+        "min–max s",
+        "texts/s",
+        "real tokens/s",
+        "× reference",
+        "× sent-tr",
+        "min cos",
+        "mean cos",
+        "max abs",
+        "tolerance",
+        "parity",
+    ]
+    return markdown_table(
+        header,
+        [
+            [
+                r["name"],
+                f"{r['load_s']:.1f}",
+                f"{r['median_s']:.2f}",
+                f"{r['min_s']:.2f}–{r['max_s']:.2f}",
+                f"{r['texts_per_s']:.1f}",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['vs_reference']:.2f}",
+                f"{r['vs_sentence_transformers']:.2f}",
+                f"{r['min_cos']:.6f}",
+                f"{r['mean_cos']:.6f}",
+                f"{r['max_abs']:.2e}",
+                r["tolerance"],
+                r["parity"],
+            ]
+            for r in rows
+        ],
     )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in rows:
-        lines.append(
-            f"| {r['name']} | {r['load_s']:.1f} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} "
-            f"| {r['texts_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['vs_reference']:.2f} "
-            f"| {r['vs_sentence_transformers']:.2f} | {r['min_cos']:.6f} | {r['mean_cos']:.6f} | {r['max_abs']:.2e} "
-            f"| {r['tolerance']} | {r['parity']} |"
-        )
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -225,7 +249,7 @@ def main() -> None:
     env = environment()
     command = shlex.join([sys.executable, *sys.argv])
     reproduce = shlex.join([".venv/bin/python", "bench/bench_core.py", *sys.argv[1:]])
-    table = markdown_table(rows)
+    table = results_table(rows)
     print(table)
 
     result = {

@@ -36,6 +36,7 @@ from harness import (
     environment,
     interleaved,
     load_sentence_transformers,
+    markdown_table,
     median,
     source_version,
     write_results,
@@ -159,19 +160,38 @@ def main() -> None:
             }
         )
 
-    header = (
-        "| contender | median s | min–max s | rows/s | real tokens/s | × fixed | × sent-tr "
-        "| padded tokens | real/padded | min cos vs sent-tr | parity |"
+    header = [
+        "contender",
+        "median s",
+        "min–max s",
+        "rows/s",
+        "real tokens/s",
+        "× fixed",
+        "× sent-tr",
+        "padded tokens",
+        "real/padded",
+        "min cos vs sent-tr",
+        "parity",
+    ]
+    table = markdown_table(
+        header,
+        [
+            [
+                r["name"],
+                f"{r['median_s']:.2f}",
+                f"{min(r['times_s']):.2f}–{max(r['times_s']):.2f}",
+                f"{r['rows_per_s']:.1f}",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['vs_fixed']:.2f}",
+                f"{r['vs_sentence_transformers']:.2f}",
+                str(r["padded_tokens"]),
+                f"{r['padding_efficiency']:.2f}",
+                f"{r['min_cos_vs_st']:.6f}",
+                r["parity"],
+            ]
+            for r in table_rows
+        ],
     )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in table_rows:
-        lines.append(
-            f"| {r['name']} | {r['median_s']:.2f} | {min(r['times_s']):.2f}–{max(r['times_s']):.2f} "
-            f"| {r['rows_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['vs_fixed']:.2f} "
-            f"| {r['vs_sentence_transformers']:.2f} | {r['padded_tokens']} | {r['padding_efficiency']:.2f} "
-            f"| {r['min_cos_vs_st']:.6f} | {r['parity']} |"
-        )
-    table = "\n".join(lines)
     print(table)
     env = environment()
     reproduce = shlex.join([".venv/bin/python", "bench/bench_embed.py", *sys.argv[1:]])

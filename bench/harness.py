@@ -121,3 +121,8 @@ def write_results(out: Path, kind: str, result: dict, markdown: str) -> tuple[Pa
     md_path.write_text(markdown, encoding="utf-8")
     print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
     return json_path, md_path
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

@@ -182,24 +182,14 @@ def resolve_model_path(model: str | os.PathLike, *, cache_dir: str | None = None
             return local
     except LocalEntryNotFoundError:
         pass
+
+    def download(patterns: list[str]) -> Path:
+        return Path(snapshot_download(text, revision=revision, cache_dir=cache_dir, allow_patterns=metadata + patterns))
+
     try:
-        local = Path(
-            snapshot_download(
-                text,
-                revision=revision,
-                cache_dir=cache_dir,
-                allow_patterns=metadata + ["*.safetensors", "*.safetensors.index.json"],
-            )
-        )
+        local = download(["*.safetensors", "*.safetensors.index.json"])
         if _find_weights(local) is None:
-            local = Path(
-                snapshot_download(
-                    text,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    allow_patterns=metadata + ["*.bin", "*.bin.index.json"],
-                )
-            )
+            local = download(["*.bin", "*.bin.index.json"])
         return local
     except RepositoryNotFoundError:
         raise CheckpointError(

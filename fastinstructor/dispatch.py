@@ -285,13 +285,10 @@ def choose(
     for candidate in wanted:
         why = unavailable_reason(candidate, hardware)
         if why is None:
+            options = (backend_options or {}) if candidate.backend == "onnx" else {}  # onnx_dir, threads
             try:
-                instance = BACKENDS[candidate.backend](
-                    checkpoint,
-                    precision=candidate.precision,
-                    device=candidate.device,
-                    **(backend_options if candidate.backend == "onnx" and backend_options else {}),
-                )
+                cls = BACKENDS[candidate.backend]
+                instance = cls(checkpoint, precision=candidate.precision, device=candidate.device, **options)
             except (ImportError, ValueError, RuntimeError, OSError) as err:
                 why = f"failed to start: {err}"
         if why is not None:
