@@ -134,6 +134,14 @@ def _embed(args: argparse.Namespace) -> int:
     model = load(args.model, backend=args.backend, precision=args.precision, pooling_rule=args.pooling_rule)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     say(f"model: {model}")
+    report = model.backend_report
+    parity = (
+        f"parity vs the float32 reference: min cos {report['parity']['min_cos']:.6f}"
+        if report["parity"]
+        else ("the reference itself")
+    )
+    skipped = "; ".join(f"{s['candidate']} ({s['why']})" for s in report["skipped"]) or "none"
+    say(f"backend: {report['backend']} {report['precision']} on {report['device']}, {parity}; skipped: {skipped}")
     start = time.perf_counter()
     manifest = embed_corpus(
         model,
