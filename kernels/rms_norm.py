@@ -1,0 +1,95 @@
+"""Residual add + T5 RMSNorm, fused into one pass over each row.
+
+Maths (T5LayerNorm, DESIGN section 5: no mean subtraction, no bias, variance in float32)::
+
+    s   = x + residual                     (when a residual is given; s = x otherwise)
+    y   = weight * s / sqrt(mean(s ** 2) + eps)
+
+Layouts: ``x``, ``residual``: ``[T, D]`` (T rows: tokens of a packed batch); ``weight``: ``[D]``.
+Outputs: ``y [T, D]`` in ``x.dtype`` and, with a residual, the new residual stream ``s [T, D]`` in
+``residual.dtype`` (keep the residual stream float32 under float16 compute: T5 overflows float16 there).
+One program per row; the whole row sits in one block (``BLOCK_D`` = next power of two of ``D``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["rms_norm", "rms_norm_ref"]
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X,
+    R,
+    W,
+    Y,
+    S,  # pointers: input, residual, weight, output, new residual
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_s,
+    D,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(S + row * stride_s + cols, s.to(S.dtype.element_ty), mask=mask)
+    variance = tl.sum(s * s, axis=0) / D
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    y = s * tl.rsqrt(variance + eps) * w
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(y, s)``: the normalized rows and, with ``residual``, the new residual stream (else None)."""
+    if x.ndim != 2 or weight.shape != (x.shape[1],):
+        raise ValueError(f"rms_norm: expected x [T, D] and weight [D], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.device != x.device):
+        raise ValueError(
+            f"rms_norm: residual {tuple(residual.shape)} on {residual.device} must match x "
+            f"{tuple(x.shape)} on {x.device}"
+        )
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"rms_norm: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+        raise ValueError("rms_norm: rows must be contiguous (stride 1 along D); call .contiguous()")
+    rows, d = x.shape
+    y = torch.empty_like(x)
+    s = torch.empty_like(residual) if residual is not None else None
+    if rows:
+        _rms_norm_kernel[(rows,)](
+            x,
+            residual if residual is not None else x,
+            weight,
+            y,
+            s if s is not None else y,
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            y.stride(0),
+            s.stride(0) if s is not None else 0,
+            d,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_D=triton.next_power_of_2(d),
+        )
+    return y, s
+
+
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same in plain PyTorch (float32 arithmetic, results cast back)."""
+    s = x.float() if residual is None else x.float() + residual.float()
+    y = weight.float() * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps))
+    return y.to(x.dtype), None if residual is None else s.to(residual.dtype)

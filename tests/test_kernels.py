@@ -1,0 +1,104 @@
+"""Triton kernels against their pure-torch references (DESIGN section 7), in the interpreter on the CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run kernels on the CPU
+pytest.importorskip("triton", reason="triton is not installed (pip install '.[dev]' brings it for these tests)")
+
+from fastinstructor.kernels.pooling import masked_mean_pool, masked_mean_pool_ref  # noqa: E402
+from fastinstructor.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 2e-2, 2e-2)]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:
+    """allclose, naming the first mismatching indices and any NaN/inf on failure."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.float().cpu(), expected.float().cpu()
+    bad = ~torch.isclose(a, e, atol=atol, rtol=rtol)
+    if bad.any() or not torch.isfinite(a).all():
+        where = bad.nonzero()[:5].tolist()
+        pytest.fail(
+            f"{int(bad.sum())} mismatches, first at {where}: {a[bad][:5].tolist()} vs {e[bad][:5].tolist()}; "
+            f"non-finite: {int((~torch.isfinite(a)).sum())}"
+        )
+
+
+@pytest.mark.parametrize("rows", [1, 7, 123])
+@pytest.mark.parametrize("d", [64, 100, 768])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(rows, d, dtype, atol, rtol, with_residual):
+    g = torch.Generator().manual_seed(rows * 1000 + d)
+    x = (torch.randn(rows, d, generator=g) * 3).to(DEVICE, dtype)
+    weight = (torch.rand(d, generator=g) + 0.5).to(DEVICE, dtype)
+    residual = torch.randn(rows, d, generator=g).to(DEVICE, torch.float32) if with_residual else None
+    y, s = rms_norm(x, weight, 1e-6, residual)
+    y_ref, s_ref = rms_norm_ref(x, weight, 1e-6, residual)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, atol, rtol)
+    if with_residual:
+        assert s.dtype == torch.float32
+        assert_close(s, s_ref, 1e-6, 1e-6)
+    else:
+        assert s is None
+
+
+def test_rms_norm_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"expected x \[T, D\] and weight \[D\]"):
+        rms_norm(torch.randn(3, 8), torch.ones(7))
+    with pytest.raises(ValueError, match="must be float32, float16 or bfloat16"):
+        rms_norm(torch.ones(3, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm(torch.randn(3, 8), torch.ones(8), residual=torch.randn(2, 8))
+
+
+def packed(lengths: list[int], d: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(sum(lengths), d, generator=g).to(DEVICE, dtype)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return hidden, cu
+
+
+@pytest.mark.parametrize("lengths", [[1], [7], [33, 1, 128], [1, 7, 33, 128, 5, 17]])
+@pytest.mark.parametrize("d", [64, 96, 200])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_masked_mean_pool(lengths, d, dtype, atol, rtol):
+    hidden, cu = packed(lengths, d, dtype, seed=len(lengths) * 100 + d)
+    # pool_start at 0, in the middle, at the last token (only </s>), and past the end (nothing pooled)
+    choices = [0, lambda n: n // 2, lambda n: n - 1, lambda n: n + 3]
+    starts = [c(n) if callable(c) else c for n, c in zip(lengths, (choices * 3)[: len(lengths)], strict=True)]
+    pool_start = torch.tensor(starts, dtype=torch.int64, device=DEVICE)
+    out = masked_mean_pool(hidden, cu, pool_start)
+    assert out.dtype == torch.float32 and out.shape == (len(lengths), d)
+    assert_close(out, masked_mean_pool_ref(hidden, cu, pool_start), atol, rtol)
+
+
+def test_masked_mean_pool_matches_the_padded_head():
+    """The packed kernel gives what the padded pooling head of the PyTorch backends gives."""
+    from fastinstructor.backends.base import pool_head
+
+    lengths, d = [5, 1, 12], 32
+    hidden, cu = packed(lengths, d, torch.float32, seed=7)
+    pool_start = torch.tensor([2, 0, 11])
+    padded = torch.zeros(len(lengths), max(lengths), d)
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        padded[b, :n] = hidden[cu[b] : cu[b + 1]].cpu()
+        mask[b, :n] = 1
+    expected = pool_head(padded, mask, pool_start, None, normalize=False)
+    assert_close(masked_mean_pool(hidden, cu, pool_start.to(DEVICE)), expected, 1e-6, 1e-6)
+
+
+def test_masked_mean_pool_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"expected cu_seqlens \[B \+ 1\] and pool_start \[B\]"):
+        masked_mean_pool(torch.randn(4, 8), torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="must be int32 or int64"):
+        masked_mean_pool(torch.randn(4, 8), torch.tensor([0.0, 4.0]), torch.tensor([0]))
