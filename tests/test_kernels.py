@@ -102,3 +102,77 @@ def test_masked_mean_pool_rejects_bad_input():
         masked_mean_pool(torch.randn(4, 8), torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="must be int32 or int64"):
         masked_mean_pool(torch.randn(4, 8), torch.tensor([0.0, 4.0]), torch.tensor([0]))
+
+
+def attention_inputs(lengths: list[int], heads: int, head_dim: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(sum(lengths), heads, head_dim, generator=g).mul(0.3).to(DEVICE, dtype) for _ in range(3))
+    table = torch.randn(32, heads, generator=g).mul(2).to(DEVICE, torch.float32)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return q, k, v, cu, table
+
+
+ATTENTION_DTYPES = [(torch.float32, 2e-5, 2e-5), (torch.float16, 3e-3, 3e-3), (torch.bfloat16, 3e-2, 3e-2)]
+
+
+@pytest.mark.parametrize("lengths", [[1], [7], [33, 1, 128], [1, 7, 33, 128, 70]])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype, atol, rtol", ATTENTION_DTYPES)
+def test_t5_attention_packed(lengths, head_dim, dtype, atol, rtol):
+    from fastinstructor.kernels.attention import t5_attention, t5_attention_ref
+
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip(
+            "Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as raw bit patterns; bfloat16 "
+            "attention is checked on a GPU (bench/gpu_triton.sh, issue 5)"
+        )
+
+    q, k, v, cu, table = attention_inputs(lengths, 2, head_dim, dtype, seed=sum(lengths) + head_dim)
+    out = t5_attention(q, k, v, cu, max(lengths), table)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, t5_attention_ref(q, k, v, cu, table), atol, rtol)
+
+
+def test_t5_attention_beyond_512_tokens_and_every_bucket_boundary():
+    """600 tokens: distances up to 599 (all 32 buckets, boundaries 16, 32, 64, 128) and several key blocks."""
+    from fastinstructor.kernels.attention import t5_attention, t5_attention_ref
+
+    q, k, v, cu, table = attention_inputs([600], 1, 64, torch.float32, seed=3)
+    table = torch.arange(32, dtype=torch.float32, device=DEVICE)[:, None] * 3.0  # a wrong bucket shows at once
+    assert_close(t5_attention(q, k, v, cu, 600, table), t5_attention_ref(q, k, v, cu, table), 2e-5, 2e-5)
+
+
+def test_t5_attention_padded_matches_the_materialized_bias():
+    """The [B, H, L, D] entry point with a key padding mask, against SDPA with the bias materialized, as the
+    cpu backend runs it."""
+    from fastinstructor.kernels.attention import t5_attention_padded
+
+    from fastinstructor.backends.cpu import relative_position_bucket
+
+    lengths, heads, head_dim, max_len = [5, 40, 1], 2, 64, 40
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(3, heads, max_len, head_dim, generator=g).mul(0.3) for _ in range(3))
+    table = torch.randn(32, heads, generator=g)
+    mask = torch.zeros(3, max_len, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    positions = torch.arange(max_len)
+    bias = table[relative_position_bucket(positions[None, :] - positions[:, None], 32, 128)].permute(2, 0, 1)[None]
+    additive = bias + (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=1.0)
+    out = t5_attention_padded(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), mask.to(DEVICE), table.to(DEVICE))
+    real = mask.bool()[:, None, :, None].expand_as(expected)
+    assert_close(out.cpu()[real], expected[real], 2e-5, 2e-5)
+    assert (out.cpu()[~real] == 0).all()
+
+
+def test_t5_attention_rejects_bad_input():
+    from fastinstructor.kernels.attention import t5_attention
+
+    q, k, v, cu, table = attention_inputs([4], 2, 64, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="share a float32/float16/bfloat16 dtype"):
+        t5_attention(q, k.half(), v, cu, 4, table)
+    with pytest.raises(ValueError, match=r"bias_table must be \[num_buckets, 2\]"):
+        t5_attention(q, k, v, cu, 4, table[:, :1])
+    with pytest.raises(ValueError, match="cu_seqlens must be int32/int64"):
+        t5_attention(q, k, v, torch.tensor([0, 3], dtype=torch.int32), 4, table)
