@@ -142,6 +142,8 @@ def unavailable_reason(candidate: Candidate, hardware: Hardware) -> str | None:
         return why
     if candidate.device == "cuda" and not hardware.cuda:
         return "no CUDA device"
+    if candidate.backend == "triton" and candidate.device != "cuda":
+        return "the triton backend runs on CUDA (TRITON_INTERPRET=1 on the CPU is for its tests)"
     if (
         candidate.backend == "onnx"
         and candidate.device == "cuda"

@@ -7,12 +7,31 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run kernels on the CPU
+INTERPRET = not torch.cuda.is_available()
+# Triton reads the flag when it is imported and when a kernel is decorated: set it while triton and the kernel
+# modules load, then restore it so that it does not leak into the other test modules of this session.
+_saved = os.environ.get("TRITON_INTERPRET")
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed (pip install '.[dev]' brings it for these tests)")
-
+import fastinstructor.kernels.attention  # noqa: E402, F401
 from fastinstructor.kernels.pooling import masked_mean_pool, masked_mean_pool_ref  # noqa: E402
 from fastinstructor.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+
+from fastinstructor.batching import pad_batch  # noqa: E402
+
+if _saved is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _saved
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    """The triton backend checks the flag at run time: set it for these tests only."""
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 2e-2, 2e-2)]
@@ -121,10 +140,10 @@ ATTENTION_DTYPES = [(torch.float32, 2e-5, 2e-5), (torch.float16, 3e-3, 3e-3), (t
 def test_t5_attention_packed(lengths, head_dim, dtype, atol, rtol):
     from fastinstructor.kernels.attention import t5_attention, t5_attention_ref
 
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+    if dtype == torch.bfloat16 and INTERPRET:
         pytest.skip(
             "Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as raw bit patterns; bfloat16 "
-            "attention is checked on a GPU (bench/gpu_triton.sh, issue 5)"
+            "attention needs a GPU run (issue 5)"
         )
 
     q, k, v, cu, table = attention_inputs(lengths, 2, head_dim, dtype, seed=sum(lengths) + head_dim)
@@ -176,3 +195,56 @@ def test_t5_attention_rejects_bad_input():
         t5_attention(q, k, v, cu, 4, table[:, :1])
     with pytest.raises(ValueError, match="cu_seqlens must be int32/int64"):
         t5_attention(q, k, v, torch.tensor([0, 3], dtype=torch.int32), 4, table)
+
+
+def triton_embed(path, pairs, precision):
+    """The triton backend's forward on ``pairs`` (batches of 8), without the dispatcher's calibration run:
+    the interpreter is slow, so these tests feed it only what they compare."""
+    import fastinstructor
+    from fastinstructor.backends import TritonBackend
+    from fastinstructor.checkpoint import load_checkpoint
+
+    reference = fastinstructor.load(path, backend="reference", precision="float32")
+    backend = TritonBackend(load_checkpoint(path), precision=precision, device=DEVICE)
+    ids, starts, _ = reference.tokenizer(pairs)
+    actual = torch.cat(
+        [backend.embed(*pad_batch(ids[i : i + 8], starts[i : i + 8])).cpu() for i in range(0, len(ids), 8)]
+    )
+    return actual.numpy(), reference.encode(pairs)
+
+
+@pytest.mark.parametrize("preset, precision", [("tiny", "float32"), ("tiny-xl", "float32"), ("tiny", "float16")])
+def test_triton_backend_matches_reference(make_model, real_pairs, preset, precision):
+    """The whole packed encoder with the kernels (interpreter on the CPU) against the float32 reference.
+    bfloat16 is the GPU default; the interpreter cannot run its tl.dot (see above)."""
+    from conftest import assert_parity
+
+    actual, expected = triton_embed(make_model(preset), real_pairs[:24], precision)
+    assert_parity(actual, expected, precision)
+
+
+def test_triton_float16_keeps_the_ffn_output_in_float32(make_model, real_pairs, tmp_path):
+    """T5's float16 overflow, provoked: FFN outputs scaled far past 65504 stay finite and match the reference."""
+    import shutil
+
+    from conftest import assert_parity
+    from safetensors.torch import load_file, save_file
+
+    path = shutil.copytree(make_model("tiny"), tmp_path / "loud")
+    weights = load_file(str(path / "model.safetensors"))
+    for name in weights:
+        if name.endswith("DenseReluDense.wo.weight"):
+            weights[name] = weights[name] * 1e5
+    save_file(weights, str(path / "model.safetensors"))
+    hidden = torch.relu(torch.randn(4, 128)) @ weights["encoder.block.0.layer.1.DenseReluDense.wo.weight"].t()
+    assert hidden.abs().max() > 65504  # the FFN output really leaves float16's range
+    actual, expected = triton_embed(path, real_pairs[:8], "float16")
+    assert_parity(actual, expected, "float16")
+
+
+def test_triton_backend_availability(monkeypatch):
+    from fastinstructor.backends import TritonBackend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ok, why = TritonBackend.availability()
+    assert ok == torch.cuda.is_available() and (ok or "no CUDA device" in why)

@@ -6,10 +6,20 @@ from .base import Backend, pool_head
 from .cpu import CpuBackend
 from .onnx import OnnxBackend
 from .reference import ReferenceBackend
+from .triton_backend import TritonBackend
 
-BACKENDS: dict[str, type] = {cls.name: cls for cls in (ReferenceBackend, CpuBackend, OnnxBackend)}
+BACKENDS: dict[str, type] = {cls.name: cls for cls in (ReferenceBackend, CpuBackend, OnnxBackend, TritonBackend)}
 
-__all__ = ["BACKENDS", "Backend", "CpuBackend", "OnnxBackend", "ReferenceBackend", "get_backend_class", "pool_head"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "CpuBackend",
+    "OnnxBackend",
+    "ReferenceBackend",
+    "TritonBackend",
+    "get_backend_class",
+    "pool_head",
+]
 
 
 def get_backend_class(name: str) -> type:

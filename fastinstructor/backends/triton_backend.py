@@ -1,0 +1,120 @@
+"""The triton backend: the T5 encoder on packed (unpadded) tokens with the project's Triton kernels.
+
+A batch arrives padded ``[B, L]`` (the shared pipeline's format) and is packed at once into ``[T, d_model]``
+with ``cu_seqlens``: the projections and the FFN never touch padding, attention runs per sequence with the
+relative position bias computed in the kernel (``kernels.attention``), RMSNorm is fused with the residual add
+(``kernels.rms_norm``), and pooling reads the packed states (``kernels.pooling``). Weights are loaded once
+into the fused layouts (q, k, v concatenated). The residual stream stays float32 (T5 overflows float16 there,
+DESIGN section 5); the matrix products run in the compute dtype with float32 accumulation (cuBLAS).
+
+Runs on CUDA. Under ``TRITON_INTERPRET=1`` it also runs on the CPU, slowly, for the tests.
+Still to come (issue 5): the FFN matmul kernel with its ReLU epilogue and the int8 path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import Checkpoint
+from .base import check_precision
+
+__all__ = ["TritonBackend"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonBackend:
+    name: ClassVar[str] = "triton"
+    precisions: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed: pip install 'fastinstructor[gpu]'"
+        if _interpreted():
+            return True, "Triton interpreter on the CPU (TRITON_INTERPRET=1: correct but slow, for tests)"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device (Triton kernels need one; TRITON_INTERPRET=1 runs them on the CPU for tests)"
+        return True, f"Triton on {torch.cuda.get_device_name(0)}"
+
+    def __init__(self, checkpoint: Checkpoint, precision: str = "bfloat16", device: str = "cuda") -> None:
+        check_precision(type(self), precision)
+        ok, why = self.availability()
+        if not ok:
+            raise ImportError(f"the triton backend is not available: {why}")
+        self.device = torch.device(device)
+        if self.device.type != "cuda" and not _interpreted():
+            raise ValueError(f"the triton backend runs on CUDA, got device={device!r}")
+        from ..kernels.attention import t5_attention
+        from ..kernels.pooling import masked_mean_pool
+        from ..kernels.rms_norm import rms_norm
+
+        self._attention, self._pool, self._rms_norm = t5_attention, masked_mean_pool, rms_norm
+        cfg = checkpoint.config
+        self.config, self.dtype = cfg, _DTYPES[precision]
+        w = {name: t.to(self.device) for name, t in checkpoint.weights.items()}
+
+        def compute(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.dtype).contiguous()
+
+        self.embed_table = w["shared.weight"]  # float32: the residual stream starts from it
+        self.bias_table = w["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].contiguous()
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"encoder.block.{i}.layer."
+            attn = p + "0.SelfAttention."
+            self.layers.append(
+                {
+                    "ln_attn": w[p + "0.layer_norm.weight"],
+                    "qkv": compute(torch.cat([w[attn + n + ".weight"] for n in "qkv"])),  # [3 * inner, d]
+                    "o": compute(w[attn + "o.weight"]),
+                    "ln_ff": w[p + "1.layer_norm.weight"],
+                    "wi": compute(w[p + "1.DenseReluDense.wi.weight"]),
+                    # float16: wo stays float32 (its output overflows float16 on trained T5 weights, as in
+                    # transformers' _keep_in_fp32_modules); bfloat16 has the range, float32 needs nothing.
+                    "wo": w[p + "1.DenseReluDense.wo.weight"].contiguous()
+                    if precision == "float16"
+                    else compute(w[p + "1.DenseReluDense.wo.weight"]),
+                }
+            )
+        self.ln_final = w["encoder.final_layer_norm.weight"]
+        self.dense = None if checkpoint.dense_weight is None else checkpoint.dense_weight.to(self.device)
+        self.normalize = checkpoint.normalize
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
+        cfg, eps = self.config, self.config.layer_norm_epsilon
+        keep = attention_mask.to(self.device).bool()
+        lengths = keep.sum(1)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=self.device)
+        cu[1:] = lengths.cumsum(0)
+        max_len = int(lengths.max())
+        ids = input_ids.to(self.device)[keep]  # [T] real tokens only
+        residual = F.embedding(ids, self.embed_table)  # [T, d] float32
+        tokens = residual.shape[0]
+        h = self._rms_norm(residual, self.layers[0]["ln_attn"], eps)[0].to(self.dtype)
+        for i, layer in enumerate(self.layers):
+            qkv = (h @ layer["qkv"].t()).view(tokens, 3, cfg.num_heads, cfg.d_kv)  # [T, 3, H, d_kv]
+            q, k, v = (qkv[:, j].contiguous() for j in range(3))
+            attn = self._attention(q, k, v, cu, max_len, self.bias_table, cfg.max_distance)  # [T, H, d_kv]
+            h, residual = self._rms_norm((attn.reshape(tokens, -1) @ layer["o"].t()), layer["ln_ff"], eps, residual)
+            wo = layer["wo"]
+            ff = torch.relu(h @ layer["wi"].t()).to(wo.dtype) @ wo.t()
+            following = self.layers[i + 1]["ln_attn"] if i + 1 < len(self.layers) else self.ln_final
+            h, residual = self._rms_norm(ff, following, eps, residual)
+            h = h.to(self.dtype)
+        pooled = self._pool(h, cu, pool_start.to(self.device))  # [B, d] float32, final-norm states
+        if self.dense is not None:
+            pooled = pooled @ self.dense.t()
+        if self.normalize:
+            pooled = F.normalize(pooled, p=2, dim=1)
+        return pooled
