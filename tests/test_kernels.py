@@ -15,6 +15,7 @@ if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed (pip install '.[dev]' brings it for these tests)")
 import fastinstructor.kernels.attention  # noqa: E402, F401
+import fastinstructor.kernels.matmul  # noqa: E402, F401
 from fastinstructor.kernels.pooling import masked_mean_pool, masked_mean_pool_ref  # noqa: E402
 from fastinstructor.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
 
@@ -213,7 +214,9 @@ def triton_embed(path, pairs, precision):
     return actual.numpy(), reference.encode(pairs)
 
 
-@pytest.mark.parametrize("preset, precision", [("tiny", "float32"), ("tiny-xl", "float32"), ("tiny", "float16")])
+@pytest.mark.parametrize(
+    "preset, precision", [("tiny", "float32"), ("tiny-xl", "float32"), ("tiny", "float16"), ("tiny", "int8")]
+)
 def test_triton_backend_matches_reference(make_model, real_pairs, preset, precision):
     """The whole packed encoder with the kernels (interpreter on the CPU) against the float32 reference.
     bfloat16 is the GPU default; the interpreter cannot run its tl.dot (see above)."""
@@ -248,3 +251,46 @@ def test_triton_backend_availability(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     ok, why = TritonBackend.availability()
     assert ok == torch.cuda.is_available() and (ok or "no CUDA device" in why)
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 64, 32), (7, 100, 48), (123, 130, 200)])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES[:2])  # bfloat16 tl.dot: see the attention test
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_linear(m, n, k, dtype, atol, rtol, activation):
+    from fastinstructor.kernels.matmul import linear, linear_ref
+
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    out_dtype = torch.float32 if dtype == torch.float16 else None  # T5's wo under float16: float32 out
+    y = linear(x, w, activation, out_dtype)
+    assert y.dtype == (out_dtype or dtype)
+    assert_close(y, linear_ref(x, w, activation, out_dtype), atol, rtol)
+    if activation == "relu":
+        assert (y >= 0).all()
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 64, 32), (7, 100, 48), (123, 130, 200)])
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_linear_int8(m, n, k, activation):
+    from fastinstructor.kernels.matmul import linear_int8, linear_int8_ref, linear_ref, quantize_rows
+
+    g = torch.Generator().manual_seed(m + n * k)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    (xq, sx), (wq, sw) = quantize_rows(x), quantize_rows(w)
+    y = linear_int8(xq.to(DEVICE), sx.to(DEVICE), wq.to(DEVICE), sw.to(DEVICE), activation)
+    assert_close(y, linear_int8_ref(xq, sx, wq, sw, activation), 1e-4, 1e-5)  # integer products: exact
+    exact = linear_ref(x, w, activation, torch.float32)  # and close to the float32 product
+    cos = torch.nn.functional.cosine_similarity(y.cpu().flatten(), exact.flatten(), dim=0)
+    assert cos > 0.999
+
+
+def test_linear_rejects_bad_input():
+    from fastinstructor.kernels.matmul import linear, linear_int8
+
+    with pytest.raises(ValueError, match=r"expected x \[M, K\] and w \[N, K\]"):
+        linear(torch.randn(3, 8), torch.randn(4, 7))
+    with pytest.raises(ValueError, match="activation must be 'none' or 'relu'"):
+        linear(torch.randn(3, 8), torch.randn(4, 8), "gelu")
+    with pytest.raises(ValueError, match="must be int8"):
+        linear_int8(torch.randn(3, 8), torch.ones(3), torch.randn(4, 8), torch.ones(4))

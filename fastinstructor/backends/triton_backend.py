@@ -5,10 +5,11 @@ with ``cu_seqlens``: the projections and the FFN never touch padding, attention 
 relative position bias computed in the kernel (``kernels.attention``), RMSNorm is fused with the residual add
 (``kernels.rms_norm``), and pooling reads the packed states (``kernels.pooling``). Weights are loaded once
 into the fused layouts (q, k, v concatenated). The residual stream stays float32 (T5 overflows float16 there,
-DESIGN section 5); the matrix products run in the compute dtype with float32 accumulation (cuBLAS).
+DESIGN section 5); the matrix products (``kernels.matmul``) run in the compute dtype with float32
+accumulation, the FFN's ReLU in their epilogue and its output projection written in float32. ``int8``
+quantizes the weights per output channel once and the activations per token at run time (int32 accumulation).
 
 Runs on CUDA. Under ``TRITON_INTERPRET=1`` it also runs on the CPU, slowly, for the tests.
-Still to come (issue 5): the FFN matmul kernel with its ReLU epilogue and the int8 path.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _interpreted() -> bool:
 
 class TritonBackend:
     name: ClassVar[str] = "triton"
-    precisions: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
+    precisions: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32", "int8")
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -55,16 +56,20 @@ class TritonBackend:
         if self.device.type != "cuda" and not _interpreted():
             raise ValueError(f"the triton backend runs on CUDA, got device={device!r}")
         from ..kernels.attention import t5_attention
+        from ..kernels.matmul import linear, linear_int8, quantize_rows
         from ..kernels.pooling import masked_mean_pool
         from ..kernels.rms_norm import rms_norm
 
         self._attention, self._pool, self._rms_norm = t5_attention, masked_mean_pool, rms_norm
+        self._linear, self._linear_int8, self._quantize = linear, linear_int8, quantize_rows
         cfg = checkpoint.config
-        self.config, self.dtype = cfg, _DTYPES[precision]
+        self.int8 = precision == "int8"
+        # int8: weights int8 per output channel, activations int8 per token, everything between in float32.
+        self.config, self.dtype = cfg, torch.float32 if self.int8 else _DTYPES[precision]
         w = {name: t.to(self.device) for name, t in checkpoint.weights.items()}
 
-        def compute(t: torch.Tensor) -> torch.Tensor:
-            return t.to(self.dtype).contiguous()
+        def prepare(t: torch.Tensor):
+            return quantize_rows(t) if self.int8 else t.to(self.dtype).contiguous()
 
         self.embed_table = w["shared.weight"]  # float32: the residual stream starts from it
         self.bias_table = w["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].contiguous()
@@ -75,20 +80,23 @@ class TritonBackend:
             self.layers.append(
                 {
                     "ln_attn": w[p + "0.layer_norm.weight"],
-                    "qkv": compute(torch.cat([w[attn + n + ".weight"] for n in "qkv"])),  # [3 * inner, d]
-                    "o": compute(w[attn + "o.weight"]),
+                    "qkv": prepare(torch.cat([w[attn + n + ".weight"] for n in "qkv"])),  # [3 * inner, d]
+                    "o": prepare(w[attn + "o.weight"]),
                     "ln_ff": w[p + "1.layer_norm.weight"],
-                    "wi": compute(w[p + "1.DenseReluDense.wi.weight"]),
-                    # float16: wo stays float32 (its output overflows float16 on trained T5 weights, as in
-                    # transformers' _keep_in_fp32_modules); bfloat16 has the range, float32 needs nothing.
-                    "wo": w[p + "1.DenseReluDense.wo.weight"].contiguous()
-                    if precision == "float16"
-                    else compute(w[p + "1.DenseReluDense.wo.weight"]),
+                    "wi": prepare(w[p + "1.DenseReluDense.wi.weight"]),
+                    "wo": prepare(w[p + "1.DenseReluDense.wo.weight"]),
                 }
             )
         self.ln_final = w["encoder.final_layer_norm.weight"]
         self.dense = None if checkpoint.dense_weight is None else checkpoint.dense_weight.to(self.device)
         self.normalize = checkpoint.normalize
+
+    def _project(self, x: torch.Tensor, weight, activation: str = "none", out_dtype: torch.dtype | None = None):
+        """``act(x @ w^T)`` with the kernels of ``kernels.matmul``; int8 quantizes ``x`` per token first."""
+        if self.int8:
+            xq, sx = self._quantize(x)
+            return self._linear_int8(xq, sx, *weight, activation, out_dtype or torch.float32)
+        return self._linear(x, weight, activation, out_dtype)
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
@@ -103,12 +111,14 @@ class TritonBackend:
         tokens = residual.shape[0]
         h = self._rms_norm(residual, self.layers[0]["ln_attn"], eps)[0].to(self.dtype)
         for i, layer in enumerate(self.layers):
-            qkv = (h @ layer["qkv"].t()).view(tokens, 3, cfg.num_heads, cfg.d_kv)  # [T, 3, H, d_kv]
-            q, k, v = (qkv[:, j].contiguous() for j in range(3))
+            qkv = self._project(h, layer["qkv"]).view(tokens, 3, cfg.num_heads, cfg.d_kv)  # [T, 3, H, d_kv]
+            q, k, v = (qkv[:, j].to(self.dtype).contiguous() for j in range(3))
             attn = self._attention(q, k, v, cu, max_len, self.bias_table, cfg.max_distance)  # [T, H, d_kv]
-            h, residual = self._rms_norm((attn.reshape(tokens, -1) @ layer["o"].t()), layer["ln_ff"], eps, residual)
-            wo = layer["wo"]
-            ff = torch.relu(h @ layer["wi"].t()).to(wo.dtype) @ wo.t()
+            out = self._project(attn.reshape(tokens, -1), layer["o"])
+            h, residual = self._rms_norm(out.to(self.dtype), layer["ln_ff"], eps, residual)
+            inner = self._project(h, layer["wi"], "relu").to(self.dtype)
+            # The FFN output in float32 (float32 accumulation, no cast to float16): T5's wo overflows float16.
+            ff = self._project(inner, layer["wo"], out_dtype=torch.float32)
             following = self.layers[i + 1]["ln_attn"] if i + 1 < len(self.layers) else self.ln_final
             h, residual = self._rms_norm(ff, following, eps, residual)
             h = h.to(self.dtype)
