@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet $(CONSTRAINTS) -e '.[dev,onnx]'
+	$(PIP) install --quiet $(CONSTRAINTS) -e '.[dev,onnx,server]'
 	touch $@
 
 $(DEMO_MODEL)/modules.json: | $(VENV)/.installed

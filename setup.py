@@ -39,6 +39,7 @@ setup(
         "onnx": ["onnx>=1.16", "onnxruntime>=1.20"],
         # onnxruntime-gpu replaces onnxruntime on CUDA machines: install one or the other, never both.
         "gpu": ["triton>=3.0", "onnxruntime-gpu>=1.20"],
+        "server": ["starlette>=0.40", "uvicorn>=0.30", "prometheus-client>=0.20"],
         # setuptools and wheel: the layout test builds the wheel without build isolation.
         "dev": [
             "pytest>=8",
@@ -48,6 +49,8 @@ setup(
             "setuptools>=70.1",
             "wheel",
             "triton>=3.0",  # the kernels' parity tests run in its interpreter on the CPU
+            "httpx>=0.27",  # the server tests' client, and
+            "openai>=1.0",  # the official client they check compatibility with
         ],
     },
     entry_points={"console_scripts": ["fastinstructor=fastinstructor.cli:main"]},

@@ -123,6 +123,30 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from . import load
+    from .server import ServerSettings, create_app
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise ImportError("fastinstructor serve needs the server extra: pip install 'fastinstructor[server]'") from None
+    keys = tuple(args.api_key or [k for k in os.environ.get("FASTINSTRUCTOR_API_KEYS", "").split(",") if k])
+    model = load(args.model, backend=args.backend, precision=args.precision)
+    settings = ServerSettings(
+        max_inputs=args.max_inputs,
+        max_batch_tokens=args.max_batch_tokens,
+        max_wait_ms=args.max_wait_ms,
+        max_queued_rows=args.max_queued_rows,
+        api_keys=keys,
+    )
+    print(f"serving {model} on http://{args.host}:{args.port} (API keys: {'on' if keys else 'off'})", file=sys.stderr)
+    uvicorn.run(create_app(model, settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _embed(args: argparse.Namespace) -> int:
     import torch
 
@@ -225,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="versions, hardware, and (with --model) the backend auto chooses")
     info.add_argument("--model", help="checkpoint folder or hub id")
     info.set_defaults(run=_info)
+
+    serve = commands.add_parser("serve", help="HTTP server: OpenAI- and TEI-compatible embeddings")
+    serve.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    serve.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
+    serve.add_argument("--precision", default="auto")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--api-key", action="append", help="accepted key (repeatable; or FASTINSTRUCTOR_API_KEYS)")
+    serve.add_argument("--max-inputs", type=int, default=512, help="inputs per request (default 512)")
+    serve.add_argument("--max-batch-tokens", type=int, default=16_384, help="padded tokens per batch")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more rows")
+    serve.add_argument("--max-queued-rows", type=int, default=8192, help="queue bound; beyond it: 429")
+    serve.set_defaults(run=_serve)
 
     embed = commands.add_parser(
         "embed",

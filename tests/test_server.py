@@ -1,0 +1,181 @@
+"""The HTTP server, started for real on a loopback port, exercised as clients would."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import fastinstructor
+
+httpx = pytest.importorskip("httpx", reason="the server tests need httpx (pip install '.[dev]')")
+pytest.importorskip("starlette", reason="the server extra is not installed (pip install '.[server]')")
+
+INSTRUCTION = "Represent the Wikipedia document for retrieval:"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(model_path, *options):
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastinstructor", "serve", "--model", str(model_path), "--port", str(port), *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited: {process.communicate()[1]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("the server did not become healthy in 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    process, url = _start(tiny_model, "--max-inputs", "64")
+    yield url
+    process.terminate()
+    process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return fastinstructor.load(tiny_model)
+
+
+def test_openai_api_equals_encode(server, model, real_texts):
+    texts = real_texts[:6]
+    reply = httpx.post(server + "/v1/embeddings", json={"input": texts, "model": "tiny", "instruction": INSTRUCTION})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert [d["index"] for d in body["data"]] == list(range(6)) and body["model"] == "tiny"
+    got = np.array([d["embedding"] for d in body["data"]])
+    np.testing.assert_allclose(got, model.encode([[INSTRUCTION, t] for t in texts]), atol=1e-6)
+    tokens = sum(len(ids) for ids in model.tokenizer([[INSTRUCTION, t] for t in texts]).ids)
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    single = httpx.post(server + "/v1/embeddings", json={"input": texts[0]}).json()  # no instruction: plain text
+    np.testing.assert_allclose(single["data"][0]["embedding"], model.encode([texts[0]])[0], atol=1e-6)
+
+
+def test_base64_and_per_input_instructions(server, model, real_texts):
+    texts, instructions = real_texts[:3], ["Represent the claim:", INSTRUCTION, "Represent the title:"]
+    body = httpx.post(
+        server + "/v1/embeddings", json={"input": texts, "instruction": instructions, "encoding_format": "base64"}
+    ).json()
+    got = np.array([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in body["data"]])
+    np.testing.assert_allclose(got, model.encode([list(p) for p in zip(instructions, texts, strict=True)]), atol=1e-6)
+
+
+def test_official_openai_client(server, model, real_texts):
+    openai = pytest.importorskip("openai", reason="the openai client is not installed")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused")
+    reply = client.embeddings.create(model="tiny", input=real_texts[:4], extra_body={"instruction": INSTRUCTION})
+    got = np.array([d.embedding for d in reply.data])
+    np.testing.assert_allclose(got, model.encode([[INSTRUCTION, t] for t in real_texts[:4]]), atol=1e-6)
+
+
+def test_tei_api(server, model, real_texts):
+    texts = real_texts[:3]
+    reply = httpx.post(server + "/embed", json={"inputs": texts, "instruction": INSTRUCTION})
+    assert reply.status_code == 200, reply.text
+    np.testing.assert_allclose(np.array(reply.json()), model.encode([[INSTRUCTION, t] for t in texts]), atol=1e-6)
+    long_text = "warming " * 2000
+    refused = httpx.post(server + "/embed", json={"inputs": [long_text]})
+    assert refused.status_code == 413 and "truncate=true" in refused.json()["error"]["message"]
+    truncated = httpx.post(server + "/embed", json={"inputs": [long_text], "truncate": True})
+    np.testing.assert_allclose(truncated.json()[0], model.encode([long_text])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "path, payload, status, message",
+    [
+        ("/v1/embeddings", b"{not json", 400, "not valid JSON"),
+        ("/v1/embeddings", b"[1, 2]", 400, "must be a JSON object"),
+        ("/v1/embeddings", {"input": 42}, 400, "'input' must be a string or a list of strings"),
+        ("/v1/embeddings", {"input": ["a", 3]}, 400, "'input' must be a string or a list of strings"),
+        ("/v1/embeddings", {"input": []}, 400, "'input' is empty"),
+        ("/v1/embeddings", {"input": ["a"] * 65}, 413, "65 inputs exceed the limit of 64"),
+        ("/v1/embeddings", {"input": "a", "colour": "red"}, 400, "unknown field(s) ['colour']"),
+        ("/v1/embeddings", {"input": "a", "dimensions": 7}, 400, "dimensions=7 is not supported"),
+        ("/v1/embeddings", {"input": "a", "encoding_format": "hex"}, 400, "encoding_format must be"),
+        ("/v1/embeddings", {"input": ["a", "b"], "instruction": ["x"]}, 400, "'instruction' has 1 items for 2"),
+        ("/embed", {"inputs": "a", "normalize": "yes"}, 400, "'normalize' must be true or false"),
+        ("/v1/embeddings", b'{"input": "' + b"a" * (5 * 2**20) + b'"}', 413, "exceeds the limit"),
+    ],
+)
+def test_bad_requests(server, path, payload, status, message):
+    kwargs = {"content": payload} if isinstance(payload, bytes) else {"json": payload}
+    reply = httpx.post(server + path, headers={"content-type": "application/json"}, **kwargs)
+    assert reply.status_code == status, reply.text
+    assert message in reply.json()["error"]["message"]
+    assert httpx.get(server + "/health").status_code == 200  # still answering
+
+
+def test_many_concurrent_clients_get_their_own_answers(server, model):
+    """64 clients x 5 requests, each with its own text: every answer matches its request; metrics add up."""
+    before = httpx.get(server + "/metrics").text
+
+    def client(c: int) -> bool:
+        with httpx.Client(timeout=120) as session:
+            for r in range(5):
+                text = f"Client {c} request {r}: sea ice is melting at rate {c * 7 + r}."
+                reply = session.post(server + "/v1/embeddings", json={"input": [text], "instruction": INSTRUCTION})
+                got = np.array(reply.json()["data"][0]["embedding"])
+                if not np.allclose(got, model.encode([[INSTRUCTION, text]])[0], atol=1e-5):
+                    return False
+        return True
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        assert all(pool.map(client, range(64)))
+    after = httpx.get(server + "/metrics").text
+
+    def count(text: str) -> float:
+        line = next(
+            (
+                x
+                for x in text.splitlines()
+                if x.startswith('fastinstructor_requests_total{endpoint="/v1/embeddings",status="200"}')
+            ),
+            None,
+        )
+        return float(line.split()[-1]) if line else 0.0
+
+    assert count(after) - count(before) == 64 * 5
+    batch_count = next(x for x in after.splitlines() if x.startswith("fastinstructor_batch_rows_count"))
+    assert float(batch_count.split()[-1]) < 64 * 5 + 60, "no dynamic batching happened"
+
+
+def test_api_keys_and_a_full_queue(tiny_model):
+    process, url = _start(tiny_model, "--api-key", "s3cret", "--max-queued-rows", "2")
+    try:
+        assert httpx.post(url + "/embed", json={"inputs": "a"}).status_code == 401
+        wrong = httpx.post(url + "/embed", json={"inputs": "a"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "API key" in wrong.json()["error"]["message"]
+        ok = {"Authorization": "Bearer s3cret"}
+        assert httpx.post(url + "/embed", json={"inputs": "a"}, headers=ok).status_code == 200
+        full = httpx.post(url + "/embed", json={"inputs": ["a", "b", "c"]}, headers=ok)
+        assert full.status_code == 429 and full.headers["retry-after"] == "1"
+        info = httpx.get(url + "/info").json()
+        assert info["backend"] == "cpu" and info["dim"] == 48 and "api_keys" not in json.dumps(info)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
