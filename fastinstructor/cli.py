@@ -138,6 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         max_inputs=args.max_inputs,
         max_batch_tokens=args.max_batch_tokens,
+        max_batch_rows=args.max_batch_rows,
         max_wait_ms=args.max_wait_ms,
         max_queued_rows=args.max_queued_rows,
         api_keys=keys,
@@ -259,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action="append", help="accepted key (repeatable; or FASTINSTRUCTOR_API_KEYS)")
     serve.add_argument("--max-inputs", type=int, default=512, help="inputs per request (default 512)")
     serve.add_argument("--max-batch-tokens", type=int, default=16_384, help="padded tokens per batch")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more rows")
+    serve.add_argument("--max-batch-rows", type=int, default=128, help="rows per batch (1 disables batching)")
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=0.0, help="how long a batch waits for more rows (default 0)"
+    )
     serve.add_argument("--max-queued-rows", type=int, default=8192, help="queue bound; beyond it: 429")
     serve.set_defaults(run=_serve)
 

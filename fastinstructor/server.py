@@ -38,7 +38,9 @@ class ServerSettings:
     max_body_bytes: int = 4 * 2**20
     max_batch_tokens: int = 16_384  # padded tokens per backend call
     max_batch_rows: int = 128
-    max_wait_ms: float = 5.0  # how long the batcher waits for more rows
+    # 0: a batch takes what queued while the backend was busy, and a lone request never waits (measured:
+    # bench/results/serve-*.md); more trades latency for fuller batches on bigger machines.
+    max_wait_ms: float = 0.0
     max_queued_rows: int = 8192  # beyond this: 429
     request_timeout_s: float = 60.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
