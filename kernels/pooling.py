@@ -7,9 +7,9 @@ states, pool over the tokens from ``pool_start[b]`` (the instruction's token cou
 
 Layouts: ``hidden [T, D]`` (any float dtype, accumulated in float32), ``cu_seqlens [B + 1]`` int32/int64
 (cumulative lengths, starting at 0), ``pool_start [B]``; output ``[B, D]`` float32. The Dense projection and
-the L2 normalize follow in ``fastinstructor`` (one matrix product; fusing them here would not pay: the
-projection dominates). Grid: one program per (sequence, block of ``BLOCK_D`` features); each walks its
-sequence's tokens ``BLOCK_T`` at a time.
+the L2 normalize follow in the backend as one matrix product and a normalize; whether fusing them into this
+kernel pays has yet to be measured on a GPU. Grid: one program per (sequence, block of ``BLOCK_D``
+features); each walks its sequence's tokens ``BLOCK_T`` at a time.
 """
 
 from __future__ import annotations
