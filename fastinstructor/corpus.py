@@ -161,11 +161,27 @@ class _Progress:
             self.bar.close()
 
 
+def _remove_stale_temporaries(output: Path) -> None:
+    """Temporary files of a writer that was killed mid-write (their pid is gone) are garbage."""
+    for tmp in output.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def _open_output(output: Path, identity: dict, overwrite: bool) -> dict:
     """The manifest to continue from: a new one, the matching one, or an error for a mismatched folder."""
     manifest_path = output / MANIFEST
     if output.exists() and not output.is_dir():
         raise CorpusError(f"output {output} is a file; pass a folder")
+    if output.is_dir():
+        _remove_stale_temporaries(output)
     if manifest_path.is_file() and not overwrite:
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))

@@ -320,3 +320,18 @@ def test_memory_stays_bounded_on_a_large_input(tiny_model, tmp_path):
     assert peak - baseline < 100, f"peak RSS {peak:.0f} MiB vs {baseline:.0f} MiB on the small file"
     ids, _ = read_embeddings(tmp_path / "o2")
     assert len(ids) == 30_000
+
+
+def test_resume_removes_temporaries_of_a_killed_writer(model, evidence, tmp_path):
+    """A writer killed mid-write leaves `.part-*.tmp-<pid>`; the next run removes it if that pid is gone."""
+    path, _ = evidence
+    out = tmp_path / "out"
+    embed_corpus(model, path, out, instruction=INSTRUCTION, limit=20, shard_rows=10, quiet=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / f".part-00002.parquet.tmp-{dead.pid}"
+    live = out / f".part-00003.parquet.tmp-{os.getpid()}"  # a running writer's: left alone
+    stale.write_bytes(b"half a shard")
+    live.write_bytes(b"being written")
+    embed_corpus(model, path, out, instruction=INSTRUCTION, limit=20, shard_rows=10, quiet=True)
+    assert not stale.exists() and live.exists()
