@@ -258,7 +258,9 @@ def _run_and_interrupt(command, manifest_path, sig, shards_before_kill=2):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_resumes_to_identical_output(tiny_model, evidence, tmp_path, sig):
     path, rows = evidence
-    # Many small shards and small batches, so the kill lands mid-run.
+    # Many tiny shards (each one a file, an fsync and a manifest rewrite) and batches of one row, so that the
+    # job outlasts the signal's delivery by far and the kill lands mid-run.
+    shard_rows = 4
     common = [
         "--model",
         str(tiny_model),
@@ -267,9 +269,9 @@ def test_interrupted_run_resumes_to_identical_output(tiny_model, evidence, tmp_p
         "--input",
         str(path),
         "--shard-rows",
-        "20",
+        str(shard_rows),
         "--batch-size",
-        "4",
+        "1",
         "--quiet",
     ]
     reference = embed_cli(*common, "--output", str(tmp_path / "whole"))
@@ -278,7 +280,7 @@ def test_interrupted_run_resumes_to_identical_output(tiny_model, evidence, tmp_p
     returncode, manifest = _run_and_interrupt(command, tmp_path / "resumed" / "manifest.json", sig)
     assert returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
     finished = len(manifest["shards"])
-    assert 2 <= finished < -(-len(rows) // 20)
+    assert 2 <= finished < -(-len(rows) // shard_rows)
     again = embed_cli(*common, "--output", str(tmp_path / "resumed"))
     assert again.returncode == 0, again.stderr
     whole = sorted(p.name for p in (tmp_path / "whole").glob("part-*"))
