@@ -239,7 +239,15 @@ def test_tampered_shard_is_detected(model, evidence, tmp_path):
 
 def _run_and_interrupt(command, manifest_path, sig, shards_before_kill=2):
     """Start the job, wait until it has finished some shards (but not all), then send ``sig``."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell starting a background job (as CI runners may) ignores SIGINT in it, and children inherit that:
+    # give the job the default disposition, as a terminal's Ctrl-C would find it.
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if manifest_path.is_file():
