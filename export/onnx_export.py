@@ -42,7 +42,6 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -274,22 +273,16 @@ def _measure_parity(checkpoint: Checkpoint, folder: Path, precision: str) -> dic
     """The exported graph against the float32 reference on the calibration set."""
     from ..backends.onnx import OnnxBackend, cuda_available
     from ..backends.reference import ReferenceBackend
-    from ..batching import pad_batch
-    from ..parity import TOLERANCES, calibration_pairs, compare
+    from ..parity import TOLERANCES, calibration_embeddings, compare
     from ..tokenization import PairTokenizer, load_tokenizer
 
     if precision == "float16" and not cuda_available():
         return {"measured": False, "why": "float16 graphs are checked on the CUDA provider; none here"}
     tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), checkpoint.max_seq_length)
-    tokenized = tokenizer(calibration_pairs())
-    onnx_backend = OnnxBackend.from_folder(checkpoint, folder)
-    reference = ReferenceBackend(checkpoint)
-    actual, expected = [], []
-    for i in range(0, len(tokenized.ids), 8):
-        batch = pad_batch(tokenized.ids[i : i + 8], tokenized.pool_start[i : i + 8])
-        actual.append(onnx_backend.embed(*batch).numpy())
-        expected.append(reference.embed(*batch).numpy())
-    report = compare(np.concatenate(actual), np.concatenate(expected))
+    actual, expected = calibration_embeddings(
+        tokenizer, OnnxBackend.from_folder(checkpoint, folder), ReferenceBackend(checkpoint)
+    )
+    report = compare(actual, expected)
     failures = report.failures(TOLERANCES[precision])
     return {
         "measured": True,

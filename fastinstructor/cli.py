@@ -62,14 +62,10 @@ def _check(args: argparse.Namespace) -> int:
     tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), checkpoint.max_seq_length)
     from .backends import BACKENDS
     from .backends.reference import ReferenceBackend
-    from .batching import pad_batch
-    from .parity import calibration_pairs
+    from .parity import calibration_batches
 
-    tokenized = tokenizer(calibration_pairs())
-    batches = [
-        pad_batch(tokenized.ids[i : i + 8], tokenized.pool_start[i : i + 8]) for i in range(0, len(tokenized.ids), 8)
-    ]
-    tokens = sum(len(row) for row in tokenized.ids)
+    batches = calibration_batches(tokenizer)
+    tokens = sum(int(mask.sum()) for _, mask, _ in batches)  # real tokens, padding excluded
     rows, failed = [], False
     reference = None
     for candidate in all_candidates(hardware):

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 from .backends import BACKENDS
-from .batching import pad_batch
 from .checkpoint import Checkpoint
-from .parity import TOLERANCES, calibration_pairs, compare
+from .parity import TOLERANCES, calibration_embeddings, compare
 from .tokenization import PairTokenizer
 
 __all__ = [
@@ -218,13 +217,7 @@ def check_parity(
             from .backends.reference import ReferenceBackend
 
             reference = ReferenceBackend(checkpoint, device=candidate.device)
-        tokenized = tokenizer(calibration_pairs())
-        actual, expected = [], []
-        for i in range(0, len(tokenized.ids), 8):
-            batch = pad_batch(tokenized.ids[i : i + 8], tokenized.pool_start[i : i + 8])
-            actual.append(backend.embed(*batch).float().cpu().numpy())
-            expected.append(reference.embed(*batch).float().cpu().numpy())
-        actual_all, expected_all = np.concatenate(actual), np.concatenate(expected)
+        actual_all, expected_all = calibration_embeddings(tokenizer, backend, reference)
         report = compare(actual_all, expected_all)
         tolerance = TOLERANCES[candidate.precision]
         failures = report.failures(tolerance)

@@ -9,9 +9,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .batching import pad_batch
 from .data import sample_passages
 
-__all__ = ["TOLERANCES", "Tolerance", "ParityReport", "calibration_pairs", "compare"]
+__all__ = [
+    "TOLERANCES",
+    "Tolerance",
+    "ParityReport",
+    "calibration_embeddings",
+    "calibration_pairs",
+    "compare",
+]
 
 
 @dataclass(frozen=True)
@@ -111,3 +119,18 @@ def calibration_pairs(n: int = 30) -> list:
         [CALIBRATION_INSTRUCTIONS[0], long_text],
         texts[2 % len(texts)],
     ]
+
+
+def calibration_batches(tokenizer, batch_size: int = 8) -> list[tuple]:
+    """The calibration set as padded backend inputs ``(input_ids, attention_mask, pool_start)``."""
+    tokenized = tokenizer(calibration_pairs())
+    return [
+        pad_batch(tokenized.ids[i : i + batch_size], tokenized.pool_start[i : i + batch_size])
+        for i in range(0, len(tokenized.ids), batch_size)
+    ]
+
+
+def calibration_embeddings(tokenizer, *backends) -> list[np.ndarray]:
+    """Each backend's float32 embeddings ``[N, dim]`` of the calibration set, fed the same padded batches."""
+    batches = calibration_batches(tokenizer)
+    return [np.concatenate([b.embed(*batch).float().cpu().numpy() for batch in batches]) for b in backends]
