@@ -130,15 +130,18 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError:
         raise ImportError("fastinstructor serve needs the server extra: pip install 'fastinstructor[server]'") from None
     keys = tuple(args.api_key or [k for k in os.environ.get("FASTINSTRUCTOR_API_KEYS", "").split(",") if k])
-    model = load(args.model, backend=args.backend, precision=args.precision)
-    settings = ServerSettings(
+    settings = ServerSettings(  # before the load: a bad limit fails at once
         max_inputs=args.max_inputs,
         max_batch_tokens=args.max_batch_tokens,
         max_batch_rows=args.max_batch_rows,
         max_wait_ms=args.max_wait_ms,
         max_queued_rows=args.max_queued_rows,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout,
         api_keys=keys,
+        cors_origins=tuple(args.cors_origin or ()),
     )
+    model = load(args.model, backend=args.backend, precision=args.precision)
     print(f"serving {model} on http://{args.host}:{args.port} (API keys: {'on' if keys else 'off'})", file=sys.stderr)
     uvicorn.run(create_app(model, settings), host=args.host, port=args.port, log_level="warning")
     return 0
@@ -261,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-wait-ms", type=float, default=0.0, help="how long a batch waits for more rows (default 0)"
     )
     serve.add_argument("--max-queued-rows", type=int, default=8192, help="queue bound; beyond it: 429")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="request body bound; beyond it: 413")
+    serve.add_argument(
+        "--request-timeout", type=float, default=60.0, help="seconds before a request is answered 504 (default 60)"
+    )
+    serve.add_argument(
+        "--cors-origin", action="append", help="allow browsers on this origin (repeatable; default: CORS off)"
+    )
     serve.set_defaults(run=_serve)
 
     embed = commands.add_parser(

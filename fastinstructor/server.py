@@ -44,6 +44,7 @@ class ServerSettings:
     max_queued_rows: int = 8192  # beyond this: 429
     request_timeout_s: float = 60.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    cors_origins: tuple[str, ...] = ()  # none: no CORS headers, browsers on other origins are refused
 
     def __post_init__(self) -> None:
         for name in ("max_inputs", "max_body_bytes", "max_batch_tokens", "max_batch_rows", "max_queued_rows"):
@@ -108,7 +109,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
-            deadline = loop.time() + self.settings.max_wait_ms / 1000
+            # The wait counts from when the oldest row arrived: a row that queued behind a busy backend has
+            # already waited, so its wait is at most max(max_wait_ms, the batch that was running).
+            deadline = batch[0].enqueued + self.settings.max_wait_ms / 1000
             while len(batch) < self.settings.max_batch_rows:
                 longest = max(len(r.ids) for r in batch)
                 if not self.queue.empty():
@@ -117,7 +120,7 @@ class Batcher:
                         break
                     batch.append(self.queue.get_nowait())
                     continue
-                timeout = deadline - loop.time()
+                timeout = deadline - time.perf_counter()
                 if timeout <= 0:
                     break
                 try:
@@ -376,6 +379,19 @@ def create_app(model: Instructor, settings: ServerSettings | None = None, model_
         Route("/info", info, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    middleware = []
+    if settings.cors_origins:
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
+        )
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.batcher = batcher
     return app

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -206,3 +208,113 @@ def test_api_keys_and_a_full_queue(tiny_model):
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+# Scheduling, timeouts and shutdown: the app in a real uvicorn server on a loopback port, in a thread of this
+# process, with a backend slowed by a known delay so that the batcher's timing is under the test's control.
+
+
+class _SlowBackend:
+    def __init__(self, inner, delay_s: float) -> None:
+        self.inner, self.delay_s, self.batches = inner, delay_s, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def embed(self, input_ids, attention_mask, pool_start):
+        self.batches.append(input_ids.shape[0])
+        time.sleep(self.delay_s)
+        return self.inner.embed(input_ids, attention_mask, pool_start)
+
+
+@contextlib.contextmanager
+def _threaded_server(tiny_model, delay_s: float, **settings):
+    import uvicorn
+
+    from fastinstructor.server import ServerSettings, create_app
+
+    model = fastinstructor.load(tiny_model)
+    model.backend = _SlowBackend(model.backend, delay_s)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(model, ServerSettings(**settings)), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    while not server.started:
+        assert thread.is_alive(), "the server thread died while starting"
+        time.sleep(0.05)
+    try:
+        yield url, server, model
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the server did not stop"
+
+
+def test_a_request_past_its_timeout_gets_504_and_the_server_goes_on(tiny_model, model):
+    with _threaded_server(tiny_model, delay_s=1.0, request_timeout_s=0.3) as (url, _, slow):
+        late = httpx.post(url + "/embed", json={"inputs": ["slow"]}, timeout=30)
+        assert late.status_code == 504 and "longer than 0.3 s" in late.json()["error"]["message"]
+        slow.backend.delay_s = 0.0
+        time.sleep(1.0)  # the abandoned batch still runs to its end; after it, requests are fast again
+        ok = httpx.post(url + "/embed", json={"inputs": ["fast"]}, timeout=30)
+        assert ok.status_code == 200
+        np.testing.assert_allclose(ok.json()[0], model.encode(["fast"])[0], atol=1e-6)
+
+
+def test_rows_wait_at_most_the_max_wait_plus_one_batch(tiny_model, model):
+    """Requests arriving while a batch runs join the next batch; none waits behind more than one batch.
+
+    With a backend taking `delay` per batch and `max_wait`: a lone request is answered within max_wait + delay;
+    requests that arrive while that batch runs go together into the next one, within delay (the batch that was
+    not theirs) + max_wait + delay (their own). The margin covers thread scheduling on a busy machine.
+    """
+    delay, max_wait, margin = 0.5, 0.25, 0.4
+    arrivals = [0.0, 0.35, 0.45, 0.55]  # the first alone; the others while its batch runs (0.25 to 0.75 s)
+    with _threaded_server(tiny_model, delay_s=delay, max_wait_ms=max_wait * 1000) as (url, _, slow):
+
+        def request(i: int) -> float:
+            time.sleep(arrivals[i])
+            start = time.perf_counter()
+            reply = httpx.post(url + "/embed", json={"inputs": [f"text {i}"]}, timeout=30)
+            assert reply.status_code == 200, reply.text
+            np.testing.assert_allclose(reply.json()[0], model.encode([f"text {i}"])[0], atol=1e-6)
+            return time.perf_counter() - start
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            latencies = list(pool.map(request, range(4)))
+    assert slow.backend.batches == [1, 3], f"batch sizes {slow.backend.batches}: expected [1] then [3]"
+    assert latencies[0] < max_wait + delay + margin, latencies
+    assert max(latencies[1:]) < delay + max_wait + delay + margin, latencies
+
+
+def test_shutdown_finishes_the_queued_work(tiny_model, model):
+    """Stopping (what SIGTERM does in uvicorn) answers every request already accepted before the server exits."""
+    with _threaded_server(tiny_model, delay_s=0.3, max_batch_rows=1) as (url, server, _):
+        texts = [f"queued text {i}" for i in range(6)]
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            replies = [pool.submit(httpx.post, url + "/embed", json={"inputs": [t]}, timeout=60) for t in texts]
+            batcher = server.config.app.state.batcher
+            deadline = time.monotonic() + 30
+            while batcher.queue.qsize() < 3:  # one row running, the others queued: 6 x 0.3 s of work left
+                assert time.monotonic() < deadline, "the requests never queued"
+                time.sleep(0.01)
+            server.should_exit = True
+            for text, reply in zip(texts, replies, strict=True):
+                assert reply.result().status_code == 200, reply.result().text
+                np.testing.assert_allclose(reply.result().json()[0], model.encode([text])[0], atol=1e-6)
+    with pytest.raises(httpx.TransportError):  # and then it is gone
+        httpx.post(url + "/embed", json={"inputs": ["late"]}, timeout=5)
+
+
+def test_cors_is_off_unless_an_origin_is_allowed(tiny_model):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    with _threaded_server(tiny_model, delay_s=0.0) as (url, _, _):
+        reply = httpx.post(url + "/embed", json={"inputs": ["a"]}, headers={"Origin": "https://app.example"})
+        assert reply.status_code == 200 and "access-control-allow-origin" not in reply.headers
+    with _threaded_server(tiny_model, delay_s=0.0, cors_origins=("https://app.example",)) as (url, _, _):
+        assert httpx.options(url + "/embed", headers=preflight).status_code == 200
+        reply = httpx.post(url + "/embed", json={"inputs": ["a"]}, headers={"Origin": "https://app.example"})
+        assert reply.headers["access-control-allow-origin"] == "https://app.example"
