@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet $(CONSTRAINTS) -e '.[dev,onnx,server]'
+	$(PIP) install --quiet $(CONSTRAINTS) -e '.[dev,onnx,server,bench]'
 	touch $@
 
 $(DEMO_MODEL)/modules.json: | $(VENV)/.installed
@@ -38,8 +38,8 @@ demo: $(VENV)/.installed $(DEMO_MODEL)/modules.json
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
-bench: $(VENV)/.installed
-	$(PY) bench/bench_core.py
+bench: $(VENV)/.installed $(DEMO_MODEL)/modules.json
+	$(PY) -m fastinstructor bench --model $(DEMO_MODEL)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

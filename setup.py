@@ -40,12 +40,13 @@ setup(
         # onnxruntime-gpu replaces onnxruntime on CUDA machines: install one or the other, never both.
         "gpu": ["triton>=3.0", "onnxruntime-gpu>=1.20"],
         "server": ["starlette>=0.40", "uvicorn>=0.30", "prometheus-client>=0.20"],
+        # fastinstructor bench's plot and baseline, and the micro-benchmarks in bench/.
+        "bench": ["matplotlib>=3.7", "sentence-transformers>=3.0", "pytest-benchmark>=4"],
         # setuptools and wheel: the layout test builds the wheel without build isolation.
         "dev": [
             "pytest>=8",
             "sentence-transformers>=3.0",
             "ruff>=0.6",
-            "pytest-benchmark>=4",
             "setuptools>=70.1",
             "wheel",
             "triton>=3.0",  # the kernels' parity tests run in its interpreter on the CPU

@@ -23,27 +23,24 @@ import argparse
 import datetime
 import json
 import shlex
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from harness import (
-    DEFAULT_MODEL,
-    DEFAULT_OUT,
-    ensure_model,
+from harness import DEFAULT_MODEL, DEFAULT_OUT, ensure_model, write_results
+
+import fastinstructor
+from fastinstructor.batching import pad_batch, plan_batches
+from fastinstructor.benchmark import (
     environment,
     interleaved,
     load_sentence_transformers,
     markdown_table,
-    median,
     source_version,
-    write_results,
 )
-
-import fastinstructor
-from fastinstructor.batching import pad_batch, plan_batches
 from fastinstructor.corpus import EmbedSettings
 from fastinstructor.data import read_jsonl_texts, shared_data_dir
 from fastinstructor.parity import TOLERANCES, compare
@@ -131,7 +128,7 @@ def main() -> None:
         instructor.encode([[INSTRUCTION, t] for t in texts[:8]])
     st.encode(texts[:8], prompt=INSTRUCTION)
     times, loadavg, last = interleaved(runs, args.repeat)
-    medians = {name: median(t) for name, t in times.items()}
+    medians = {name: statistics.median(t) for name, t in times.items()}
     padding = {name: padded_tokens(lengths, embed_batches) for name in runs if name.startswith("embed")}
     padding[fixed_name] = padded_tokens(lengths, fixed_batches)
     padding["sentence-transformers"] = padded_tokens(lengths, st_batches)

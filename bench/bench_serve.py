@@ -21,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from harness import DEFAULT_MODEL, DEFAULT_OUT, ensure_model, environment, markdown_table, source_version, write_results
+from harness import DEFAULT_MODEL, DEFAULT_OUT, ensure_model, write_results
 
+from fastinstructor.benchmark import environment, markdown_table, source_version
 from fastinstructor.data import read_jsonl_texts, shared_data_dir
 
 INSTRUCTION = "Represent the climate claim for retrieving supporting documents:"

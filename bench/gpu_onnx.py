@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastinstructor.export.onnx_export import export_onnx
-from harness import DEFAULT_OUT, ROOT, interleaved, median
+from harness import DEFAULT_OUT, ROOT
 
 import fastinstructor
+from fastinstructor.benchmark import interleaved
 from fastinstructor.checkpoint import load_checkpoint
 from fastinstructor.data import read_jsonl_texts, shared_data_dir
 from fastinstructor.parity import TOLERANCES, compare
@@ -79,8 +81,8 @@ def main() -> None:
         rows.append(
             {
                 "name": name,
-                "median_s": median(times[name]),
-                "tokens_per_s": tokens / median(times[name]),
+                "median_s": statistics.median(times[name]),
+                "tokens_per_s": tokens / statistics.median(times[name]),
                 "min_cos": report.min_cos,
                 "mean_cos": report.mean_cos,
                 "parity": "baseline"

@@ -22,18 +22,13 @@ from harness import DEFAULT_OUT, ROOT
 
 import fastinstructor
 from fastinstructor.backends.cpu import relative_position_bucket
+from fastinstructor.benchmark import matmul_ceilings
 from fastinstructor.data import read_jsonl_texts, shared_data_dir
 from fastinstructor.dispatch import probe
 from fastinstructor.parity import TOLERANCES, compare
 from fastinstructor.testmodel import make_test_model
 
 INSTRUCTION = "Represent the Wikipedia document for retrieval:"
-
-
-def matmul_peak_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: a @ a)
-    return 2 * 8192**3 / ms / 1e9
 
 
 def attention_timings(length: int, table: torch.Tensor, heads: int, head_dim: int, batch: int) -> list[dict]:
@@ -124,7 +119,7 @@ def main() -> None:
     if data is None:
         sys.exit("gpu_triton: the shared data folder was not found")
     texts = [t for _, t in read_jsonl_texts(data / "climate_fever_evidence.jsonl", args.texts)]
-    peak = matmul_peak_tflops()
+    peak = matmul_ceilings(["bfloat16"], "cuda", 8192)["bfloat16"]["gflops"] / 1000
     result = {
         "gpu": torch.cuda.get_device_name(),
         "bf16_matmul_peak_tflops": peak,

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -116,6 +117,44 @@ def _info(args: argparse.Namespace) -> int:
         model = load(args.model)
         report = {k: v for k, v in model.backend_report.items() if k != "hardware"}
         print(json.dumps({"model": str(model.checkpoint.path), "chosen": report}, indent=2))
+    return 0
+
+
+def _csv(kind):
+    def parse(value: str) -> list:
+        try:
+            return [kind(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}") from None
+
+    return parse
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .benchmark import report_markdown, run_benchmark, write_report
+
+    result = run_benchmark(
+        args.model,
+        backends=args.backends,
+        precisions=args.precisions,
+        workload=args.workload,
+        texts=args.texts,
+        instruction=args.instruction,
+        batch_tokens=args.batch_tokens,
+        batch_size=args.batch_size,
+        latency_batch_sizes=args.latency_batch_sizes,
+        latency_batches=args.latency_batches,
+        repeat=args.repeat,
+        sentence_transformers=args.sentence_transformers,
+        device=args.device,
+        ceiling_size=args.ceiling_size,
+        command=shlex.join(["fastinstructor", *args.argv]),
+    )
+    print(report_markdown(result))
+    for path in write_report(result, Path(args.out)):
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -246,6 +285,52 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--clear-cache", action="store_true", help="delete every cached parity result first")
     check.set_defaults(run=_check)
 
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark backends x precisions: throughput, latency, memory, roofline",
+        description="Every backend x precision on one workload in one process, with the float32 reference and "
+        "sentence-transformers as baselines: real tokens/s (padding excluded) as the median of interleaved "
+        "repeats, per-batch latency p50/p99, load and first-call time, memory, parity, and the achieved fraction "
+        "of the matmul ceiling measured in the same run. Writes <workload>.json/.md/.png to OUT/<date>-<host>/.",
+    )
+    bench.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    bench.add_argument(
+        "--backends",
+        type=_csv(str),
+        default=list(BACKENDS),
+        help=f"comma-separated (default: {','.join(BACKENDS)}; unavailable ones are reported as skipped)",
+    )
+    bench.add_argument(
+        "--precisions", type=_csv(str), help="comma-separated (default: every precision each backend supports here)"
+    )
+    bench.add_argument(
+        "--workload",
+        default="evidence",
+        help="claims, evidence (default), articles or mixed (the shared data), synthetic:L (every input L "
+        "tokens), or a JSONL/CSV/TSV/Parquet/text file",
+    )
+    bench.add_argument("--texts", type=int, default=256, help="texts in the workload (default 256)")
+    bench.add_argument("--instruction", help="instruction for every text (default: the workload's own)")
+    bench.add_argument(
+        "--batch-tokens", type=_csv(int), default=[8192], help="padded-token budgets per batch (default 8192)"
+    )
+    bench.add_argument("--batch-size", type=int, default=128, help="rows per batch at most (default 128)")
+    bench.add_argument(
+        "--latency-batch-sizes", type=_csv(int), default=[1, 8, 32], help="batch sizes for latency (default 1,8,32)"
+    )
+    bench.add_argument("--latency-batches", type=int, default=8, help="batches per size and pass (default 8)")
+    bench.add_argument("--repeat", type=int, default=3, help="interleaved passes per contender (default 3)")
+    bench.add_argument(
+        "--sentence-transformers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include sentence-transformers' INSTRUCTOR mode as a baseline when installed (default on)",
+    )
+    bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--ceiling-size", type=int, help="matmul size for the ceilings (default 2048 CPU, 8192 GPU)")
+    bench.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    bench.set_defaults(run=_bench)
+
     info = commands.add_parser("info", help="versions, hardware, and (with --model) the backend auto chooses")
     info.add_argument("--model", help="checkpoint folder or hub id")
     info.set_defaults(run=_info)
@@ -325,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # the bench records the command that reproduces it
     try:
         return args.run(args)
     except (ValueError, TypeError, FileExistsError, ImportError, OSError) as err:  # CheckpointError, CorpusError too

@@ -1,0 +1,153 @@
+"""``fastinstructor bench``: the FLOP count, the workloads, and one end-to-end run on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+import fastinstructor
+from fastinstructor.benchmark import encoder_flops, load_workload, plan_contenders
+from fastinstructor.checkpoint import EncoderConfig
+from fastinstructor.cli import main
+from fastinstructor.testmodel import PRESETS
+
+
+def _config(preset: str) -> EncoderConfig:
+    p = PRESETS[preset]
+    return EncoderConfig(
+        vocab_size=p.vocab_rows,
+        d_model=p.d_model,
+        d_kv=p.d_kv,
+        d_ff=p.d_ff,
+        num_layers=p.num_layers,
+        num_heads=p.num_heads,
+    )
+
+
+@pytest.mark.parametrize(
+    "preset, length, expected",
+    [
+        # tiny, n = 10: per layer 8*10*64*64 + 4*10*64*128 + 4*10^2*64 = 327,680 + 327,680 + 25,600 = 680,960;
+        # x 2 layers = 1,361,920; + Dense 2*64*48 = 6,144.
+        ("tiny", 10, 1_368_064),
+        # base, n = 100: 8*100*768^2 + 4*100*768*3072 + 4*100^2*768 = 471,859,200 + 943,718,400 + 30,720,000
+        # = 1,446,297,600; x 12 layers = 17,355,571,200; + Dense 2*768*768 = 1,179,648.
+        ("base", 100, 17_356_750_848),
+        # large, n = 100: 838,860,800 + 1,677,721,600 + 40,960,000 = 2,557,542,400; x 24 = 61,381,017,600;
+        # + Dense 2*1024*768 = 1,572,864.
+        ("large", 100, 61_382_590_464),
+        # xl, n = 10: inner = 32*128 = 4096, not d_model: 8*10*1024*4096 + 4*10*1024*16384 + 4*10^2*4096
+        # = 335,544,320 + 671,088,640 + 1,638,400 = 1,008,271,360; x 24 = 24,198,512,640; + 1,572,864.
+        ("xl", 10, 24_200_085_504),
+    ],
+)
+def test_flop_count_matches_a_hand_computation(preset, length, expected):
+    assert encoder_flops(_config(preset), [length], PRESETS[preset].dense_out) == expected
+
+
+def test_attention_flops_grow_with_each_sequence_not_the_batch():
+    base = _config("base")
+    assert encoder_flops(base, [10, 100], 768) == encoder_flops(base, [10], 768) + encoder_flops(base, [100], 768)
+    assert encoder_flops(base, [100], None) == encoder_flops(base, [100], 768) - 2 * 768 * 768
+
+
+def test_synthetic_workload_has_exactly_l_tokens(tiny_model):
+    model = fastinstructor.load(tiny_model)
+    work = load_workload("synthetic:37", 20, model.tokenizer)
+    assert work.name == "synthetic-37" and len(work.pairs) == 20
+    assert {len(ids) for ids in model.tokenizer(work.pairs).ids} == {37}
+    assert len({text for _, text in work.pairs}) > 1  # not one text repeated
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("synthetic:abc", "expected synthetic:L"),
+        ("synthetic:3", "L must be between"),
+        ("synthetic:100000", "max_seq_length"),
+        ("no-such-workload", "neither one of claims, evidence, articles, mixed, synthetic:L nor a file"),
+    ],
+)
+def test_bad_workloads_say_what_is_accepted(tiny_model, spec, message):
+    model = fastinstructor.load(tiny_model)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_workload(spec, 4, model.tokenizer)
+
+
+def test_shared_data_workloads_need_the_data(tiny_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTINSTRUCTOR_DATA", str(tmp_path))  # an empty folder
+    model = fastinstructor.load(tiny_model)
+    with pytest.raises(FileNotFoundError, match="set FASTINSTRUCTOR_DATA"):
+        load_workload("claims", 4, model.tokenizer)
+
+
+def test_contenders_skip_what_this_machine_cannot_run():
+    chosen, skipped = plan_contenders(["reference", "cpu", "onnx", "triton"], None, "cpu")
+    assert chosen[0] == ("reference", "float32")
+    assert ("cpu", "bfloat16") in chosen and ("onnx", "int8") in chosen
+    assert ("onnx", "float16") not in chosen  # float16 graphs are for CUDA
+    if not fastinstructor.backends.TritonBackend.availability()[0]:
+        assert any(s["backend"] == "triton" and s["reason"] for s in skipped)
+    chosen, skipped = plan_contenders(["cpu"], ["int8", "float16"], "cpu")
+    assert chosen == [("reference", "float32"), ("cpu", "int8")]
+    assert skipped == [
+        {"backend": "cpu", "precision": "float16", "reason": "supports float32, bfloat16, int8 on this device"}
+    ]
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        plan_contenders(["gpu"], None, "cpu")
+
+
+def test_bench_end_to_end_on_tiny(tiny_model, tmp_path, capsys):
+    """One repeat of the whole harness: valid JSON, the table on stdout, the PNG; padding excluded from tokens/s."""
+    texts = ["Ice.", "Sea level rise threatens coastal cities " * 6, "Warming", "Glaciers retreat in the Alps " * 12]
+    workload = tmp_path / "mix.jsonl"
+    workload.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts * 3))
+    argv = ["bench", "--model", str(tiny_model), "--backends", "reference,cpu", "--precisions", "float32"]
+    argv += ["--workload", str(workload), "--texts", "12", "--repeat", "1", "--batch-size", "4", "--batch-tokens", "64"]
+    argv += ["--latency-batch-sizes", "1,2", "--latency-batches", "2", "--ceiling-size", "128", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "| contender | load s |" in stdout and "| cpu float32 |" in stdout and "batch 2: p50 / p99 ms" in stdout
+
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    result = json.loads((folder / "mix.json").read_text())
+    assert (folder / "mix.md").read_text().count("| reference |") == 2  # throughput and latency tables
+    assert result["command"].startswith("fastinstructor bench --model")
+    names = [r["name"] for r in result["rows"]]
+    assert names[:2] == ["reference", "cpu float32"]
+    assert names[2:] == ["sentence-transformers"]
+
+    model = fastinstructor.load(tiny_model)
+    lengths = [len(ids) for ids in model.tokenizer([[r[0], r[1]] for r in _pairs(result, texts)]).ids]
+    work = result["workload"]
+    assert work["real_tokens"] == sum(lengths)
+    assert work["padded_tokens"]["64"] > work["real_tokens"]  # these batches do pad ...
+    for row in result["rows"]:
+        figures = row["throughput"]["64"]
+        assert row["median_s"] == statistics.median(figures["times_s"])
+        # ... and tokens/s counts the real tokens only.
+        assert row["tokens_per_s"] == pytest.approx(work["real_tokens"] / row["median_s"])
+        assert row["achieved_gflops"] == pytest.approx(result["flops_per_pass"] / row["median_s"] / 1e9)
+        assert row["roofline_fraction"] == pytest.approx(
+            row["achieved_gflops"] / result["ceilings"]["cpu"]["float32"]["gflops"]
+        )
+        assert len(row["latency"]["2"]["times_s"]) == 2 and row["latency"]["1"]["p50_ms"] > 0
+        assert row["parity"] in ("baseline", "PASS")
+    assert result["ceilings"]["cpu"]["float32"]["gflops"] > 0
+    assert result["environment"]["cpu_model"] and result["environment"]["torch"]
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (pip install '.[bench]')")
+    assert (folder / "mix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _pairs(result: dict, texts: list[str]) -> list[list[str]]:
+    (instruction,) = result["workload"]["instructions"]
+    return [[instruction, t] for t in texts * 3]
+
+
+def test_bench_refuses_bad_options_with_exit_2(tiny_model, tmp_path, capsys):
+    assert main(["bench", "--model", str(tiny_model), "--workload", "nope", "--out", str(tmp_path)]) == 2
+    assert "neither one of claims" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tiny_model), "--repeat", "0", "--out", str(tmp_path)]) == 2
+    assert "--repeat" in capsys.readouterr().err
