@@ -429,7 +429,7 @@ def run_benchmark(
     texts: int = 256,
     instruction: str | None = None,
     batch_tokens: Sequence[int] = (8192,),
-    batch_size: int = 128,
+    batch_size: int = 32,
     latency_batch_sizes: Sequence[int] = (1, 8, 32),
     latency_batches: int = 8,
     repeat: int = 3,
@@ -764,6 +764,14 @@ def report_markdown(result: dict) -> str:
             for r in rows
         ],
     )
+    budgets = [str(b) for b in result["settings"]["batch_tokens"]]
+    by_budget = ""
+    if len(budgets) > 1:
+        padded_tokens = result["workload"]["padded_tokens"]
+        by_budget = "\n\nReal tokens/s by token budget (padding efficiency of the plan):\n\n" + markdown_table(
+            ["contender", *[f"{b} ({result['workload']['real_tokens'] / padded_tokens[b]:.2f})" for b in budgets]],
+            [[r["name"], *[f"{r['throughput'][b]['tokens_per_s']:,.0f}" for b in budgets]] for r in rows],
+        )
     sizes = [str(s) for s in result["settings"]["latency_batch_sizes"]]
     latency = markdown_table(
         ["contender", *[f"batch {s}: p50 / p99 ms" for s in sizes]],
@@ -802,7 +810,7 @@ def report_markdown(result: dict) -> str:
         "order). Real tokens/s excludes padding; GFLOP/s counts the matmul FLOPs of the real tokens; "
         "`of ceiling` is that against the matmul ceiling of the contender's precision below. Memory: MiB added "
         "by loading, and the peak above the start of a pass.\n\n"
-        f"{throughput}\n\nLatency of {settings['latency_batches']} consecutive batches per size and pass "
+        f"{throughput}{by_budget}\n\nLatency of {settings['latency_batches']} consecutive batches per size and pass "
         f"(serving-like):\n\n{latency}\n\nMatmul ceilings measured in this run (the fastest library counts):"
         f"\n\n{ceilings}\n\n"
         f"Machine: {env['cpu_model']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch threads; {flags})"

@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--batch-tokens", type=_csv(int), default=[8192], help="padded-token budgets per batch (default 8192)"
     )
-    bench.add_argument("--batch-size", type=int, default=128, help="rows per batch at most (default 128)")
+    bench.add_argument("--batch-size", type=int, default=32, help="rows per batch at most (default 32, as encode's)")
     bench.add_argument(
         "--latency-batch-sizes", type=_csv(int), default=[1, 8, 32], help="batch sizes for latency (default 1,8,32)"
     )

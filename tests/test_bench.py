@@ -105,15 +105,27 @@ def test_bench_end_to_end_on_tiny(tiny_model, tmp_path, capsys):
     workload = tmp_path / "mix.jsonl"
     workload.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts * 3))
     argv = ["bench", "--model", str(tiny_model), "--backends", "reference,cpu", "--precisions", "float32"]
-    argv += ["--workload", str(workload), "--texts", "12", "--repeat", "1", "--batch-size", "4", "--batch-tokens", "64"]
+    argv += [
+        "--workload",
+        str(workload),
+        "--texts",
+        "12",
+        "--repeat",
+        "1",
+        "--batch-size",
+        "4",
+        "--batch-tokens",
+        "64,512",
+    ]
     argv += ["--latency-batch-sizes", "1,2", "--latency-batches", "2", "--ceiling-size", "128", "--out", str(tmp_path)]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert "| contender | load s |" in stdout and "| cpu float32 |" in stdout and "batch 2: p50 / p99 ms" in stdout
+    assert "Real tokens/s by token budget" in stdout
 
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     result = json.loads((folder / "mix.json").read_text())
-    assert (folder / "mix.md").read_text().count("| reference |") == 2  # throughput and latency tables
+    assert (folder / "mix.md").read_text().count("| reference |") == 3  # throughput, by budget, latency
     assert result["command"].startswith("fastinstructor bench --model")
     names = [r["name"] for r in result["rows"]]
     assert names[:2] == ["reference", "cpu float32"]
@@ -124,6 +136,7 @@ def test_bench_end_to_end_on_tiny(tiny_model, tmp_path, capsys):
     work = result["workload"]
     assert work["real_tokens"] == sum(lengths)
     assert work["padded_tokens"]["64"] > work["real_tokens"]  # these batches do pad ...
+    assert work["padded_tokens"]["512"] > work["padded_tokens"]["64"]  # (4 rows of up to 128 tokens)
     for row in result["rows"]:
         figures = row["throughput"]["64"]
         assert row["median_s"] == statistics.median(figures["times_s"])
