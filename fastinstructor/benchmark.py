@@ -143,6 +143,7 @@ def _synthetic(spec: str, texts: int, tokenizer, instruction: str) -> Workload:
             f"max_seq_length {tokenizer.max_length}"
         )
     words = " ".join(text for _, text in sample_passages(200)[0]).split()
+    words *= 1 + 16 * length // len(words)  # enough for every start offset below, even from a short source
 
     def count(text: str) -> int:
         return len(tokenizer([[instruction, text]]).ids[0])

@@ -53,11 +53,16 @@ def test_attention_flops_grow_with_each_sequence_not_the_batch():
     assert encoder_flops(base, [100], None) == encoder_flops(base, [100], 768) - 2 * 768 * 768
 
 
-def test_synthetic_workload_has_exactly_l_tokens(tiny_model):
+@pytest.mark.parametrize("shared_data", [True, False], ids=["shared-data", "own-docs"])
+def test_synthetic_workload_has_exactly_l_tokens(tiny_model, shared_data, monkeypatch, tmp_path):
+    if not shared_data:  # the words then come from the package's own docs, a much shorter source
+        monkeypatch.setenv("FASTINSTRUCTOR_DATA", str(tmp_path))
     model = fastinstructor.load(tiny_model)
     work = load_workload("synthetic:37", 20, model.tokenizer)
     assert work.name == "synthetic-37" and len(work.pairs) == 20
     assert {len(ids) for ids in model.tokenizer(work.pairs).ids} == {37}
+    long = load_workload("synthetic:500", 2, model.tokenizer)
+    assert {len(ids) for ids in model.tokenizer(long.pairs).ids} == {500}
     assert len({text for _, text in work.pairs}) > 1  # not one text repeated
 
 
