@@ -196,14 +196,17 @@ def matmul_ceilings(precisions: Sequence[str], device: str = "cpu", size: int = 
 
     Each library the backends use is measured and the fastest counts, so that no backend can beat its ceiling
     by using a faster GEMM than the one measured: torch (``a @ a``; int8 is ``torch._int_mm``, int8 x int8 ->
-    int32, what VNNI / AMX / tensor cores run) and, on the CPU, ONNX Runtime (``MatMul``; int8 is
-    ``MatMulInteger`` on uint8 x int8, as its dynamically quantized graphs run). A precision nothing here can
+    int32, what VNNI / AMX / tensor cores run) and, on the CPU, oneDNN with a prepacked weight (the cpu
+    backend's ``PackedLinear``) and ONNX Runtime (``MatMul``; int8 is ``MatMulInteger`` on uint8 x int8, as its
+    dynamically quantized graphs run). A precision nothing here can
     multiply in is recorded with the reason instead of a figure.
     """
     out = {}
     for precision in dict.fromkeys(precisions):
         by, errors = {}, []
         runners = {"torch": _torch_matmul(precision, device, size)}
+        if not device.startswith("cuda") and precision in ("float32", "bfloat16"):
+            runners["onednn"] = _onednn_matmul(precision, size)
         if not device.startswith("cuda") and precision in ("float32", "int8"):
             runners["onnxruntime"] = _onnxruntime_matmul(precision, size)
         for library, make in runners.items():
@@ -235,6 +238,19 @@ def _torch_matmul(precision: str, device: str, size: int):
             return lambda: torch._int_mm(a, a)
         a = torch.randn(size, size, device=device).to(_CEILING_DTYPES[precision])
         return lambda: a @ a
+
+    return make
+
+
+def _onednn_matmul(precision: str, size: int):
+    def make():
+        from .backends.cpu import PackedLinear
+
+        if not PackedLinear.available():
+            return None
+        dtype = _CEILING_DTYPES[precision]
+        a, linear = torch.randn(size, size).to(dtype), PackedLinear(torch.randn(size, size).to(dtype))
+        return lambda: linear(a)
 
     return make
 
@@ -782,13 +798,14 @@ def report_markdown(result: dict) -> str:
         ],
     )
     ceilings = markdown_table(
-        ["device", "precision", "ceiling GFLOP/s", "torch", "onnxruntime", "size"],
+        ["device", "precision", "ceiling GFLOP/s", "torch", "oneDNN packed", "onnxruntime", "size"],
         [
             [
                 kind,
                 p,
                 _fmt(c["gflops"], ".0f", "; ".join(c.get("errors", ["n/a"]))),
                 _fmt(c["by_library"].get("torch"), ".0f", "–"),
+                _fmt(c["by_library"].get("onednn"), ".0f", "–"),
                 _fmt(c["by_library"].get("onnxruntime"), ".0f", "–"),
                 f"{c['size']}³",
             ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import assert_parity
 
 import fastinstructor
+from fastinstructor.backends.cpu import PackedLinear
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-xl"])  # tiny-xl: heads * d_kv != d_model, like instructor-xl
+# tiny-xl: heads * d_kv != d_model, like instructor-xl; base: oneDNN's blocking at real sizes.
+@pytest.mark.parametrize("preset", ["tiny", "tiny-xl", "base"])
 def test_cpu_float32_matches_reference(make_model, real_pairs, preset):
     path = make_model(preset)
     expected = fastinstructor.load(path, backend="reference").encode(real_pairs)
@@ -38,3 +41,22 @@ def test_batch_size_does_not_change_results(tiny_model, real_pairs, backend):
     # Input order: embedding one row alone gives that row.
     for i in (0, 5, len(real_pairs) - 1):
         np.testing.assert_allclose(model.encode([real_pairs[i]]), base[i : i + 1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not PackedLinear.available(), reason="this torch build has no oneDNN (mkldnn) linear")
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.02)])
+def test_packed_linear_matches_torch(dtype, atol):
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64).to(dtype), torch.randn(3, 17, 64).to(dtype)  # a 3-d input, odd lengths
+    expected = torch.nn.functional.linear(x.float(), weight.float())
+    torch.testing.assert_close(PackedLinear(weight)(x).float(), expected, atol=atol, rtol=atol)
+    torch.testing.assert_close(PackedLinear(weight, "relu")(x).float(), expected.relu(), atol=atol, rtol=atol)
+
+
+@pytest.mark.skipif(not PackedLinear.available(), reason="this torch build has no oneDNN (mkldnn) linear")
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+def test_cpu_backend_packs_its_float_linears(tiny_model, precision):
+    """The fast path is the one tested above: float32 and bfloat16 run on PackedLinear, int8 on quantized ones."""
+    block = fastinstructor.load(tiny_model, backend="cpu", precision=precision).backend.encoder.blocks[0]
+    packed = [isinstance(m, PackedLinear) for m in (block.qkv, block.o, block.wi, block.wo)]
+    assert packed == [precision != "int8"] * 4
