@@ -22,7 +22,7 @@ from harness import DEFAULT_OUT, ROOT
 
 import fastinstructor
 from fastinstructor.backends.cpu import relative_position_bucket
-from fastinstructor.benchmark import matmul_ceilings
+from fastinstructor.benchmark import encoder_flops, matmul_ceilings
 from fastinstructor.data import read_jsonl_texts, shared_data_dir
 from fastinstructor.dispatch import probe
 from fastinstructor.parity import TOLERANCES, compare
@@ -81,9 +81,13 @@ def backend_rows(preset: str, texts: list[str], peak: float, work) -> list[dict]
     pairs = [[INSTRUCTION, t] for t in texts]
     reference = fastinstructor.load(model_dir, backend="reference", precision="float32", device="cuda")
     expected = reference.encode(pairs, batch_size=64)
-    tokens = sum(len(ids) for ids in reference.tokenizer(pairs).ids)
-    cfg = reference.checkpoint.config
-    flops_per_token = 2 * cfg.num_layers * (4 * cfg.d_model * cfg.inner_dim + 2 * cfg.d_model * cfg.d_ff)
+    lengths = [len(ids) for ids in reference.tokenizer(pairs).ids]
+    tokens = sum(lengths)
+    checkpoint = reference.checkpoint
+    # Matmul FLOPs at the real lengths, attention included: the same count as fastinstructor bench.
+    flops = encoder_flops(
+        checkpoint.config, lengths, checkpoint.out_dim if checkpoint.dense_weight is not None else None
+    )
     contenders = {f"triton {p}": ("triton", p) for p in ("bfloat16", "float16", "int8")}
     contenders["reference float32"] = ("reference", "float32")
     if "CUDAExecutionProvider" in probe().onnx_providers:
@@ -94,7 +98,7 @@ def backend_rows(preset: str, texts: list[str], peak: float, work) -> list[dict]
         model.encode(pairs[:64])
         ms, min_cos, passed = time_encode(model, pairs, expected, precision)
         tps = tokens / (ms / 1000)
-        tflops = tps * flops_per_token / 1e12
+        tflops = flops / (ms / 1000) / 1e12
         rows.append(
             {
                 "preset": preset,
