@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +142,8 @@ def _synthetic(spec: str, texts: int, tokenizer, instruction: str) -> Workload:
             f"workload {spec!r}: L must be between {floor + 1} (the instruction and </s>) and the model's "
             f"max_seq_length {tokenizer.max_length}"
         )
-    words = " ".join(text for _, text in sample_passages(200)[0]).split()
+    passages, source = sample_passages(200)
+    words = " ".join(text for _, text in passages).split()
     words *= 1 + 16 * length // len(words)  # enough for every start offset below, even from a short source
 
     def count(text: str) -> int:
@@ -166,7 +167,7 @@ def _synthetic(spec: str, texts: int, tokenizer, instruction: str) -> Workload:
             if count(text) == length:
                 break
         pairs.append([instruction, text])
-    return Workload(spec.replace(":", "-"), pairs, "synthetic: words of " + sample_passages(1)[1])
+    return Workload(spec.replace(":", "-"), pairs, "synthetic: words of " + source)
 
 
 # ---------------------------------------------------------------------------------------------- roofline
@@ -327,7 +328,6 @@ class Contender:
     warmup_s: float = 0.0  # ... less the same call once warm: one-time work (kernel selection, caches)
     load_mib: float | None = None
     device: str = "cpu"
-    figures: dict = field(default_factory=dict)
 
 
 def _fastinstructor_contender(model_path, backend: str, precision: str, device: str | None) -> Contender:
@@ -548,13 +548,12 @@ def run_benchmark(
             kind,
             ceiling_size or (8192 if kind == "cuda" else 2048),
         )
-    reference = next(c for c in contenders if c.name == REFERENCE)
-    st = next((c for c in contenders if c.name == SENTENCE_TRANSFORMERS), None)
     budget0 = batch_tokens[0]
+    medians = {name: {b: statistics.median(t) for b, t in r["throughput"].items()} for name, r in raw.items()}
     rows = []
     for c in contenders:
         times = raw[c.name]["throughput"][budget0]
-        med = statistics.median(times)
+        med = medians[c.name][budget0]
         report = compare(last[c.name][budget0], last[REFERENCE][budget0])
         tolerance = TOLERANCES[c.precision]
         ceiling = ceilings[_kind(c.device)].get(c.precision, {}).get("gflops")
@@ -574,8 +573,8 @@ def run_benchmark(
                 "throughput": {
                     str(budget): {
                         "times_s": raw[c.name]["throughput"][budget],
-                        "median_s": statistics.median(raw[c.name]["throughput"][budget]),
-                        "tokens_per_s": real_tokens / statistics.median(raw[c.name]["throughput"][budget]),
+                        "median_s": medians[c.name][budget],
+                        "tokens_per_s": real_tokens / medians[c.name][budget],
                     }
                     for budget in batch_tokens
                 },
@@ -584,9 +583,9 @@ def run_benchmark(
                 "max_s": max(times),
                 "texts_per_s": len(work.pairs) / med,
                 "tokens_per_s": real_tokens / med,
-                "vs_reference": statistics.median(raw[REFERENCE]["throughput"][budget0]) / med,
+                "vs_reference": medians[REFERENCE][budget0] / med,
                 "vs_sentence_transformers": (
-                    statistics.median(raw[SENTENCE_TRANSFORMERS]["throughput"][budget0]) / med if st else None
+                    medians[SENTENCE_TRANSFORMERS][budget0] / med if SENTENCE_TRANSFORMERS in medians else None
                 ),
                 "achieved_gflops": achieved,
                 "ceiling_gflops": ceiling,
@@ -604,7 +603,7 @@ def run_benchmark(
                 "mean_cos": report.mean_cos,
                 "max_abs": report.max_abs,
                 "tolerance": str(tolerance),
-                "parity": "baseline" if c is reference else ("FAIL" if report.failures(tolerance) else "PASS"),
+                "parity": "baseline" if c.name == REFERENCE else ("FAIL" if report.failures(tolerance) else "PASS"),
             }
         )
     return {
