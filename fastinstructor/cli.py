@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark backends x precisions: throughput, latency, memory, roofline",
         description="Every backend x precision on one workload in one process, with the float32 reference and "
         "sentence-transformers as baselines: real tokens/s (padding excluded) as the median of interleaved "
-        "repeats, per-batch latency p50/p99, load and first-call time, memory, parity, and the achieved fraction "
+        "repeats, per-batch latency p50/p99, load and warm-up time, memory, parity, and the achieved fraction "
         "of the matmul ceiling measured in the same run. Writes <workload>.json/.md/.png to OUT/<date>-<host>/.",
     )
     bench.add_argument("--model", required=True, help="checkpoint folder or hub id")
@@ -346,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-tokens", type=int, default=16_384, help="padded tokens per batch")
     serve.add_argument("--max-batch-rows", type=int, default=128, help="rows per batch (1 disables batching)")
     serve.add_argument(
-        "--max-wait-ms", type=float, default=0.0, help="how long a batch waits for more rows (default 0)"
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long a batch waits for more rows, counted from its oldest row's arrival (default 0)",
     )
     serve.add_argument("--max-queued-rows", type=int, default=8192, help="queue bound; beyond it: 429")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="request body bound; beyond it: 413")

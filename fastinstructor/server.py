@@ -6,10 +6,10 @@
 - ``GET /health`` (200 once the model is loaded, with its parity check passed), ``GET /info``, ``GET /metrics``.
 
 Requests are tokenized off the event loop, then queued row by row; one batcher task forms batches by a
-token budget, waiting at most ``max_wait_ms`` for more rows, runs the backend in a worker thread and resolves
-each request's future. The queue is bounded (429 with ``Retry-After`` when full), bodies and inputs are
-bounded (413), API keys are compared in constant time (401), every error is a JSON body, and shutdown
-finishes the queued work.
+token budget, waiting for more rows until its oldest row has waited ``max_wait_ms``, runs the backend in a
+worker thread and resolves each request's future. The queue is bounded (429 with ``Retry-After`` when full),
+bodies and inputs are bounded (413), API keys are compared in constant time (401), every error is a JSON
+body, and shutdown finishes the queued work.
 """
 
 from __future__ import annotations
