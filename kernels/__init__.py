@@ -8,4 +8,13 @@ interpreter tests, ``TRITON_INTERPRET=1``):
 - ``rms_norm``: residual add + T5 RMSNorm, fused (variance in float32).
 - ``pooling``: instruction-masked mean pooling over packed sequences.
 - ``matmul``: ``act(x @ w^T)`` with the ReLU in the epilogue, and the int8 path (per-token x per-channel).
+
+Under the interpreter, ``_interpreter`` first fixes its bfloat16 ``tl.dot`` (see there).
 """
+
+import os
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from ._interpreter import widen_bfloat16_dot
+
+    widen_bfloat16_dot()

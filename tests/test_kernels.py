@@ -27,36 +27,6 @@ else:
     os.environ["TRITON_INTERPRET"] = _saved
 
 
-def _widen_bfloat16_dot_operands() -> None:
-    """Triton's interpreter stores bfloat16 as uint16, and its ``tl.dot`` multiplies those raw bit patterns
-    (values around 1e10; triton-lang/triton#11584, where upstream says bfloat16 is not supported yet). Convert
-    bfloat16 operands to float32 before the product, as its cast path already does: that is what a GPU's
-    bfloat16 MMA computes (exact products, float32 accumulation). This patches the simulator of ``tl.dot``
-    only; the kernels run unchanged, so their bfloat16 paths are tested here too."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    if interpreter._get_np_dtype(tl.bfloat16) != np.dtype(np.uint16):
-        return  # a Triton that stores bfloat16 otherwise: nothing to work around
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def widen(handle):
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        data = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
-        return interpreter.TensorHandle(data, tl.float32)
-
-    def create_dot(self, a, b, d, *args):
-        return original(self, widen(a), widen(b), d, *args)
-
-    interpreter.InterpreterBuilder.create_dot = create_dot
-
-
-if INTERPRET:
-    _widen_bfloat16_dot_operands()
-
-
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
     """The triton backend checks the flag at run time: set it for these tests only."""
@@ -319,3 +289,22 @@ def test_linear_rejects_bad_input():
         linear(torch.randn(3, 8), torch.randn(4, 8), "gelu")
     with pytest.raises(ValueError, match="must be int8"):
         linear_int8(torch.randn(3, 8), torch.ones(3), torch.randn(4, 8), torch.ones(4))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="a fix for the CPU interpreter; a GPU runs bfloat16 tl.dot natively")
+def test_the_interpreter_multiplies_bfloat16_values_not_bit_patterns():
+    """kernels._interpreter's fix, on its own: a bfloat16 tl.dot equals the float32 product of the same values."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot(a, b, c, N: tl.constexpr):
+        r = tl.arange(0, N)
+        offsets = r[:, None] * N + r[None, :]
+        tl.store(c + offsets, tl.dot(tl.load(a + offsets), tl.load(b + offsets)))
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(16, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    c = torch.empty(16, 16)
+    dot[(1,)](a, b, c, 16)
+    assert_close(c, a.float() @ b.float(), 1e-5, 1e-5)
