@@ -1,10 +1,17 @@
 """GPU check for the Triton path (issue 5), one run: the attention kernel against PyTorch SDPA with a
 materialized bias and against FlexAttention with a T5 ``score_mod``, at L = 64, 128, 512; then the whole
-``triton`` backend against ``reference`` in float16/bfloat16 and the ONNX Runtime CUDA backend (when
-onnxruntime-gpu is present) for the base and large presets on the shipped text; tokens/s, achieved TFLOP/s
-and the fraction of the GPU's measured bf16 matmul peak. Writes ``bench/results/gpu-triton-<date>-<host>.json``.
+``triton`` backend against transformers' T5 (the reference) in float32, float16 and bfloat16 and ONNX Runtime's
+CUDA backend (when onnxruntime-gpu is installed), for the base and large presets on the shipped evidence text:
+tokens/s, achieved TFLOP/s, the fraction of the GPU's bf16 matmul peak measured in the same run, and parity
+against the float32 reference. Writes ``gpu-triton-<date>-<host>.{json,md}``.
 
-Run through ``bench/gpu_triton.sh`` on a CUDA machine (it runs the kernel parity tests first).
+Backends are timed on their forward pass over batches tokenized, padded and moved to the GPU beforehand
+(64 rows, at most 32768 padded tokens, as ``encode``'s defaults plan them): the tokenizer runs on the CPU at the
+same speed for every backend and would hide the GPU's work. ``fastinstructor bench --device cuda`` (the last
+step of ``gpu_triton.sh``) gives the end-to-end ``encode`` figures.
+
+``--smoke`` runs every step on the CPU under ``TRITON_INTERPRET=1`` at toy sizes, so that a GPU run cannot fail
+on the script itself (``tests/test_gpu_triton_script.py``); its timings mean nothing.
 """
 
 from __future__ import annotations
@@ -12,131 +19,302 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import socket
+import statistics
 import sys
+import time
+from pathlib import Path
 
-import torch
-import triton.testing
-from fastinstructor.kernels.attention import t5_attention
 from harness import DEFAULT_OUT, ROOT
 
-import fastinstructor
-from fastinstructor.backends.cpu import relative_position_bucket
-from fastinstructor.benchmark import encoder_flops, matmul_ceilings
-from fastinstructor.data import read_jsonl_texts, shared_data_dir
-from fastinstructor.dispatch import probe
-from fastinstructor.parity import TOLERANCES, compare
-from fastinstructor.testmodel import make_test_model
-
 INSTRUCTION = "Represent the Wikipedia document for retrieval:"
+BATCH_ROWS, BATCH_TOKENS = 64, 32768  # Instructor.encode's batch_size and a budget that fits any preset here
 
 
-def attention_timings(length: int, table: torch.Tensor, heads: int, head_dim: int, batch: int) -> list[dict]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--texts", type=int, default=2048, help="evidence sentences per preset (default 2048)")
+    parser.add_argument("--presets", default="base,large", help="test-model presets (default base,large)")
+    parser.add_argument("--lengths", default="64,128,512", help="attention sequence lengths (default 64,128,512)")
+    parser.add_argument(
+        "--attention-tokens", type=int, default=32768, help="tokens per attention call: batch = this / L"
+    )
+    parser.add_argument("--repeat", type=int, default=5, help="timed passes per backend; the median counts")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default bench/results)")
+    parser.add_argument("--models", type=Path, default=ROOT / ".models" / "gpu", help="where checkpoints are built")
+    parser.add_argument("--smoke", action="store_true", help="the CPU under the Triton interpreter, toy sizes")
+    return parser.parse_args(argv)
+
+
+def median_ms(fn, device: str, repeat: int) -> tuple[float, object]:
+    """(median wall time of ``fn`` in ms after one warm-up call, its last result); synchronized on CUDA."""
+    import torch
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    fn()  # compilation, autotuning, caches
+    times = []
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        result = fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times), result
+
+
+def kernel_ms(fn, device: str, repeat: int) -> float:
+    """One attention call: CUDA events and an L2 flush (``triton.testing.do_bench``) on a GPU."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, return_mode="median")
+    return median_ms(fn, device, repeat)[0]
+
+
+def attention_rows(lengths, tokens: int, heads: int, head_dim: int, device: str, repeat: int) -> list[dict]:
+    """Each implementation at each length on the same q, k, v, with its largest difference from SDPA."""
+    import torch
     from torch.nn.attention.flex_attention import flex_attention
 
-    q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    pos = torch.arange(length, device="cuda")
+    table = torch.randn(32, heads, device=device)
+    # Compiled on a GPU, as FlexAttention is meant to run; eager on the CPU (smoke), where it only checks the maths.
+    flex = torch.compile(flex_attention) if device == "cuda" else flex_attention
+    rows = []
+    for length in lengths:
+        batch = max(1, tokens // length)
+        impls = _attention_impls(length, batch, table, head_dim, flex, device)
+        expected = impls["sdpa_materialized_bias"]().float()
+        flops = 4 * batch * heads * length * length * head_dim
+        for name, fn in impls.items():
+            ms = kernel_ms(fn, device, repeat)
+            diff = float((fn().float() - expected).abs().max())
+            rows.append(
+                {"L": length, "batch": batch, "impl": name, "ms": ms, "tflops": flops / ms / 1e9, "max_abs_diff": diff}
+            )
+    return rows
+
+
+def _attention_impls(length: int, batch: int, table, head_dim: int, flex, device: str) -> dict:
+    """SDPA with the bias materialized, FlexAttention with a T5 ``score_mod``, and the Triton kernel on packed
+    q, k, v: bfloat16 ``[batch, heads, length, head_dim]``, each returned in that layout."""
+    import torch
+    from fastinstructor.kernels.attention import t5_attention
+
+    from fastinstructor.backends.cpu import relative_position_bucket
+
+    heads = table.shape[1]
+    q, k, v = (torch.randn(batch, heads, length, head_dim, device=device).mul(0.3).to(torch.bfloat16) for _ in range(3))
+    pos = torch.arange(length, device=device)
     buckets = relative_position_bucket(pos[None, :] - pos[:, None], 32, 128)
-    bias = table[buckets].permute(2, 0, 1)[None].to(torch.bfloat16)  # [1, H, L, L] materialized
+    bias = table[buckets].permute(2, 0, 1)[None].to(torch.bfloat16)  # [1, H, L, L], materialized
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + table[buckets[q_idx, kv_idx], h]
 
     packed = [t.transpose(1, 2).reshape(batch * length, heads, head_dim).contiguous() for t in (q, k, v)]
-    cu = torch.arange(0, (batch + 1) * length, length, device="cuda", dtype=torch.int32)
-    flex = torch.compile(flex_attention)
-    timings = {
-        "sdpa_materialized_bias": triton.testing.do_bench(
-            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    cu = torch.arange(0, (batch + 1) * length, length, device=device, dtype=torch.int32)
+    return {
+        "sdpa_materialized_bias": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, scale=1.0
         ),
-        "flex_attention": triton.testing.do_bench(lambda: flex(q, k, v, score_mod=score_mod, scale=1.0)),
-        "triton_kernel": triton.testing.do_bench(lambda: t5_attention(*packed, cu, length, table)),
+        "flex_attention": lambda: flex(q, k, v, score_mod=score_mod, scale=1.0),
+        "triton_kernel": lambda: (
+            t5_attention(*packed, cu, length, table).view(batch, length, heads, head_dim).transpose(1, 2)
+        ),
     }
-    flops = 4 * batch * heads * length * length * head_dim
-    return [{"L": length, "impl": name, "ms": ms, "tflops": flops / ms / 1e9} for name, ms in timings.items()]
 
 
-def attention_rows(heads: int = 16, head_dim: int = 64, batch: int = 32) -> list[dict]:
-    table = torch.randn(32, heads, device="cuda")
-    return [row for length in (64, 128, 512) for row in attention_timings(length, table, heads, head_dim, batch)]
+def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args, device: str) -> tuple[list, list]:
+    """(rows, skipped) for every contender on ``preset``: forward-pass speed and parity against float32."""
+    import torch
 
+    import fastinstructor
+    from fastinstructor.backends import ReferenceBackend, TritonBackend
+    from fastinstructor.batching import pad_batch, plan_batches
+    from fastinstructor.benchmark import encoder_flops
+    from fastinstructor.checkpoint import load_checkpoint
+    from fastinstructor.dispatch import probe
+    from fastinstructor.parity import TOLERANCES, compare
+    from fastinstructor.testmodel import make_test_model
+    from fastinstructor.tokenization import PairTokenizer, load_tokenizer
 
-def time_encode(model, pairs: list, expected, precision: str) -> tuple[float, float, bool]:
-    """(ms per pass, min cosine vs the float32 reference, parity passed)."""
-
-    def run():
-        out = model.encode(pairs, batch_size=64, max_batch_tokens=32768)
-        torch.cuda.synchronize()
-        return out
-
-    ms = triton.testing.do_bench(run, warmup=1, rep=3)
-    report = compare(run(), expected)
-    return ms, report.min_cos, not report.failures(TOLERANCES[precision])
-
-
-def backend_rows(preset: str, texts: list[str], peak: float, work) -> list[dict]:
-    model_dir = work / f"instructor-{preset}-random"
+    model_dir = args.models / f"instructor-{preset}-random"
     if not (model_dir / "modules.json").is_file():
+        print(f"building the random-weight {preset} checkpoint in {model_dir}", file=sys.stderr, flush=True)
         make_test_model(preset, model_dir)
-    pairs = [[INSTRUCTION, t] for t in texts]
-    reference = fastinstructor.load(model_dir, backend="reference", precision="float32", device="cuda")
-    expected = reference.encode(pairs, batch_size=64)
-    lengths = [len(ids) for ids in reference.tokenizer(pairs).ids]
-    tokens = sum(lengths)
-    checkpoint = reference.checkpoint
-    # Matmul FLOPs at the real lengths, attention included: the same count as fastinstructor bench.
-    flops = encoder_flops(
-        checkpoint.config, lengths, checkpoint.out_dim if checkpoint.dense_weight is not None else None
-    )
-    contenders = {f"triton {p}": ("triton", p) for p in ("bfloat16", "float16", "int8")}
-    contenders["reference float32"] = ("reference", "float32")
+    checkpoint = load_checkpoint(model_dir)
+    tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), checkpoint.max_seq_length)
+    tokenized = tokenizer([[INSTRUCTION, t] for t in texts])
+    lengths = [len(ids) for ids in tokenized.ids]
+    batches = [
+        tuple(
+            t.to(device) for t in pad_batch([tokenized.ids[i] for i in rows], [tokenized.pool_start[i] for i in rows])
+        )
+        for rows in plan_batches(lengths, BATCH_ROWS, BATCH_TOKENS)
+    ]
+    dense_out = checkpoint.out_dim if checkpoint.dense_weight is not None else None
+    flops = encoder_flops(checkpoint.config, lengths, dense_out)  # useful work: real tokens, attention included
+
+    def reference(dtype):
+        backend = ReferenceBackend(checkpoint, "float32", device)
+        backend.model.to(dtype)  # transformers' T5 as users run it in half precision; the pooling head stays float32
+        return backend
+
+    contenders = {
+        "reference float32": lambda: ReferenceBackend(checkpoint, "float32", device),
+        "reference bfloat16": lambda: reference(torch.bfloat16),
+        "reference float16": lambda: reference(torch.float16),
+        **{f"triton {p}": lambda p=p: TritonBackend(checkpoint, p, device) for p in ("bfloat16", "float16", "int8")},
+    }
+    skipped = []
     if "CUDAExecutionProvider" in probe().onnx_providers:
-        contenders["onnx float16"] = ("onnx", "float16")
-    rows = []
-    for name, (backend, precision) in contenders.items():
-        model = fastinstructor.load(model_dir, backend=backend, precision=precision, device="cuda")
-        model.encode(pairs[:64])
-        ms, min_cos, passed = time_encode(model, pairs, expected, precision)
-        tps = tokens / (ms / 1000)
+        contenders["onnx float16"] = lambda: (
+            fastinstructor.load(model_dir, backend="onnx", precision="float16", device=device).backend
+        )
+    else:
+        skipped.append({"preset": preset, "contender": "onnx float16", "reason": "no CUDAExecutionProvider"})
+
+    expected, rows = None, []
+    for name, make in contenders.items():
+        backend = make()
+
+        def forward(backend=backend):
+            return torch.cat([backend.embed(*batch) for batch in batches]).float().cpu().numpy()
+
+        ms, out = median_ms(forward, device, args.repeat)
+        expected = out if expected is None else expected  # the float32 reference runs first
+        precision = name.split()[1]
+        report = compare(out, expected)
+        problems = report.failures(TOLERANCES[precision])
         tflops = flops / (ms / 1000) / 1e12
         rows.append(
             {
                 "preset": preset,
                 "contender": name,
-                "tokens_per_s": tps,
+                "ms": ms,
+                "tokens_per_s": sum(lengths) / (ms / 1000),
                 "tflops": tflops,
-                "fraction_of_bf16_peak": tflops / peak,
-                "min_cos": min_cos,
-                "passed": passed,
+                "fraction_of_bf16_peak": None if not peak_tflops else tflops / peak_tflops,
+                "min_cos": report.min_cos,
+                "passed": not problems,
+                "problems": problems,
             }
         )
-    return rows
+        print(rows[-1], file=sys.stderr, flush=True)
+        del backend
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows, skipped
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--texts", type=int, default=2048)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_triton: no CUDA device")
+def markdown(result: dict) -> str:
+    from fastinstructor.benchmark import markdown_table
+
+    def fmt(value, spec, scale=1.0, unit=""):
+        return "n/a" if value is None else format(value * scale, spec) + unit
+
+    peak = result["bf16_matmul_peak_tflops"]
+    lines = [
+        f"# Triton path on {result['device_name']} ({result['date']})",
+        "",
+        f"Command: `{result['command']}`; commit {result['git_commit']}; "
+        f"bf16 matmul peak measured in this run: {fmt(peak, '.0f')} TFLOP/s.",
+        "",
+        f"## Attention, bfloat16, {result['heads']} heads x {result['head_dim']}, "
+        f"{result['attention_tokens']} tokens per call",
+        "",
+        markdown_table(
+            ["L", "batch", "implementation", "ms", "TFLOP/s", "max diff vs SDPA"],
+            [
+                [str(r["L"]), str(r["batch"]), r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.1f}"]
+                + [f"{r['max_abs_diff']:.2g}"]
+                for r in result["attention"]
+            ],
+        ),
+        "",
+        f"## Backends: forward pass on {result['texts']} texts ({result['text_source']})",
+        "",
+        markdown_table(
+            ["preset", "contender", "ms", "tokens/s", "TFLOP/s", "of bf16 peak", "min cos", "parity"],
+            [
+                [r["preset"], r["contender"], f"{r['ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.1f}"]
+                + [fmt(r["fraction_of_bf16_peak"], ".1f", 100, " %")]
+                + [f"{r['min_cos']:.6f}", "pass" if r["passed"] else "FAIL: " + "; ".join(r["problems"])]
+                for r in result["backends"]
+            ],
+        ),
+    ]
+    lines += ["", *(f"Skipped: {s['contender']} on {s['preset']}: {s['reason']}" for s in result["skipped"])]
+    if result["smoke"]:
+        lines += [
+            "",
+            "**Smoke run** (CPU, Triton interpreter, toy sizes): checks the script; the timings mean nothing.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels are decorated at import
+    import torch
+
+    from fastinstructor.benchmark import environment, matmul_ceilings, source_version
+    from fastinstructor.data import read_jsonl_texts, sample_passages, shared_data_dir
+
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_triton: no CUDA device (--smoke checks the script on the CPU)")
     data = shared_data_dir()
-    if data is None:
-        sys.exit("gpu_triton: the shared data folder was not found")
-    texts = [t for _, t in read_jsonl_texts(data / "climate_fever_evidence.jsonl", args.texts)]
-    peak = matmul_ceilings(["bfloat16"], "cuda", 8192)["bfloat16"]["gflops"] / 1000
+    if data is not None:
+        path = data / "climate_fever_evidence.jsonl"
+        texts, source = [t for _, t in read_jsonl_texts(path, args.texts)], path.name
+    elif args.smoke:
+        passages, source = sample_passages(args.texts)
+        texts = [t for _, t in passages]
+    else:
+        sys.exit("gpu_triton: the shared data was not found; point FASTINSTRUCTOR_DATA at its folder")
+    heads, head_dim = (2, 64) if args.smoke else (16, 64)
+    peak = matmul_ceilings(["bfloat16"], device, 256 if args.smoke else 8192)["bfloat16"]["gflops"]
+    peak_tflops = None if peak is None else peak / 1000
+    print(f"bf16 matmul peak: {peak_tflops} TFLOP/s", file=sys.stderr, flush=True)
+    lengths = [int(x) for x in args.lengths.split(",")]
     result = {
-        "gpu": torch.cuda.get_device_name(),
-        "bf16_matmul_peak_tflops": peak,
-        "attention": attention_rows(),
-        "backends": [
-            r for preset in ("base", "large") for r in backend_rows(preset, texts, peak, ROOT / ".models" / "gpu")
-        ],
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python", "bench/gpu_triton.py", *(sys.argv[1:] if argv is None else argv)]),
+        "smoke": args.smoke,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
+        **source_version(),
+        "environment": environment(),
+        "bf16_matmul_peak_tflops": peak_tflops,
+        "heads": heads,
+        "head_dim": head_dim,
+        "attention_tokens": args.attention_tokens,
+        "attention": attention_rows(lengths, args.attention_tokens, heads, head_dim, device, args.repeat),
+        "texts": len(texts),
+        "text_source": source,
+        "backends": [],
+        "skipped": [],
     }
-    for row in result["attention"] + result["backends"]:
-        print(row)
-    out = DEFAULT_OUT / f"gpu-triton-{datetime.date.today().isoformat()}-{socket.gethostname()}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    for row in result["attention"]:
+        print(row, file=sys.stderr, flush=True)
+    for preset in args.presets.split(","):
+        rows, skipped = backend_rows(preset, texts, peak_tflops, args, device)
+        result["backends"] += rows
+        result["skipped"] += skipped
+    stem = f"gpu-triton-{result['date']}-{socket.gethostname()}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (args.out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
+    print(markdown(result))
+    print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
+    failed = [r for r in result["backends"] if not r["passed"]]
+    if failed:
+        sys.exit(f"gpu_triton: parity failed for {', '.join(r['preset'] + ' ' + r['contender'] for r in failed)}")
 
 
 if __name__ == "__main__":

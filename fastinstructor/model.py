@@ -152,7 +152,8 @@ def load(
 
     ``backend``: ``"auto"`` (default: the dispatcher's choice, see ``fastinstructor.dispatch``), ``"onnx"``
     (ONNX Runtime; float32, int8 on the CPU, float16 on CUDA), ``"cpu"`` (the project's PyTorch encoder;
-    float32, bfloat16, int8) or ``"reference"`` (transformers, float32). ``precision``: ``"auto"`` or one the
+    float32, bfloat16, int8), ``"triton"`` (the project's Triton kernels on CUDA; bfloat16, float16, float32,
+    int8) or ``"reference"`` (transformers, float32). ``precision``: ``"auto"`` or one the
     backend supports. ``FASTINSTRUCTOR_BACKEND`` / ``FASTINSTRUCTOR_PRECISION`` replace an ``"auto"``.
     Every candidate other than the reference must pass its parity check against the float32 reference
     (DESIGN section 5; cached on disk unless ``parity_cache=False``); an explicit request that cannot be
