@@ -1,5 +1,7 @@
 """GPU check for the Triton path (issue 5), one run: the attention kernel against PyTorch SDPA with a
-materialized bias and against FlexAttention with a T5 ``score_mod``, at L = 64, 128, 512; then the whole
+materialized bias and against FlexAttention with a T5 ``score_mod``, at L = 64, 128, 512; a sweep of the matmul
+and attention kernels' candidate tiles (``TILE_CANDIDATES``; the matmul beside cuBLAS) at the first preset's
+shapes, to choose their defaults from; then the whole
 ``triton`` backend against transformers' T5 (the reference) in float32, float16 and bfloat16 and ONNX Runtime's
 CUDA backend (when onnxruntime-gpu is installed), for the base and large presets on the shipped evidence text:
 tokens/s, achieved TFLOP/s, the fraction of the GPU's bf16 matmul peak measured in the same run, and parity
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import socket
@@ -40,7 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--attention-tokens", type=int, default=32768, help="tokens per attention call: batch = this / L"
     )
-    parser.add_argument("--repeat", type=int, default=5, help="timed passes per backend; the median counts")
+    parser.add_argument(
+        "--tile-rows", type=int, default=4096, help="packed tokens (M) of the matmul tile sweep (default 4096)"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="timed passes per backend; the median counts")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default bench/results)")
     parser.add_argument("--models", type=Path, default=ROOT / ".models" / "gpu", help="where checkpoints are built")
     parser.add_argument("--smoke", action="store_true", help="the CPU under the Triton interpreter, toy sizes")
@@ -126,6 +132,93 @@ def _attention_impls(length: int, batch: int, table, head_dim: int, flex, device
             t5_attention(*packed, cu, length, table).view(batch, length, heads, head_dim).transpose(1, 2)
         ),
     }
+
+
+def tile_rows(preset: str, rows_m: int, attention_tokens: int, lengths, device: str, repeat: int) -> list[dict]:
+    """Every candidate tile of the matmul (bfloat16 and int8, at ``preset``'s q/k/v, wi and wo shapes for
+    ``rows_m`` packed tokens, beside cuBLAS through torch) and of the attention kernel (bfloat16, ``preset``'s
+    heads), each with its largest error relative to the float32 result: the measurements to choose the
+    kernels' default tiles from."""
+    from fastinstructor.testmodel import PRESETS
+
+    cfg = PRESETS[preset]
+    inner = cfg.num_heads * cfg.d_kv
+    rows = []
+    for name, n, k, activation in [
+        ("qkv", 3 * inner, cfg.d_model, "none"),
+        ("wi", cfg.d_ff, cfg.d_model, "relu"),
+        ("wo", cfg.d_model, cfg.d_ff, "none"),
+    ]:
+        rows += _matmul_tiles(f"{name} {rows_m}x{n}x{k}", rows_m, n, k, activation, device, repeat)
+    for length in lengths:
+        rows += _attention_tiles(length, max(1, attention_tokens // length), cfg, device, repeat)
+    return rows
+
+
+def _tile_row(op, shape, dtype, tile, run, expected, flops, device, repeat) -> dict:
+    """``run()`` timed, with its largest error relative to the float32 ``expected``; ``tile`` None: cuBLAS."""
+    from fastinstructor.kernels import attention, matmul
+
+    ms = kernel_ms(run, device, repeat)
+    return {
+        "op": op,
+        "shape": shape,
+        "dtype": dtype,
+        "tile": "cuBLAS (torch)" if tile is None else " ".join(f"{k}={v}" for k, v in tile.items()),
+        "default": tile is matmul.DEFAULT_TILE or tile is attention.DEFAULT_TILE,
+        "ms": ms,
+        "tflops": flops / ms / 1e9,
+        "relative_error": float((run().float() - expected).abs().max() / expected.abs().max()),
+    }
+
+
+def _matmul_tiles(shape: str, m: int, n: int, k: int, activation: str, device: str, repeat: int) -> list[dict]:
+    import torch
+    from fastinstructor.kernels import matmul
+
+    g = torch.Generator(device=device).manual_seed(m + n + k)
+    x, w = torch.randn(m, k, device=device, generator=g), torch.randn(n, k, device=device, generator=g) / k**0.5
+    (xq, sx), (wq, sw) = matmul.quantize_rows(x), matmul.quantize_rows(w)
+    xb, wb, wq_t = x.bfloat16(), w.bfloat16(), wq.t().contiguous()
+    exact = {"bfloat16": matmul.linear_ref(xb, wb, activation, torch.float32)}
+    exact["int8"] = matmul.linear_int8_ref(xq, sx, wq, sw, activation)
+    # cuBLAS computes no ReLU: on wi its error shows the ReLU missing, not a fault.
+    runs = {
+        "bfloat16": (lambda: xb @ wb.t(), lambda t: matmul.linear(xb, wb, activation, tile=t)),
+        "int8": (
+            lambda: torch._int_mm(xq, wq_t) * sx[:, None] * sw,
+            lambda t: matmul.linear_int8(xq, sx, wq, sw, activation, tile=t),
+        ),
+    }
+    rows = []
+    for dtype, (cublas, kernel) in runs.items():
+        args = (exact[dtype], 2 * m * n * k, device, repeat)
+        rows.append(_tile_row("matmul", shape, dtype, None, cublas, *args))
+        for tile in matmul.TILE_CANDIDATES:
+            rows.append(_tile_row("matmul", shape, dtype, tile, functools.partial(kernel, tile), *args))
+    return rows
+
+
+def _attention_tiles(length: int, batch: int, cfg, device: str, repeat: int) -> list[dict]:
+    import torch
+    from fastinstructor.kernels import attention
+
+    g = torch.Generator(device=device).manual_seed(length)
+    heads, d = cfg.num_heads, cfg.d_kv
+    q, k, v = (torch.randn(batch * length, heads, d, device=device, generator=g).mul(0.3) for _ in range(3))
+    table = torch.randn(32, heads, device=device, generator=g)
+    cu = torch.arange(0, (batch + 1) * length, length, device=device, dtype=torch.int32)
+    expected = attention.t5_attention_ref(q, k, v, cu, table)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+    def run(tile):
+        return attention.t5_attention(qb, kb, vb, cu, length, table, tile=tile)
+
+    shape, flops = f"L={length} batch={batch} heads={heads}x{d}", 4 * batch * heads * length * length * d
+    return [
+        _tile_row("attention", shape, "bfloat16", tile, functools.partial(run, tile), expected, flops, device, repeat)
+        for tile in attention.TILE_CANDIDATES
+    ]
 
 
 def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args, device: str) -> tuple[list, list]:
@@ -236,6 +329,17 @@ def markdown(result: dict) -> str:
             ],
         ),
         "",
+        "## Tile sweep (* marks the kernel's current default; cuBLAS computes no ReLU, hence its error on wi)",
+        "",
+        markdown_table(
+            ["op", "shape", "dtype", "tile", "ms", "TFLOP/s", "relative error"],
+            [
+                [r["op"], r["shape"], r["dtype"], r["tile"] + (" *" if r["default"] else "")]
+                + [f"{r['ms']:.3f}", f"{r['tflops']:.1f}", f"{r['relative_error']:.1e}"]
+                for r in result["tiles"]
+            ],
+        ),
+        "",
         f"## Backends: forward pass on {result['texts']} texts ({result['text_source']})",
         "",
         markdown_table(
@@ -297,19 +401,28 @@ def main(argv: list[str] | None = None) -> None:
         "attention": attention_rows(lengths, args.attention_tokens, heads, head_dim, device, args.repeat),
         "texts": len(texts),
         "text_source": source,
+        "tiles": [],
         "backends": [],
         "skipped": [],
     }
     for row in result["attention"]:
         print(row, file=sys.stderr, flush=True)
-    for preset in args.presets.split(","):
+    stem = f"gpu-triton-{result['date']}-{socket.gethostname()}"
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after each step: a run cut short by a time limit keeps what it measured
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        (args.out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
+
+    save()
+    presets = args.presets.split(",")
+    result["tiles"] = tile_rows(presets[0], args.tile_rows, args.attention_tokens, lengths, device, args.repeat)
+    save()
+    for preset in presets:
         rows, skipped = backend_rows(preset, texts, peak_tflops, args, device)
         result["backends"] += rows
         result["skipped"] += skipped
-    stem = f"gpu-triton-{result['date']}-{socket.gethostname()}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (args.out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
+        save()
     print(markdown(result))
     print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
     failed = [r for r in result["backends"] if not r["passed"]]

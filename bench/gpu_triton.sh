@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 5's GPU check, one command (meant to finish in under 8 minutes on an H100/H200-class GPU):
 #   1. the kernel parity tests on the GPU (tests/test_kernels.py);
-#   2. bench/gpu_triton.py: attention against SDPA and FlexAttention, the triton backend against transformers'
-#      T5 in float32/float16/bfloat16 and ONNX Runtime CUDA, on base and large (arguments go to it);
+#   2. bench/gpu_triton.py: attention against SDPA and FlexAttention, a sweep of the kernels' tiles (matmul
+#      against cuBLAS), the triton backend against transformers' T5 in float32/float16/bfloat16 and ONNX Runtime
+#      CUDA, on base and large (arguments go to it);
 #   3. fastinstructor bench --device cuda on the base checkpoint step 2 built: the harness's end-to-end table.
 # Everything goes to $OUT when it is set (the project's device tool brings that folder back), else
 # bench/results/, with the whole log in gpu-triton.log. A failing step does not stop the later ones; the exit
@@ -24,10 +25,12 @@ failed=()
         "$PY" -m pip install -q --no-deps --no-build-isolation -e . || failed+=("install")
     fi
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py || failed+=("kernel tests")
+    # Spread over processes when pytest-xdist is there: compiling each test's kernels dominates.
+    parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    "$PY" -m pytest -q -p no:cacheprovider $parallel tests/test_kernels.py || failed+=("kernel tests")
     "$PY" bench/gpu_triton.py --out "$RESULTS" "$@" || failed+=("gpu_triton.py")
     "$PY" -m fastinstructor bench --model .models/gpu/instructor-base-random --device cuda \
-        --backends reference,onnx,triton --texts 1024 --latency-batches 16 --out "$RESULTS" || failed+=("bench")
+        --backends reference,onnx,triton --texts 1024 --repeat 2 --out "$RESULTS" || failed+=("bench")
     if ((${#failed[@]})); then
         echo "gpu_triton.sh: failed: ${failed[*]}"
         exit 1

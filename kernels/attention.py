@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 
 from ..backends.cpu import relative_position_bucket  # the reference bucket function (transformers' arithmetic)
+from .matmul import resolve_tile
 
-__all__ = ["t5_attention", "t5_attention_padded", "t5_attention_ref"]
+__all__ = ["t5_attention", "t5_attention_padded", "t5_attention_ref", "DEFAULT_TILE", "TILE_CANDIDATES"]
 
 
 @triton.jit
@@ -115,6 +116,16 @@ def _t5_attention_kernel(
     )
 
 
+# Untuned, as for kernels.matmul: bench/gpu_triton.py sweeps TILE_CANDIDATES on a GPU.
+DEFAULT_TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+TILE_CANDIDATES = [
+    DEFAULT_TILE,
+    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+]
+
+
 def t5_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, H, D]
@@ -123,8 +134,10 @@ def t5_attention(
     max_seqlen: int,
     bias_table: torch.Tensor,  # [num_buckets, H]
     max_distance: int = 128,
+    tile: dict | None = None,
 ) -> torch.Tensor:  # [T, H, D]
-    """Packed T5 self-attention with the relative position bias computed in the kernel."""
+    """Packed T5 self-attention with the relative position bias computed in the kernel; ``tile`` overrides
+    entries of ``DEFAULT_TILE``."""
     if q.ndim != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             f"t5_attention: q, k, v must be [T, H, D] of one shape, got {tuple(q.shape)}, "
@@ -151,8 +164,8 @@ def t5_attention(
     batch = cu_seqlens.shape[0] - 1
     if tokens == 0 or batch == 0:
         return out
-    block_m, block_n = 64, 64
-    grid = (triton.cdiv(max(max_seqlen, 1), block_m), batch, heads)
+    tile = resolve_tile(tile, DEFAULT_TILE)
+    grid = (triton.cdiv(max(max_seqlen, 1), tile["BLOCK_M"]), batch, heads)
     _t5_attention_kernel[grid](
         q,
         k,
@@ -173,10 +186,9 @@ def t5_attention(
         HALF_BUCKETS=half,
         MAX_EXACT=max_exact,
         HEAD_DIM=head_dim,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
         BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **tile,
     )
     return out
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["linear", "linear_ref", "linear_int8", "linear_int8_ref", "quantize_rows"]
+__all__ = ["linear", "linear_ref", "linear_int8", "linear_int8_ref", "quantize_rows", "DEFAULT_TILE", "TILE_CANDIDATES"]
 
 
 @triton.jit
@@ -74,7 +74,28 @@ def _linear_kernel(
     )
 
 
-def _launch(x, w, sx, sw, activation: str, out_dtype: torch.dtype, int8: bool) -> torch.Tensor:
+# The tile each program computes and its launch shape. Untuned: the sizes the interpreter tests run; on a GPU,
+# bench/gpu_triton.py sweeps TILE_CANDIDATES against cuBLAS so that the default can be chosen by measurement.
+DEFAULT_TILE = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+TILE_CANDIDATES = [
+    DEFAULT_TILE,
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+]
+
+
+def resolve_tile(tile: dict | None, default: dict) -> dict:
+    """``default`` with the entries of ``tile`` replaced; unknown names are an error."""
+    unknown = set(tile or {}) - set(default)
+    if unknown:
+        raise ValueError(f"unknown tile settings {sorted(unknown)}; known: {', '.join(default)}")
+    return {**default, **(tile or {})}
+
+
+def _launch(x, w, sx, sw, activation: str, out_dtype: torch.dtype, int8: bool, tile: dict | None) -> torch.Tensor:
     if activation not in ("none", "relu"):
         raise ValueError(f"activation must be 'none' or 'relu', got {activation!r}")
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
@@ -84,7 +105,8 @@ def _launch(x, w, sx, sw, activation: str, out_dtype: torch.dtype, int8: bool) -
     (m, k), n = x.shape, w.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m and n:
-        grid = (triton.cdiv(m, 32), triton.cdiv(n, 64))
+        tile = resolve_tile(tile, DEFAULT_TILE)
+        grid = (triton.cdiv(m, tile["BLOCK_M"]), triton.cdiv(n, tile["BLOCK_N"]))
         _linear_kernel[grid](
             x,
             w,
@@ -100,18 +122,23 @@ def _launch(x, w, sx, sw, activation: str, out_dtype: torch.dtype, int8: bool) -
             RELU=activation == "relu",
             INT8=int8,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_M=32,
-            BLOCK_N=64,
-            BLOCK_K=32,
+            **tile,
         )
     return y
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, activation: str = "none", out_dtype: torch.dtype | None = None):
-    """``act(x @ w^T)`` in ``out_dtype`` (default ``x.dtype``), float32 accumulation."""
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    activation: str = "none",
+    out_dtype: torch.dtype | None = None,
+    tile: dict | None = None,
+):
+    """``act(x @ w^T)`` in ``out_dtype`` (default ``x.dtype``), float32 accumulation; ``tile`` overrides entries
+    of ``DEFAULT_TILE``."""
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.dtype != x.dtype:
         raise ValueError(f"linear: x and w must share a float32/float16/bfloat16 dtype, got {x.dtype} and {w.dtype}")
-    return _launch(x, w, None, None, activation, out_dtype or x.dtype, int8=False)
+    return _launch(x, w, None, None, activation, out_dtype or x.dtype, int8=False, tile=tile)
 
 
 def linear_int8(
@@ -121,8 +148,9 @@ def linear_int8(
     sw: torch.Tensor,
     activation: str = "none",
     out_dtype: torch.dtype = torch.float32,
+    tile: dict | None = None,
 ) -> torch.Tensor:
-    """``act(sx * sw * (xq @ wq^T))`` with int32 accumulation."""
+    """``act(sx * sw * (xq @ wq^T))`` with int32 accumulation; ``tile`` as for ``linear``."""
     if xq.dtype != torch.int8 or wq.dtype != torch.int8:
         raise ValueError(f"linear_int8: xq and wq must be int8, got {xq.dtype} and {wq.dtype}")
     if (
@@ -132,7 +160,7 @@ def linear_int8(
         or sw.dtype != torch.float32
     ):
         raise ValueError("linear_int8: scales must be float32, one per row of xq and of wq")
-    return _launch(xq, wq, sx, sw, activation, out_dtype, int8=True)
+    return _launch(xq, wq, sx, sw, activation, out_dtype, int8=True, tile=tile)
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

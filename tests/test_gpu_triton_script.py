@@ -27,7 +27,7 @@ def test_every_step_runs_and_agrees(tmp_path):
     out = tmp_path / "results"
     done = run_script(
         "--smoke", "--texts", "4", "--presets", "tiny", "--lengths", "16,24", "--attention-tokens", "48",
-        "--repeat", "1", "--out", str(out), "--models", str(tmp_path / "models"),
+        "--tile-rows", "40", "--repeat", "1", "--out", str(out), "--models", str(tmp_path / "models"),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (json_path,) = out.glob("gpu-triton-*.json")
@@ -40,6 +40,15 @@ def test_every_step_runs_and_agrees(tmp_path):
     assert attention[(16, "triton_kernel")]["batch"] == 3 and attention[(24, "triton_kernel")]["batch"] == 2
     for row in result["attention"]:
         assert row["ms"] > 0 and row["max_abs_diff"] < 2e-2, row  # bfloat16 against SDPA on the same inputs
+
+    tiles = result["tiles"]  # 3 matmul shapes x (bfloat16, int8) x (cuBLAS + 6 tiles), then 4 tiles per length
+    assert [r["op"] for r in tiles] == ["matmul"] * 42 + ["attention"] * 8
+    assert sum(r["default"] for r in tiles) == 6 + 2 and sum(r["tile"] == "cuBLAS (torch)" for r in tiles) == 6
+    for row in tiles:
+        limit = {"bfloat16": 2e-2, "int8": 1e-5}[row["dtype"]]
+        if row["tile"] == "cuBLAS (torch)" and row["shape"].startswith("wi"):
+            limit = 10.0  # no ReLU
+        assert row["ms"] > 0 and row["relative_error"] < limit, row
 
     contenders = [r["contender"] for r in result["backends"]]
     assert contenders == [

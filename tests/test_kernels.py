@@ -308,3 +308,36 @@ def test_the_interpreter_multiplies_bfloat16_values_not_bit_patterns():
     c = torch.empty(16, 16)
     dot[(1,)](a, b, c, 16)
     assert_close(c, a.float() @ b.float(), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_t5_attention_every_tile_candidate(index):
+    """Each tile bench/gpu_triton.py sweeps gives the same attention (lengths around and past its blocks)."""
+    from fastinstructor.kernels.attention import TILE_CANDIDATES, t5_attention, t5_attention_ref
+
+    tile = TILE_CANDIDATES[index]
+    q, k, v, cu, table = attention_inputs([1, 130, 33], 2, 64, torch.bfloat16, seed=index)
+    out = t5_attention(q, k, v, cu, 130, table, tile=tile)
+    assert_close(out, t5_attention_ref(q, k, v, cu, table), 3e-2, 3e-2)
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_linear_every_tile_candidate(index):
+    """Each matmul tile the GPU script sweeps, in bfloat16 with the ReLU and in int8, on sizes off its blocks."""
+    from fastinstructor.kernels.matmul import TILE_CANDIDATES, linear, linear_int8, linear_int8_ref, quantize_rows
+
+    tile = TILE_CANDIDATES[index]
+    g = torch.Generator().manual_seed(index)
+    x, w = torch.randn(70, 96, generator=g), torch.randn(300, 96, generator=g) / 10
+    half = linear(x.to(DEVICE, torch.bfloat16), w.to(DEVICE, torch.bfloat16), "relu", tile=tile)
+    assert_close(half, torch.relu(x.bfloat16().float() @ w.bfloat16().float().t()), 2e-2, 2e-2)
+    (xq, sx), (wq, sw) = quantize_rows(x), quantize_rows(w)
+    y = linear_int8(xq.to(DEVICE), sx.to(DEVICE), wq.to(DEVICE), sw.to(DEVICE), tile=tile)
+    assert_close(y, linear_int8_ref(xq, sx, wq, sw), 1e-4, 1e-5)
+
+
+def test_tile_names_are_checked():
+    from fastinstructor.kernels.matmul import linear
+
+    with pytest.raises(ValueError, match=r"unknown tile settings \['BLOCK_Q'\]"):
+        linear(torch.randn(3, 8), torch.randn(4, 8), tile={"BLOCK_Q": 16})
