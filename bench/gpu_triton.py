@@ -33,6 +33,7 @@ from harness import DEFAULT_OUT, ROOT
 
 INSTRUCTION = "Represent the Wikipedia document for retrieval:"
 BATCH_ROWS, BATCH_TOKENS = 64, 32768  # Instructor.encode's batch_size and a budget that fits any preset here
+CUBLAS = "cuBLAS (torch)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -152,11 +153,12 @@ def tile_rows(preset: str, rows_m: int, attention_tokens: int, lengths, device: 
         rows += _matmul_tiles(f"{name} {rows_m}x{n}x{k}", rows_m, n, k, activation, device, repeat)
     for length in lengths:
         rows += _attention_tiles(length, max(1, attention_tokens // length), cfg, device, repeat)
-    return rows
+    return rows + _head_rows(rows_m, cfg, device, repeat)
 
 
 def _tile_row(op, shape, dtype, tile, run, expected, flops, device, repeat) -> dict:
-    """``run()`` timed, with its largest error relative to the float32 ``expected``; ``tile`` None: cuBLAS."""
+    """``run()`` timed, with its largest error relative to the float32 ``expected``. ``tile``: a kernel's tile
+    settings, or the name of what runs (cuBLAS, a torch op)."""
     from fastinstructor.kernels import attention, matmul
 
     ms = kernel_ms(run, device, repeat)
@@ -164,7 +166,7 @@ def _tile_row(op, shape, dtype, tile, run, expected, flops, device, repeat) -> d
         "op": op,
         "shape": shape,
         "dtype": dtype,
-        "tile": "cuBLAS (torch)" if tile is None else " ".join(f"{k}={v}" for k, v in tile.items()),
+        "tile": tile if isinstance(tile, str) else " ".join(f"{k}={v}" for k, v in tile.items()),
         "default": tile is matmul.DEFAULT_TILE or tile is attention.DEFAULT_TILE,
         "ms": ms,
         "tflops": flops / ms / 1e9,
@@ -193,7 +195,7 @@ def _matmul_tiles(shape: str, m: int, n: int, k: int, activation: str, device: s
     rows = []
     for dtype, (cublas, kernel) in runs.items():
         args = (exact[dtype], 2 * m * n * k, device, repeat)
-        rows.append(_tile_row("matmul", shape, dtype, None, cublas, *args))
+        rows.append(_tile_row("matmul", shape, dtype, CUBLAS, cublas, *args))
         for tile in matmul.TILE_CANDIDATES:
             rows.append(_tile_row("matmul", shape, dtype, tile, functools.partial(kernel, tile), *args))
     return rows
@@ -219,6 +221,37 @@ def _attention_tiles(length: int, batch: int, cfg, device: str, repeat: int) -> 
         _tile_row("attention", shape, "bfloat16", tile, functools.partial(run, tile), expected, flops, device, repeat)
         for tile in attention.TILE_CANDIDATES
     ]
+
+
+def _head_rows(tokens: int, cfg, device: str, repeat: int) -> list[dict]:
+    """The pooling head of one batch (64 sequences, ``tokens`` packed states): the pooling kernel, then Dense and
+    L2 normalize in torch. Beside the encoder's time per batch, it says whether fusing them could pay."""
+    import torch
+    import torch.nn.functional as F
+    from fastinstructor.kernels.pooling import masked_mean_pool, masked_mean_pool_ref
+
+    g = torch.Generator(device=device).manual_seed(tokens)
+    lengths = torch.full((BATCH_ROWS,), max(2, tokens // BATCH_ROWS), device=device)
+    cu = torch.zeros(BATCH_ROWS + 1, dtype=torch.int32, device=device)
+    cu[1:] = lengths.cumsum(0)
+    hidden = torch.randn(int(cu[-1]), cfg.d_model, device=device, generator=g)
+    pool_start = lengths // 3  # an instruction of a third of the tokens
+    dense = torch.randn(cfg.dense_out, cfg.d_model, device=device, generator=g) / cfg.d_model**0.5
+    pooled = masked_mean_pool_ref(hidden, cu, pool_start)
+    hb = hidden.bfloat16()
+    shape = f"{BATCH_ROWS} sequences, {int(cu[-1])} tokens, {cfg.d_model} -> {cfg.dense_out}"
+    args = (device, repeat)
+    return [
+        _tile_row(
+            "head", shape, "bfloat16", "pool (kernel)", lambda: masked_mean_pool(hb, cu, pool_start), pooled,
+            hidden.numel(), *args,
+        ),
+        _tile_row(
+            "head", shape, "float32", "dense + normalize (torch)",
+            lambda: F.normalize(pooled @ dense.t(), dim=1), F.normalize(pooled.double() @ dense.double().t(), dim=1),
+            2 * BATCH_ROWS * cfg.d_model * cfg.dense_out, *args,
+        ),
+    ]  # fmt: skip
 
 
 def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args, device: str) -> tuple[list, list]:
@@ -289,6 +322,7 @@ def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args,
                 "preset": preset,
                 "contender": name,
                 "ms": ms,
+                "batches": len(batches),
                 "tokens_per_s": sum(lengths) / (ms / 1000),
                 "tflops": tflops,
                 "fraction_of_bf16_peak": None if not peak_tflops else tflops / peak_tflops,
@@ -329,7 +363,8 @@ def markdown(result: dict) -> str:
             ],
         ),
         "",
-        "## Tile sweep (* marks the kernel's current default; cuBLAS computes no ReLU, hence its error on wi)",
+        "## Tile sweep and pooling head (* marks a kernel's current default; cuBLAS computes no ReLU, hence its "
+        "error on wi)",
         "",
         markdown_table(
             ["op", "shape", "dtype", "tile", "ms", "TFLOP/s", "relative error"],
@@ -343,9 +378,10 @@ def markdown(result: dict) -> str:
         f"## Backends: forward pass on {result['texts']} texts ({result['text_source']})",
         "",
         markdown_table(
-            ["preset", "contender", "ms", "tokens/s", "TFLOP/s", "of bf16 peak", "min cos", "parity"],
+            ["preset", "contender", "ms", "batches", "tokens/s", "TFLOP/s", "of bf16 peak", "min cos", "parity"],
             [
-                [r["preset"], r["contender"], f"{r['ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.1f}"]
+                [r["preset"], r["contender"], f"{r['ms']:.1f}", str(r["batches"]), f"{r['tokens_per_s']:,.0f}"]
+                + [f"{r['tflops']:.1f}"]
                 + [fmt(r["fraction_of_bf16_peak"], ".1f", 100, " %")]
                 + [f"{r['min_cos']:.6f}", "pass" if r["passed"] else "FAIL: " + "; ".join(r["problems"])]
                 for r in result["backends"]
