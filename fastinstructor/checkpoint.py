@@ -35,6 +35,15 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+# Besides config, weights and Dense: the files AutoTokenizer reads and the sentence-transformers settings.
+_SETTINGS_FILES = (
+    "spiece.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "sentence_bert_config.json",
+    "modules.json",
+)
 # The encoder of a full seq2seq T5 checkpoint is usable; its decoder and LM head are not needed.
 _IGNORED_PREFIXES = ("decoder.", "lm_head.")
 
@@ -132,22 +141,30 @@ class Checkpoint:
     dense_weight: torch.Tensor | None = field(repr=False)  # [out_dim, d_model] or None
     normalize: bool
     max_seq_length: int
+    # Every file the embeddings depend on, as (name relative to the checkpoint folder, path).
+    files: tuple[tuple[str, Path], ...] = field(default=(), repr=False)
 
     @property
     def out_dim(self) -> int:
         return self.dense_weight.shape[0] if self.dense_weight is not None else self.config.d_model
 
+    def release_weights(self) -> None:
+        """Let the float32 weights go once a backend holds its own form of them (packed, quantized, exported, on
+        a GPU), so that the process does not keep them twice; tensors a backend uses as they are stay alive
+        through it. ``load`` calls this."""
+        self.weights.clear()
+
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 of everything that decides the embeddings: weights, head, tokenizer files, max length."""
+        """sha256 of everything that decides the embeddings: the bytes of ``files`` (config, weights, Dense,
+        tokenizer, settings) under their names in the checkpoint folder, so that a copy has the same one. Read
+        from disk, it needs no weights in memory (``release_weights``)."""
         digest = hashlib.sha256()
-        tensors = {**self.weights, **({"dense": self.dense_weight} if self.dense_weight is not None else {})}
-        for name in sorted(tensors):
-            digest.update(f"{name}{tuple(tensors[name].shape)}".encode())
-            digest.update(tensors[name].numpy().tobytes())
-        for name in ("spiece.model", "tokenizer.json"):
-            if (self.path / name).is_file():
-                digest.update((self.path / name).read_bytes())
+        for name, file in self.files:
+            digest.update(f"{name}\0".encode())
+            with open(file, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
         digest.update(f"normalize={self.normalize} max_seq_length={self.max_seq_length}".encode())
         return digest.hexdigest()
 
@@ -235,17 +252,22 @@ def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _weight_files(path: Path) -> list[Path]:
+    """The tensor files behind a weights file: itself, or the shards a ``*.index.json`` names."""
+    if not path.name.endswith(".index.json"):
+        return [path]
+    index = _read_json(path)
+    files = sorted(set(index.get("weight_map", {}).values())) if isinstance(index, dict) else []
+    if not files:
+        raise CheckpointError(f"{path} has no weight_map; the checkpoint index is damaged")
+    return [path.parent / name for name in files]
+
+
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.name.endswith(".index.json"):
-        index = _read_json(path)
-        files = sorted(set(index.get("weight_map", {}).values())) if isinstance(index, dict) else []
-        if not files:
-            raise CheckpointError(f"{path} has no weight_map; the checkpoint index is damaged")
-        weights: dict[str, torch.Tensor] = {}
-        for name in files:
-            weights.update(_load_tensor_file(path.parent / name))
-        return weights
-    return _load_tensor_file(path)
+    weights: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        weights.update(_load_tensor_file(file))
+    return weights
 
 
 def _check_encoder_weights(
@@ -352,6 +374,12 @@ def load_checkpoint(
                 f"{modules['Pooling']}: pooling modes {modes} are not supported; INSTRUCTOR uses mean"
             )
     dense = _load_dense(modules["Dense"], config.d_model) if "Dense" in modules else None
+    files = [root / "config.json", *_weight_files(weights_file)]
+    if dense is not None:
+        files += [modules["Dense"] / "config.json", *_weight_files(_find_weights(modules["Dense"]))]
+    files += [f for f in (folder / name for name in _SETTINGS_FILES) if f.is_file()]
+    if root != folder:
+        files += [f for f in (root / name for name in _SETTINGS_FILES) if f.is_file()]
 
     max_seq_length = 512
     st_config = root / "sentence_bert_config.json"
@@ -365,4 +393,5 @@ def load_checkpoint(
         dense_weight=dense,
         normalize="Normalize" in modules,
         max_seq_length=max_seq_length,
+        files=tuple((Path(os.path.relpath(f, folder)).as_posix(), f) for f in dict.fromkeys(files) if f.is_file()),
     )

@@ -194,4 +194,5 @@ def load(
         use_cache=parity_cache,
         backend_options=backend_options,
     )
+    checkpoint.release_weights()
     return Instructor(checkpoint, instance, tokenizer, candidate.precision, report)

@@ -30,6 +30,34 @@ def test_dimensions_come_from_the_files(make_model):
     assert ckpt.config.inner_dim == 128 and ckpt.out_dim == 48 and ckpt.normalize and ckpt.max_seq_length == 512
 
 
+def test_fingerprint_is_the_files_that_decide_the_embeddings(tiny_model, tiny_copy):
+    """The same for a copy elsewhere; different once a weight, the config or the Dense head changes."""
+    original = load_checkpoint(tiny_model).fingerprint
+    assert load_checkpoint(tiny_copy).fingerprint == original
+    names = [name for name, _ in load_checkpoint(tiny_copy).files]
+    assert {"config.json", "model.safetensors", "2_Dense/model.safetensors", "spiece.model"} <= set(names)
+
+    config = json.loads((tiny_copy / "config.json").read_text())
+    (tiny_copy / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 1e-5}))
+    changed_config = load_checkpoint(tiny_copy).fingerprint
+    dense = load_file(str(tiny_copy / "2_Dense" / "model.safetensors"))
+    save_file({"linear.weight": dense["linear.weight"] * 2}, str(tiny_copy / "2_Dense" / "model.safetensors"))
+    changed_dense = load_checkpoint(tiny_copy).fingerprint
+    assert len({original, changed_config, changed_dense}) == 3
+
+
+def test_load_lets_the_checkpoint_weights_go(tiny_model, real_pairs):
+    """The backend holds its own form of the weights; the checkpoint keeps none, and its fingerprint still works."""
+    model = fastinstructor.load(tiny_model, backend="cpu", precision="float32")
+    assert model.checkpoint.weights == {}
+    assert model.checkpoint.fingerprint == load_checkpoint(tiny_model).fingerprint
+    np.testing.assert_allclose(
+        model.encode(real_pairs[:4]),
+        fastinstructor.load(tiny_model, backend="reference").encode(real_pairs[:4]),
+        atol=1e-5,
+    )
+
+
 def test_pytorch_model_bin_loads_like_safetensors(tiny_model, tiny_copy, real_pairs):
     weights = load_file(str(tiny_copy / "model.safetensors"))
     weights["encoder.embed_tokens.weight"] = weights["shared.weight"]  # older files store the tie twice

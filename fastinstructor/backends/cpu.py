@@ -66,8 +66,8 @@ class T5Block(nn.Module):
         self.o.weight.data = weights[attn + "o.weight"]
         self.wi[0].weight.data = weights[prefix + "1.DenseReluDense.wi.weight"]
         self.wo.weight.data = weights[prefix + "1.DenseReluDense.wo.weight"]
-        self.register_buffer("ln_attn", weights[prefix + "0.layer_norm.weight"])
-        self.register_buffer("ln_ff", weights[prefix + "1.layer_norm.weight"])
+        self.register_buffer("ln_attn", weights[prefix + "0.layer_norm.weight"].clone())  # clones: see T5Encoder
+        self.register_buffer("ln_ff", weights[prefix + "1.layer_norm.weight"].clone())
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # x: [B, L, D] float32 residual stream; mask: [B, H, L, L] additive bias + padding, in `dtype`
@@ -102,11 +102,13 @@ class T5Encoder(nn.Module):
     def __init__(self, config: EncoderConfig, weights: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.config = config
-        self.register_buffer("embed", weights["shared.weight"])
+        # Copies of the tensors used as they are: the checkpoint's are views of its memory-mapped file, and one
+        # kept view would keep the whole file resident after the checkpoint lets its weights go.
+        self.register_buffer("embed", weights["shared.weight"].clone())
         self.register_buffer(
-            "bias_table", weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+            "bias_table", weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].clone()
         )
-        self.register_buffer("ln_final", weights["encoder.final_layer_norm.weight"])
+        self.register_buffer("ln_final", weights["encoder.final_layer_norm.weight"].clone())
         self.blocks = nn.ModuleList(
             T5Block(config, weights, f"encoder.block.{i}.layer.") for i in range(config.num_layers)
         )
