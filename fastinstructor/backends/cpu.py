@@ -10,8 +10,8 @@ Differences from ``transformers.T5EncoderModel`` (the maths is the same, DESIGN 
   pooling head stay float32;
 - float32 and bfloat16 linear layers run on oneDNN with each weight reordered once into its blocked layout
   and the feed-forward ReLU fused (``PackedLinear``): torch's default float32 GEMM (MKL) reaches 200 GFLOP/s
-  on the project's AMD EPYC machines where oneDNN reaches 460 (the packed copies cost the weights' size once
-  more in memory, as the checkpoint keeps the originals); without oneDNN they stay ``nn.Linear``;
+  on the project's AMD EPYC machines where oneDNN reaches 460 (``load`` then lets the checkpoint's float32
+  originals go, so the packed copies replace them in memory); without oneDNN they stay ``nn.Linear``;
 - int8 is PyTorch dynamic quantization of every linear layer (int8 weights per output channel, activations
   quantized per batch at run time); attention stays float32.
 """
