@@ -1,11 +1,11 @@
 """GPU check for the Triton path (issue 5), one run: the attention kernel against PyTorch SDPA with a
-materialized bias and against FlexAttention with a T5 ``score_mod``, at L = 64, 128, 512; a sweep of the matmul
-and attention kernels' candidate tiles (``TILE_CANDIDATES``; the matmul beside cuBLAS) at the first preset's
-shapes, to choose their defaults from; then the whole
+materialized bias and against FlexAttention with a T5 ``score_mod``, at L = 64, 128, 512; then the whole
 ``triton`` backend against transformers' T5 (the reference) in float32, float16 and bfloat16 and ONNX Runtime's
 CUDA backend (when onnxruntime-gpu is installed), for the base and large presets on the shipped evidence text:
 tokens/s, achieved TFLOP/s, the fraction of the GPU's bf16 matmul peak measured in the same run, and parity
-against the float32 reference. Writes ``gpu-triton-<date>-<host>.{json,md}``.
+against the float32 reference; last, a sweep of the matmul and attention kernels' candidate tiles
+(``TILE_CANDIDATES``; the matmul beside cuBLAS) and the pooling head at the first preset's shapes, to choose
+their defaults from. Writes ``gpu-triton-<date>-<host>.{json,md}`` after each step.
 
 Backends are timed on their forward pass over batches tokenized, padded and moved to the GPU beforehand
 (64 rows, at most 32768 padded tokens, as ``encode``'s defaults plan them): the tokenizer runs on the CPU at the
@@ -52,6 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", type=Path, default=ROOT / ".models" / "gpu", help="where checkpoints are built")
     parser.add_argument("--smoke", action="store_true", help="the CPU under the Triton interpreter, toy sizes")
     return parser.parse_args(argv)
+
+
+_START = time.perf_counter()
+
+
+def log(message) -> None:
+    """Progress on stderr with the seconds since the start: the log of a GPU run says where its time went."""
+    print(f"[{time.perf_counter() - _START:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def median_ms(fn, device: str, repeat: int) -> tuple[float, object]:
@@ -270,7 +278,7 @@ def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args,
 
     model_dir = args.models / f"instructor-{preset}-random"
     if not (model_dir / "modules.json").is_file():
-        print(f"building the random-weight {preset} checkpoint in {model_dir}", file=sys.stderr, flush=True)
+        log(f"building the random-weight {preset} checkpoint in {model_dir}")
         make_test_model(preset, model_dir)
     checkpoint = load_checkpoint(model_dir)
     tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), checkpoint.max_seq_length)
@@ -331,7 +339,7 @@ def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args,
                 "problems": problems,
             }
         )
-        print(rows[-1], file=sys.stderr, flush=True)
+        log(rows[-1])
         del backend
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -363,18 +371,6 @@ def markdown(result: dict) -> str:
             ],
         ),
         "",
-        "## Tile sweep and pooling head (* marks a kernel's current default; cuBLAS computes no ReLU, hence its "
-        "error on wi)",
-        "",
-        markdown_table(
-            ["op", "shape", "dtype", "tile", "ms", "TFLOP/s", "relative error"],
-            [
-                [r["op"], r["shape"], r["dtype"], r["tile"] + (" *" if r["default"] else "")]
-                + [f"{r['ms']:.3f}", f"{r['tflops']:.1f}", f"{r['relative_error']:.1e}"]
-                for r in result["tiles"]
-            ],
-        ),
-        "",
         f"## Backends: forward pass on {result['texts']} texts ({result['text_source']})",
         "",
         markdown_table(
@@ -385,6 +381,18 @@ def markdown(result: dict) -> str:
                 + [fmt(r["fraction_of_bf16_peak"], ".1f", 100, " %")]
                 + [f"{r['min_cos']:.6f}", "pass" if r["passed"] else "FAIL: " + "; ".join(r["problems"])]
                 for r in result["backends"]
+            ],
+        ),
+        "",
+        "## Tile sweep and pooling head (* marks a kernel's current default; cuBLAS computes no ReLU, hence its "
+        "error on wi)",
+        "",
+        markdown_table(
+            ["op", "shape", "dtype", "tile", "ms", "TFLOP/s", "relative error"],
+            [
+                [r["op"], r["shape"], r["dtype"], r["tile"] + (" *" if r["default"] else "")]
+                + [f"{r['ms']:.3f}", f"{r['tflops']:.1f}", f"{r['relative_error']:.1e}"]
+                for r in result["tiles"]
             ],
         ),
     ]
@@ -421,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     heads, head_dim = (2, 64) if args.smoke else (16, 64)
     peak = matmul_ceilings(["bfloat16"], device, 256 if args.smoke else 8192)["bfloat16"]["gflops"]
     peak_tflops = None if peak is None else peak / 1000
-    print(f"bf16 matmul peak: {peak_tflops} TFLOP/s", file=sys.stderr, flush=True)
+    log(f"bf16 matmul peak: {peak_tflops} TFLOP/s")
     lengths = [int(x) for x in args.lengths.split(",")]
     result = {
         "date": datetime.date.today().isoformat(),
@@ -442,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         "skipped": [],
     }
     for row in result["attention"]:
-        print(row, file=sys.stderr, flush=True)
+        log(row)
     stem = f"gpu-triton-{result['date']}-{socket.gethostname()}"
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -452,15 +460,16 @@ def main(argv: list[str] | None = None) -> None:
 
     save()
     presets = args.presets.split(",")
-    result["tiles"] = tile_rows(presets[0], args.tile_rows, args.attention_tokens, lengths, device, args.repeat)
-    save()
-    for preset in presets:
+    for preset in presets:  # what the issue asks for first; the tile sweep, for tuning, after
         rows, skipped = backend_rows(preset, texts, peak_tflops, args, device)
         result["backends"] += rows
         result["skipped"] += skipped
         save()
+    result["tiles"] = tile_rows(presets[0], args.tile_rows, args.attention_tokens, lengths, device, args.repeat)
+    log(f"tile sweep: {len(result['tiles'])} rows")
+    save()
     print(markdown(result))
-    print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
+    log(f"wrote {args.out / stem}.json and .md")
     failed = [r for r in result["backends"] if not r["passed"]]
     if failed:
         sys.exit(f"gpu_triton: parity failed for {', '.join(r['preset'] + ' ' + r['contender'] for r in failed)}")

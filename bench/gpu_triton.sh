@@ -20,6 +20,13 @@ RESULTS=${OUT:-bench/results}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
 failed=()
+step() {  # run a step, print how long it took (the device's time is scarce: the log says where it went)
+    local start=$SECONDS
+    "$@"
+    local status=$?
+    echo "gpu_triton.sh: $((SECONDS - start)) s, exit $status: $*"
+    return $status
+}
 {
     if ! "$PY" -c "import fastinstructor.kernels" 2>/dev/null; then
         "$PY" -m pip install -q --no-deps --no-build-isolation -e . || failed+=("install")
@@ -27,9 +34,9 @@ failed=()
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
     # Spread over processes when pytest-xdist is there: compiling each test's kernels dominates.
     parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    "$PY" -m pytest -q -p no:cacheprovider $parallel tests/test_kernels.py || failed+=("kernel tests")
-    "$PY" bench/gpu_triton.py --out "$RESULTS" "$@" || failed+=("gpu_triton.py")
-    "$PY" -m fastinstructor bench --model .models/gpu/instructor-base-random --device cuda \
+    step "$PY" -m pytest -q -p no:cacheprovider $parallel tests/test_kernels.py || failed+=("kernel tests")
+    step "$PY" bench/gpu_triton.py --out "$RESULTS" "$@" || failed+=("gpu_triton.py")
+    step "$PY" -m fastinstructor bench --model .models/gpu/instructor-base-random --device cuda \
         --backends reference,onnx,triton --texts 1024 --repeat 2 --out "$RESULTS" || failed+=("bench")
     if ((${#failed[@]})); then
         echo "gpu_triton.sh: failed: ${failed[*]}"

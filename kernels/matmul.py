@@ -175,5 +175,6 @@ def linear_ref(x: torch.Tensor, w: torch.Tensor, activation: str = "none", out_d
 
 
 def linear_int8_ref(xq, sx, wq, sw, activation: str = "none", out_dtype: torch.dtype = torch.float32):
-    y = (xq.long() @ wq.long().t()).float() * sx[:, None] * sw[None, :]  # exact integer products
+    # float64 holds every int8 dot product up to K = 2**38 exactly, and unlike int64 it multiplies on CUDA too.
+    y = (xq.double() @ wq.double().t()).float() * sx[:, None] * sw[None, :]
     return (torch.relu(y) if activation == "relu" else y).to(out_dtype)
