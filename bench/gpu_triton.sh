@@ -6,8 +6,8 @@
 #      CUDA, on base and large (arguments go to it);
 #   3. fastinstructor bench --device cuda on the base checkpoint step 2 built: the harness's end-to-end table.
 # Everything goes to $OUT when it is set (the project's device tool brings that folder back), else
-# bench/results/, with the whole log in gpu-triton.log. A failing step does not stop the later ones; the exit
-# status says whether any failed.
+# bench/results/, with the whole log in gpu-triton.log. A failing or timed-out step does not stop the later
+# ones; the exit status says whether any failed.
 #
 # On a bare machine with torch, triton and transformers, the project is installed in place without its
 # dependencies. The shared text does not travel with the device tool; from the repository root here:
@@ -27,17 +27,25 @@ step() {  # run a step, print how long it took (the device's time is scarce: the
     echo "gpu_triton.sh: $((SECONDS - start)) s, exit $status: $*"
     return $status
 }
+BASE=.models/gpu/instructor-base-random  # gpu_triton.py builds it; step 3 uses it
 {
     if ! "$PY" -c "import fastinstructor.kernels" 2>/dev/null; then
-        "$PY" -m pip install -q --no-deps --no-build-isolation -e . || failed+=("install")
+        "$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
     fi
-    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-    # Spread over processes when pytest-xdist is there: compiling each test's kernels dominates.
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
+    if ! "$PY" -c "import sys; from fastinstructor.data import shared_data_dir; sys.exit(shared_data_dir() is None)"; then
+        echo "gpu_triton.sh: the shared data was not found; point FASTINSTRUCTOR_DATA at its folder"
+        exit 1
+    fi
+    # Each step has a time limit that keeps the whole under the device tool's 10 minutes per command: a step cut
+    # short still leaves what it saved. Tests spread over processes when pytest-xdist is there (compiling each
+    # test's kernels dominates).
     parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    step "$PY" -m pytest -q -p no:cacheprovider $parallel tests/test_kernels.py || failed+=("kernel tests")
-    step "$PY" bench/gpu_triton.py --out "$RESULTS" "$@" || failed+=("gpu_triton.py")
-    step "$PY" -m fastinstructor bench --model .models/gpu/instructor-base-random --device cuda \
-        --backends reference,onnx,triton --texts 1024 --repeat 2 --out "$RESULTS" || failed+=("bench")
+    step timeout 100 "$PY" -m pytest -q -p no:cacheprovider $parallel tests/test_kernels.py || failed+=("kernel tests")
+    step timeout 320 "$PY" bench/gpu_triton.py --out "$RESULTS" "$@" || failed+=("gpu_triton.py")
+    [ -f "$BASE/modules.json" ] || "$PY" -m fastinstructor make-test-model --preset base --out "$BASE"
+    step timeout 120 "$PY" -m fastinstructor bench --model "$BASE" --device cuda \
+        --backends reference,onnx,triton --texts 512 --repeat 2 --out "$RESULTS" || failed+=("bench")
     if ((${#failed[@]})); then
         echo "gpu_triton.sh: failed: ${failed[*]}"
         exit 1

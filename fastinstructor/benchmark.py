@@ -235,8 +235,9 @@ def matmul_ceilings(precisions: Sequence[str], device: str = "cpu", size: int = 
 def _torch_matmul(precision: str, device: str, size: int):
     def make():
         if precision == "int8":
-            a = torch.randint(-128, 128, (size, size), dtype=torch.int8, device=device)
-            return lambda: torch._int_mm(a, a)
+            a, b = (torch.randint(-128, 128, (size, size), dtype=torch.int8, device=device) for _ in range(2))
+            # b transposed, as a Linear's [N, K] weight: the layout cuBLAS and oneDNN's int8 GEMMs are fast in.
+            return lambda: torch._int_mm(a, b.t())
         a = torch.randn(size, size, device=device).to(_CEILING_DTYPES[precision])
         return lambda: a @ a
 

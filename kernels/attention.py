@@ -156,7 +156,11 @@ def t5_attention(
             f"t5_attention: bias_table must be [num_buckets, {heads}] with num_buckets a multiple of "
             f"4, got {tuple(bias_table.shape)}"
         )
-    if cu_seqlens.ndim != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or int(cu_seqlens[-1]) != tokens:
+    if cu_seqlens.ndim != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"t5_attention: cu_seqlens must be int32/int64 [B + 1] ending at T={tokens}")
+    if cu_seqlens.is_cuda:  # checked on the GPU: reading the value on the host would stall every call
+        torch._assert_async(cu_seqlens[-1] == tokens)
+    elif int(cu_seqlens[-1]) != tokens:
         raise ValueError(f"t5_attention: cu_seqlens must be int32/int64 [B + 1] ending at T={tokens}")
     half = num_buckets // 2
     max_exact = half // 2
