@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import DEFAULT_OUT, ROOT
+from harness import DEFAULT_OUT, ROOT, ensure_model
 
 INSTRUCTION = "Represent the Wikipedia document for retrieval:"
 BATCH_ROWS, BATCH_TOKENS = 64, 32768  # Instructor.encode's batch_size and a budget that fits any preset here
@@ -278,13 +278,10 @@ def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args,
     from fastinstructor.checkpoint import load_checkpoint
     from fastinstructor.dispatch import probe
     from fastinstructor.parity import TOLERANCES, compare
-    from fastinstructor.testmodel import make_test_model
     from fastinstructor.tokenization import PairTokenizer, load_tokenizer
 
     model_dir = args.models / f"instructor-{preset}-random"
-    if not (model_dir / "modules.json").is_file():
-        log(f"building the random-weight {preset} checkpoint in {model_dir}")
-        make_test_model(preset, model_dir)
+    ensure_model(model_dir, preset)
     checkpoint = load_checkpoint(model_dir)
     tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), checkpoint.max_seq_length)
     tokenized = tokenizer([[INSTRUCTION, t] for t in texts])
@@ -345,7 +342,7 @@ def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args,
             }
         )
         log(rows[-1])
-        del backend
+        del backend, forward  # forward holds the backend too: free it before the next one loads
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows, skipped
@@ -421,20 +418,15 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from fastinstructor.benchmark import environment, matmul_ceilings, source_version
-    from fastinstructor.data import read_jsonl_texts, sample_passages, shared_data_dir
+    from fastinstructor.data import sample_passages, shared_data_dir
 
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_triton: no CUDA device (--smoke checks the script on the CPU)")
-    data = shared_data_dir()
-    if data is not None:
-        path = data / "climate_fever_evidence.jsonl"
-        texts, source = [t for _, t in read_jsonl_texts(path, args.texts)], path.name
-    elif args.smoke:
-        passages, source = sample_passages(args.texts)
-        texts = [t for _, t in passages]
-    else:
+    if shared_data_dir() is None and not args.smoke:
         sys.exit("gpu_triton: the shared data was not found; point FASTINSTRUCTOR_DATA at its folder")
+    passages, source = sample_passages(args.texts)  # the evidence sentences; the project's docs in a smoke run
+    texts = [t for _, t in passages]
     heads, head_dim = (2, 64) if args.smoke else (16, 64)
     peak = matmul_ceilings(["bfloat16"], device, 256 if args.smoke else 8192)["bfloat16"]["gflops"]
     peak_tflops = None if peak is None else peak / 1000

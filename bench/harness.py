@@ -20,10 +20,10 @@ DEFAULT_MODEL = ROOT / ".models" / "instructor-base-random"  # the folder `make 
 DEFAULT_OUT = ROOT / "bench" / "results"
 
 
-def ensure_model(model_dir: Path) -> None:
+def ensure_model(model_dir: Path, preset: str = "base") -> None:
     if not (model_dir / "modules.json").is_file():
-        print(f"building the random-weight base checkpoint in {model_dir}", file=sys.stderr)
-        make_test_model("base", model_dir)
+        print(f"building the random-weight {preset} checkpoint in {model_dir}", file=sys.stderr, flush=True)
+        make_test_model(preset, model_dir)
 
 
 def write_results(out: Path, kind: str, result: dict, markdown: str) -> tuple[Path, Path]:

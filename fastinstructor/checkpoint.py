@@ -377,9 +377,7 @@ def load_checkpoint(
     files = [root / "config.json", *_weight_files(weights_file)]
     if dense is not None:
         files += [modules["Dense"] / "config.json", *_weight_files(_find_weights(modules["Dense"]))]
-    files += [f for f in (folder / name for name in _SETTINGS_FILES) if f.is_file()]
-    if root != folder:
-        files += [f for f in (root / name for name in _SETTINGS_FILES) if f.is_file()]
+    files += [base / name for base in (folder, root) for name in _SETTINGS_FILES]  # absent ones drop out below
 
     max_seq_length = 512
     st_config = root / "sentence_bert_config.json"
