@@ -34,7 +34,7 @@ setup(
         "numpy>=1.24",
         "pyarrow>=14",  # Parquet in and out of the embed job, the project's main use
         "tqdm>=4.60",
-        "filelock>=3.12",  # inter-process locks (output folders, the ONNX cache); already a dependency of huggingface_hub
+        "filelock>=3.12",  # inter-process locks (output folders, the ONNX cache); huggingface_hub needs it too
     ],
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.20"],

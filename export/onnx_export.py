@@ -27,11 +27,15 @@ How it is built, and why:
   not an encoder with our pooling head. Everything it would do here is the two ONNX Runtime tools above.
 
 Each export folder holds ``model.onnx`` and ``fastinstructor_onnx.json``: the source model's fingerprint,
-opset, precision, optimization, op counts, and the parity against the float32 reference measured at export.
+opset, precision, optimization, op counts, the parity against the float32 reference measured at export, and
+the sha256 and size of every file of the graph (``model.onnx``, and ``model.onnx.data`` when there is one).
+``verify_export`` checks those files against their record; the backend calls it before every load, so a graph
+changed or damaged after export is never run (a cache entry is exported again, a user's folder refused).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -48,13 +52,24 @@ from torch import nn
 from ..backends.base import pool_head
 from ..checkpoint import Checkpoint
 
-__all__ = ["PRECISIONS", "OPSET", "METADATA", "canonical_precision", "export_onnx", "read_metadata"]
+__all__ = [
+    "PRECISIONS",
+    "OPSET",
+    "METADATA",
+    "canonical_precision",
+    "export_onnx",
+    "graph_checksums",
+    "read_metadata",
+    "verify_export",
+]
 
 PRECISIONS = ("float32", "float16", "int8")
 _ALIASES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16", "int8": "int8"}
 OPSET = 17
 METADATA = "fastinstructor_onnx.json"
 MODEL_FILE = "model.onnx"
+GRAPH_FILES = (MODEL_FILE, MODEL_FILE + ".data")  # the graph, and its weights when saved as external data
+_FIX = "export it again with `fastinstructor export --model M --out DIR`"
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB; stay clear of it
 # Kept float32 in float16 graphs: normalization, softmax, reductions of the pooling head, and the division
 # and power of the L2 normalize (DESIGN section 5).
@@ -237,7 +252,7 @@ def export_onnx(
         # Validity: ONNX Runtime must load it (onnx.checker does not know ORT's fused contrib ops).
         onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         metadata = {
-            "format_version": 1,
+            "format_version": 2,  # 2: records the graph's checksums in "files"
             "source_model": str(checkpoint.path),
             "source_fingerprint": checkpoint.fingerprint,
             "precision": precision,
@@ -254,6 +269,7 @@ def export_onnx(
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
             "export_seconds": None,
             "parity": None,
+            "files": graph_checksums(work),
         }
         write = lambda: (work / METADATA).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")  # noqa: E731
         write()  # the parity check loads the folder as a user would
@@ -304,6 +320,52 @@ def read_metadata(folder: str | os.PathLike) -> dict:
             "create one with `fastinstructor export --model M --out DIR`"
         )
     try:
-        return json.loads((folder / METADATA).read_text(encoding="utf-8"))
+        metadata = json.loads((folder / METADATA).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{folder / METADATA} is damaged ({err}); export again") from None
+        raise ValueError(f"{folder / METADATA} is damaged ({err}); {_FIX}") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{folder / METADATA} is damaged (not a JSON object); {_FIX}")
+    return metadata
+
+
+def _checksum(path: Path) -> dict:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256")
+        return {"sha256": digest.hexdigest(), "bytes": f.tell()}
+
+
+def graph_checksums(folder: str | os.PathLike) -> dict[str, dict]:
+    """sha256 and size in bytes of each file of the graph in ``folder``, by file name."""
+    folder = Path(folder)
+    return {name: _checksum(folder / name) for name in GRAPH_FILES if (folder / name).is_file()}
+
+
+def verify_export(folder: str | os.PathLike) -> dict:
+    """The folder's metadata, once every file of its graph matches the checksum recorded at export.
+
+    Raises ``FileNotFoundError`` for a folder that is not an export and ``ValueError`` naming the file, the
+    recorded and the actual checksum for a graph changed or damaged since (or never recorded: older exports).
+    """
+    folder = Path(folder)
+    metadata = read_metadata(folder)
+    recorded = metadata.get("files")
+    if not isinstance(recorded, dict) or MODEL_FILE not in recorded:
+        raise ValueError(
+            f"{folder / METADATA} records no checksums of the graph (an export by an older fastinstructor), "
+            f"so {folder / MODEL_FILE} cannot be verified; {_FIX}"
+        )
+    actual = graph_checksums(folder)
+    for name in sorted(recorded.keys() | actual.keys()):  # an extra or a missing file fails too
+        want, got = recorded.get(name), actual.get(name)
+        if want != got:
+            raise ValueError(
+                f"{folder / name} does not match the checksum recorded at export: sha256 {_show(want)} expected, "
+                f"{_show(got)} found. The file was changed or damaged after export; {_FIX}"
+            )
+    return metadata
+
+
+def _show(checksum) -> str:
+    if not isinstance(checksum, dict):  # no such file, or a damaged record
+        return "no file" if checksum is None else repr(checksum)
+    return f"{checksum.get('sha256')} ({checksum.get('bytes')} bytes)"

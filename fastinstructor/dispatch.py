@@ -4,7 +4,8 @@
 (CUDA: triton -> onnx -> reference; CPU: onnx -> cpu -> reference; fastest precision first), says why each
 candidate was skipped, and accepts a candidate only after its parity check against the float32 reference
 passes DESIGN section 5's tolerance for its precision. Parity results are cached on disk per (model
-fingerprint, backend, precision, device, library versions), so a second start costs nothing.
+fingerprint, backend, precision, device, library versions, and for onnx the graph's checksums), so a second
+start costs nothing.
 """
 
 from __future__ import annotations
@@ -172,9 +173,13 @@ class ParityResult:
     cached: bool = False
 
 
-def _cache_path(checkpoint: Checkpoint, candidate: Candidate, hardware: Hardware) -> Path:
+def _cache_path(checkpoint: Checkpoint, candidate: Candidate, hardware: Hardware, backend) -> Path:
     root = Path(os.environ.get("FASTINSTRUCTOR_CACHE", "~/.cache/fastinstructor")).expanduser()
-    key = json.dumps([_PARITY_VERSION, checkpoint.fingerprint, str(candidate), hardware.packages], sort_keys=True)
+    # A backend that runs a graph from disk (onnx) names its checksums: a result holds for the graph it measured.
+    graph = getattr(backend, "graph_checksums", None)
+    key = json.dumps(
+        [_PARITY_VERSION, checkpoint.fingerprint, str(candidate), hardware.packages, graph], sort_keys=True
+    )
     return root / "parity" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 
 
@@ -209,7 +214,7 @@ def check_parity(
     min_cosine: float | None = None,
 ) -> ParityResult:
     """The candidate against the float32 reference on the calibration set; cached on disk."""
-    path = _cache_path(checkpoint, candidate, hardware)
+    path = _cache_path(checkpoint, candidate, hardware, backend)
     if use_cache and path.is_file():
         result = ParityResult(**{**json.loads(path.read_text()), "cached": True})
     else:
@@ -293,7 +298,8 @@ def choose(
         if candidate.backend == "reference" and candidate.precision == "float32":
             result = None  # the reference is the yardstick itself
         else:
-            if reference is None and not (use_cache and _cache_path(checkpoint, candidate, hardware).is_file()):
+            cached = use_cache and _cache_path(checkpoint, candidate, hardware, instance).is_file()
+            if reference is None and not cached:
                 from .backends.reference import ReferenceBackend
 
                 reference = ReferenceBackend(checkpoint, device=candidate.device)

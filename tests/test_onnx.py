@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,9 +20,11 @@ from conftest import assert_parity
 import fastinstructor
 from fastinstructor.batching import pad_batch
 from fastinstructor.checkpoint import load_checkpoint
+from fastinstructor.parity import compare
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'fastinstructor[onnx]')")
-from fastinstructor.export.onnx_export import FP16_KEEP_FLOAT32_OPS, export_onnx, read_metadata  # noqa: E402
+from fastinstructor.export import onnx_export  # noqa: E402
+from fastinstructor.export.onnx_export import FP16_KEEP_FLOAT32_OPS, METADATA, export_onnx, read_metadata  # noqa: E402
 
 from fastinstructor.backends.onnx import OnnxBackend  # noqa: E402
 
@@ -144,13 +152,14 @@ def test_wrong_inputs_are_clear_errors(make_model, exported):
 
 
 def test_corrupt_and_mismatched_exports(make_model, exported, tmp_path):
-    import shutil
-
     folder = shutil.copytree(exported("tiny"), tmp_path / "copy")
     with pytest.raises(ValueError, match="exported from a different model"):
         OnnxBackend.from_folder(load_checkpoint(make_model("tiny-xl")), folder)
     (folder / "model.onnx").write_bytes(b"\x08\x07garbage" * 100)
-    with pytest.raises(ValueError, match="cannot load .*model.onnx.*damaged"):
+    with pytest.raises(ValueError, match="model.onnx does not match the checksum recorded at export"):
+        OnnxBackend.from_folder(load_checkpoint(make_model("tiny")), folder)
+    _sign(folder)  # a graph exactly as exported that onnxruntime still cannot load
+    with pytest.raises(ValueError, match="cannot load .*model.onnx: "):
         OnnxBackend.from_folder(load_checkpoint(make_model("tiny")), folder)
     (folder / "fastinstructor_onnx.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a fastinstructor ONNX export"):
@@ -227,3 +236,179 @@ def test_large_models_use_external_data(make_model, tmp_path, monkeypatch, real_
         )
         expected = fastinstructor.load(make_model("tiny"), backend="reference").encode(real_pairs[:8])
         assert_parity(model.encode(real_pairs[:8]), expected, precision)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _tamper(graph: Path) -> str:
+    """Scale the largest weight of the graph by 1.5 in place (min cosine about 0.95 on tiny); its new sha256."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    weight = max(model.graph.initializer, key=lambda w: np.prod(w.dims) * (w.data_type == onnx.TensorProto.FLOAT))
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+    onnx.save_model(model, str(graph))
+    return _sha256(graph)
+
+
+def _sign(folder: Path) -> None:
+    """Record the folder's graph as exported (what an export of a different graph would have written)."""
+    metadata = json.loads((folder / METADATA).read_text())
+    graph = folder / "model.onnx"
+    metadata["files"] = {"model.onnx": {"sha256": _sha256(graph), "bytes": graph.stat().st_size}}
+    (folder / METADATA).write_text(json.dumps(metadata))
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    """A fresh ONNX and parity cache, auto dispatch for real (conftest pins cpu/float32), and a record of every
+    export and of the sha256 of every graph onnxruntime loads."""
+    import onnxruntime
+
+    monkeypatch.setenv("FASTINSTRUCTOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTINSTRUCTOR_BACKEND", raising=False)
+    monkeypatch.delenv("FASTINSTRUCTOR_PRECISION", raising=False)
+    seen = SimpleNamespace(exports=0, graphs=[])
+    real_export, real_session = onnx_export.export_onnx, onnxruntime.InferenceSession
+
+    def export(*args, **kwargs):
+        seen.exports += 1
+        return real_export(*args, **kwargs)
+
+    def session(graph, *args, **kwargs):
+        seen.graphs.append(_sha256(graph))
+        return real_session(graph, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", export)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    return seen
+
+
+def test_tampered_cached_graph_is_never_loaded(tiny_model, cache, real_pairs, caplog):
+    """Issue 13, defect 2: a graph altered in the cache after export is never run. The entry is exported again,
+    once, with a warning; parity is measured on the new graph (auto and an explicit backend='onnx'); the next
+    start uses the verified entry without exporting."""
+    import onnxruntime
+
+    checkpoint = load_checkpoint(tiny_model)
+    backend = OnnxBackend(checkpoint)  # first use: exported into the cache, no parity measured yet
+    folder, graph = backend.folder, backend.folder / "model.onnx"
+    assert cache.exports == 1
+    reference = fastinstructor.load(tiny_model, backend="reference")
+    expected = reference.encode(real_pairs)
+
+    # The probe: what the tampered graph would return is wrong (min cosine about 0.95).
+    tampered = _tamper(graph)
+    backend.session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    reference.backend = backend
+    assert compare(reference.encode(real_pairs), expected).min_cos < 0.99
+    cache.graphs.clear()
+
+    with caplog.at_level(logging.WARNING):
+        model = fastinstructor.load(tiny_model, allow_int8=False)  # auto: onnx/float32/cpu first
+    assert (model.backend_name, model.precision) == ("onnx", "float32") and model.backend.folder == folder
+    assert cache.exports == 2, "not exported again exactly once"
+    assert str(folder) in caplog.text and "does not match the checksum recorded at export" in caplog.text
+    assert tampered not in cache.graphs and _sha256(graph) != tampered
+    parity = model.backend_report["parity"]
+    assert parity["passed"] and not parity["cached"], "parity was not measured on the exported graph"
+    assert_parity(model.encode(real_pairs), expected, "float32")
+
+    tampered = _tamper(graph)
+    model = fastinstructor.load(tiny_model, backend="onnx", precision="float32")
+    assert cache.exports == 3 and tampered not in cache.graphs and model.backend_report["parity"]["passed"]
+    assert_parity(model.encode(real_pairs), expected, "float32")
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = fastinstructor.load(tiny_model, allow_int8=False)  # a second start: verified, nothing to redo
+    assert cache.exports == 3 and again.backend_report["parity"]["cached"] and not caplog.text
+    assert_parity(again.encode(real_pairs), expected, "float32")
+
+
+@pytest.mark.parametrize("damage", ["no checksums", "damaged metadata", "graph missing"])
+def test_unverifiable_cache_entry_is_exported_again_once(tiny_model, cache, caplog, damage):
+    """An entry from an older version (no checksums), or with its metadata or graph damaged, is exported again
+    with a warning that says why; then it is used as it is."""
+    checkpoint = load_checkpoint(tiny_model)
+    folder = OnnxBackend(checkpoint).folder
+    if damage == "no checksums":
+        metadata = json.loads((folder / METADATA).read_text())
+        del metadata["files"]
+        (folder / METADATA).write_text(json.dumps(metadata))
+    elif damage == "damaged metadata":
+        (folder / METADATA).write_text('{"source_fingerprint": ')
+    else:
+        (folder / "model.onnx").unlink()
+    with caplog.at_level(logging.WARNING):
+        OnnxBackend(checkpoint)
+    why = {"no checksums": "records no checksums", "damaged metadata": "is damaged", "graph missing": "not a"}
+    assert cache.exports == 2 and str(folder) in caplog.text and why[damage] in caplog.text
+    OnnxBackend(checkpoint)
+    assert cache.exports == 2
+
+
+def test_failed_re_export_says_why(tiny_model, cache, monkeypatch, caplog):
+    """When the entry cannot be exported again, the error says why, and auto says it on every start."""
+    checkpoint = load_checkpoint(tiny_model)
+    folder = OnnxBackend(checkpoint).folder
+    tampered = _tamper(folder / "model.onnx")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", full_disk)
+    message = rf"{re.escape(str(folder))} cannot be trusted .*; exporting it again failed: OSError: .*space"
+    with pytest.raises(RuntimeError, match=message):
+        OnnxBackend(checkpoint)
+    with caplog.at_level(logging.WARNING):
+        model = fastinstructor.load(tiny_model, allow_int8=False)
+    assert model.backend_name == "cpu" and "does not match the checksum" in caplog.text
+    assert "exporting it again failed" in model.backend_report["skipped"][0]["why"]
+    assert tampered not in cache.graphs
+
+
+def test_tampered_export_folder_is_refused_and_left_alone(make_model, exported, tmp_path):
+    """An explicit export folder is the user's: a graph that fails verification is refused with the file, both
+    checksums and the fix, and never exported over."""
+    folder = shutil.copytree(exported("tiny"), tmp_path / "copy")
+    recorded = json.loads((folder / METADATA).read_text())["files"]["model.onnx"]["sha256"]
+    tampered = _tamper(folder / "model.onnx")
+    checkpoint = load_checkpoint(make_model("tiny"))
+    message = (
+        rf"{re.escape(str(folder / 'model.onnx'))} does not match the checksum recorded at export: "
+        rf"sha256 {recorded} .*expected, {tampered} .*found.*fastinstructor export"
+    )
+    with pytest.raises(ValueError, match=message):
+        OnnxBackend.from_folder(checkpoint, folder)
+    with pytest.raises(ValueError, match=message):
+        OnnxBackend(checkpoint, onnx_dir=folder)
+    with pytest.raises(RuntimeError, match="onnx/float32/cpu: failed to start: .*does not match the checksum"):
+        fastinstructor.load(
+            make_model("tiny"), backend="onnx", precision="float32", backend_options={"onnx_dir": folder}
+        )
+    assert _sha256(folder / "model.onnx") == tampered  # left as it was
+    metadata = json.loads((folder / METADATA).read_text())
+    del metadata["files"]  # an export by an older version
+    (folder / METADATA).write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="records no checksums .*fastinstructor export"):
+        OnnxBackend.from_folder(checkpoint, folder)
+
+
+def test_parity_cache_never_vouches_for_a_graph_it_did_not_measure(make_model, exported, cache, tmp_path):
+    """A cached parity result holds for the graph it measured: another graph of the same model (here a tampered
+    one recorded as exported) is measured, fails, and is skipped."""
+    good = exported("tiny")
+    first = fastinstructor.load(make_model("tiny"), allow_int8=False, backend_options={"onnx_dir": good})
+    assert first.backend_name == "onnx" and first.backend_report["parity"]["passed"]
+    other = shutil.copytree(good, tmp_path / "other")
+    _tamper(other / "model.onnx")
+    _sign(other)
+    second = fastinstructor.load(make_model("tiny"), allow_int8=False, backend_options={"onnx_dir": other})
+    assert second.backend_name == "cpu"
+    skipped = second.backend_report["skipped"][0]
+    assert skipped["candidate"] == "onnx/float32/cpu" and skipped["why"].startswith("parity failed: min cosine")
+    assert not skipped["parity"]["cached"]

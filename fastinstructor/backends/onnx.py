@@ -4,14 +4,20 @@ The graph comes from an export folder (``onnx_dir=``) or is exported on first us
 by the model's fingerprint, the precision and the onnxruntime version (``$FASTINSTRUCTOR_CACHE``, default
 ``~/.cache/fastinstructor``), under a file lock so that two processes never export the same graph twice.
 
+Before every load, the graph's files are checked against the sha256 and size recorded at export
+(``verify_export``), so a graph changed after export is never run. A cache entry that fails (changed,
+damaged, or from a version that recorded no checksums) is exported again under the lock, with a warning
+that says why; an export folder of the user's is never rewritten: it is refused with a ``ValueError``.
+``graph_checksums`` is what the dispatcher keys this graph's parity result on.
+
 Execution providers: CUDA when onnxruntime-gpu sees a GPU (inputs and outputs then stay on the GPU through
 I/O binding), the CPU otherwise. float16 graphs are for CUDA; int8 (dynamic quantization) is for the CPU.
 """
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -20,9 +26,12 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
+from ..locking import hold
 from .base import check_precision
 
 __all__ = ["OnnxBackend", "cuda_available", "onnx_cache_dir"]
+
+log = logging.getLogger(__name__)
 
 _INSTALL = "pip install 'fastinstructor[onnx]' (CPU) or 'fastinstructor[gpu]' (CUDA: onnxruntime-gpu)"
 
@@ -38,6 +47,45 @@ def onnx_cache_dir(checkpoint: Checkpoint, precision: str) -> Path:
 
     root = Path(os.environ.get("FASTINSTRUCTOR_CACHE", "~/.cache/fastinstructor")).expanduser()
     return root / "onnx" / f"{checkpoint.fingerprint[:20]}-{precision}-ort{onnxruntime.__version__}"
+
+
+def _verified(folder: Path, checkpoint: Checkpoint, precision: str) -> dict:
+    """The folder's metadata, once its graph matches its checksums, this model and this precision."""
+    from ..export.onnx_export import verify_export
+
+    metadata = verify_export(folder)
+    if metadata.get("source_fingerprint") != checkpoint.fingerprint:
+        raise ValueError(
+            f"{folder} was exported from a different model ({metadata.get('source_model')}); "
+            "export this model again or pass its own export folder"
+        )
+    if metadata.get("precision") != precision:
+        raise ValueError(f"{folder} holds a {metadata.get('precision')} graph, not {precision}")
+    return metadata
+
+
+def _cached_export(checkpoint: Checkpoint, precision: str) -> tuple[Path, dict]:
+    """The cache's verified graph for this model and precision, exported (again) under the lock if need be."""
+    from ..export import onnx_export
+
+    folder = onnx_cache_dir(checkpoint, precision)
+    try:
+        return folder, _verified(folder, checkpoint, precision)
+    except (FileNotFoundError, ValueError):
+        pass  # checked again under the lock: another process may be exporting it right now
+    with hold(folder.with_name(folder.name + ".lock"), what=f"the ONNX cache entry {folder}"):
+        try:
+            return folder, _verified(folder, checkpoint, precision)
+        except (FileNotFoundError, ValueError) as err:
+            task = f"exporting {checkpoint.path} to ONNX ({precision}) into {folder}"
+            if folder.exists():  # not a first use: say why the entry is not used
+                task = f"the cached ONNX graph {folder} cannot be trusted ({err}); exporting it again"
+                log.warning("%s", task)
+        try:
+            metadata = onnx_export.export_onnx(checkpoint, folder, precision=precision, optimize=True, parity=False)
+        except Exception as err:  # whatever failed (torch, onnx, onnxruntime, the disk), it is named here
+            raise RuntimeError(f"{task} failed: {type(err).__name__}: {err}") from err
+    return folder, metadata
 
 
 class OnnxBackend:
@@ -68,7 +116,7 @@ class OnnxBackend:
             raise ImportError(f"the onnx backend needs {why}")
         import onnxruntime
 
-        from ..export.onnx_export import MODEL_FILE, export_onnx, read_metadata
+        from ..export.onnx_export import MODEL_FILE
 
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
@@ -84,22 +132,14 @@ class OnnxBackend:
         if precision == "int8" and on_cuda:
             raise ValueError("int8 ONNX graphs (dynamic quantization) run on the CPU; on CUDA use float16")
 
-        folder = Path(onnx_dir) if onnx_dir is not None else onnx_cache_dir(checkpoint, precision)
-        if onnx_dir is None and not (folder / MODEL_FILE).is_file():
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            with open(folder.with_name(folder.name + ".lock"), "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be exporting the same graph
-                if not (folder / MODEL_FILE).is_file():
-                    export_onnx(checkpoint, folder, precision=precision, optimize=True, parity=False)
-        metadata = read_metadata(folder)
-        if metadata.get("source_fingerprint") != checkpoint.fingerprint:
-            raise ValueError(
-                f"{folder} was exported from a different model ({metadata.get('source_model')}); "
-                "export this model again or pass its own export folder"
-            )
-        if metadata.get("precision") != precision:
-            raise ValueError(f"{folder} holds a {metadata.get('precision')} graph, not {precision}")
+        if onnx_dir is None:
+            folder, metadata = _cached_export(checkpoint, precision)
+        else:  # the user's folder: verified, never exported over
+            folder = Path(onnx_dir)
+            metadata = _verified(folder, checkpoint, precision)
         self.folder, self.metadata, self.out_dim = folder, metadata, checkpoint.out_dim
+        # A parity result holds for the graph it measured: the dispatcher keys it on these.
+        self.graph_checksums: dict[str, dict] = metadata["files"]
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -108,8 +148,8 @@ class OnnxBackend:
             self.session = onnxruntime.InferenceSession(str(folder / MODEL_FILE), options, providers=providers)
         except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise ValueError(
-                f"cannot load {folder / MODEL_FILE}: {type(err).__name__}: {err}. The file is damaged or "
-                "incomplete; delete the folder and export again."
+                f"cannot load {folder / MODEL_FILE}: {type(err).__name__}: {err}. It is as exported; export "
+                f"it again with this onnxruntime ({onnxruntime.__version__})"
             ) from None
 
     @classmethod
