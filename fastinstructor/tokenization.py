@@ -73,9 +73,34 @@ class PairTokenizer:
         # Instructions repeat across millions of texts: count each one once.
         self.instruction_length = lru_cache(maxsize=4096)(self._instruction_length)
 
+    def _prefix(self, text: str) -> str:
+        """The part of ``text`` that decides its truncated ids: the shortest prefix of ``8 * max_length * 2**i``
+        characters whose words, all but the last, give at least ``max_length`` tokens; else the whole text.
+
+        Why its truncated ids and ``truncated`` flag are exactly those of the whole text, with the T5 tokenizer:
+        it splits special tokens (none holds whitespace) out of the text, normalizes the rest grapheme by
+        grapheme (SentencePiece's character map: NFKC, whitespace to spaces; older tokenizer.json files then
+        collapse space runs), splits it into words at whitespace (WhitespaceSplit / Metaspace) and encodes each
+        word on its own (Unigram). Up to the word the cut falls in, the prefix and the whole text hold the same
+        graphemes, so they are normalized, split and encoded the same; only that last word may differ (cut in
+        two, or joined to what follows). So the tokens before it are the first tokens of the whole text too, and
+        with ``max_length`` of them both are truncated to the same ``max_length - 1`` tokens and ``</s>``.
+        Characters per token have no bound (a whitespace run gives no token, a word cannot be cut), hence the
+        doubling; the first bound, 8 characters per token, is twice what English takes.
+        """
+        bound = 8 * self.max_length
+        while bound < len(text):
+            words = self.tokenizer(text[:bound], add_special_tokens=False, verbose=False).word_ids()
+            if words and words.index(words[-1]) >= self.max_length:  # tokens before the last word (ids ascend)
+                return text[:bound]
+            bound *= 2
+        return text
+
     def _ids(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Ids truncated to ``max_length`` with ``</s>`` kept last, as transformers' truncation does, and
-        whether each text was cut: tokenizing one token further tells that exactly."""
+        whether each text was cut: tokenizing one token further tells that exactly. A long text is tokenized
+        only as far as its truncated ids depend on it (``_prefix``): a whole 4 MiB text would take seconds."""
+        texts = [self._prefix(text) for text in texts]
         rows = self.tokenizer(texts, truncation=True, max_length=self.max_length + 1)["input_ids"]
         cut = [len(row) > self.max_length for row in rows]
         return [row[: self.max_length - 1] + row[-1:] if c else row for row, c in zip(rows, cut, strict=True)], cut
