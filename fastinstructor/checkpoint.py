@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -234,6 +235,13 @@ def _find_weights(folder: Path) -> Path | None:
     return None
 
 
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read weights file {path}: {type(err).__name__}: {err}. The file is damaged or truncated; "
+        "re-download or re-create the checkpoint."
+    )
+
+
 def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
@@ -243,10 +251,7 @@ def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors and pickle raise several unrelated types for a damaged file
-        raise CheckpointError(
-            f"cannot read weights file {path}: {type(err).__name__}: {err}. The file is damaged or truncated; "
-            "re-download or re-create the checkpoint."
-        ) from None
+        raise _unreadable(path, err) from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise CheckpointError(f"{path} holds a {type(tensors).__name__}, not a mapping of tensor names to tensors")
     return tensors
@@ -263,25 +268,74 @@ def _weight_files(path: Path) -> list[Path]:
     return [path.parent / name for name in files]
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+def _load_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
-    for file in _weight_files(path):
+    for file in files:
         weights.update(_load_tensor_file(file))
     return weights
 
 
-def _check_encoder_weights(
-    raw: dict[str, torch.Tensor], config: EncoderConfig, source: Path
-) -> dict[str, torch.Tensor]:
-    """Validate names and shapes against the config; return float32 tensors under T5EncoderModel names."""
-    weights = {k: v for k, v in raw.items() if not k.startswith(_IGNORED_PREFIXES)}
-    # The token embedding is stored as shared.weight, encoder.embed_tokens.weight, or both (tied).
-    embed = weights.pop("encoder.embed_tokens.weight", None)
-    if "shared.weight" not in weights and embed is not None:
-        weights["shared.weight"] = embed
+def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors headers alone, without reading any tensor."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        except Exception as err:  # as in _load_tensor_file: several unrelated types for a damaged file
+            raise _unreadable(file, err) from None
+    return shapes
+
+
+def _encoder_names(tensors: dict) -> dict:
+    """The encoder's entries (tensors or shapes) under T5EncoderModel names: no decoder or LM head, and the token
+    embedding, stored as shared.weight, encoder.embed_tokens.weight or both (tied), as shared.weight."""
+    encoder = {k: v for k, v in tensors.items() if not k.startswith(_IGNORED_PREFIXES)}
+    embed = encoder.pop("encoder.embed_tokens.weight", None)
+    if "shared.weight" not in encoder and embed is not None:
+        encoder["shared.weight"] = embed
+    return encoder
+
+
+def _check_dimensions(shapes: dict[str, tuple[int, ...]], config: EncoderConfig, config_path: Path) -> None:
+    """Each config.json dimension against the tensor that holds it, before anything is sized by the config (a
+    num_layers of 10**9 would otherwise build a billion expected names)."""
+    hint = (
+        "config.json and the weights come from different models, or config.json was edited: restore the "
+        "checkpoint's own config.json"
+    )
+    blocks = {int(name.split(".")[2]) for name in shapes if re.match(r"encoder\.block\.\d+\.", name)}
+    held = len(blocks)
+    # More layers than the weights hold is refused outright; fewer, with gaps or extras, is named tensor by tensor.
+    if config.num_layers > held or (config.num_layers != held and blocks == set(range(held))):
+        raise CheckpointError(
+            f"{config_path}: num_layers is {config.num_layers}, but the weights hold {held} encoder blocks. {hint}."
+        )
+    attention, feed_forward = "encoder.block.0.layer.0.SelfAttention.", "encoder.block.0.layer.1.DenseReluDense."
+    for key, value, tensor, axis in (
+        ("vocab_size", config.vocab_size, "shared.weight", 0),
+        ("d_model", config.d_model, "shared.weight", 1),
+        ("relative_attention_num_buckets", config.num_buckets, attention + "relative_attention_bias.weight", 0),
+        ("num_heads", config.num_heads, attention + "relative_attention_bias.weight", 1),
+        ("num_heads * d_kv", config.inner_dim, attention + "q.weight", 0),
+        ("d_ff", config.d_ff, feed_forward + "wi.weight", 0),
+    ):
+        shape = shapes.get(tensor)
+        if shape is not None and len(shape) == 2 and shape[axis] != value:
+            raise CheckpointError(
+                f"{config_path}: {key} is {value}, but the weights hold {shape[axis]} ({tensor} has shape {shape}). "
+                f"{hint}."
+            )
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], config: EncoderConfig, config_path: Path, source: Path) -> None:
+    """Validate the encoder's tensor names and shapes (``_encoder_names``) against the config."""
+    _check_dimensions(shapes, config, config_path)
     expected = config.expected_shapes()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -293,11 +347,21 @@ def _check_encoder_weights(
             "The weights file belongs to a different model or config.json was edited."
         )
     for name, shape in expected.items():
-        if tuple(weights[name].shape) != shape:
-            raise CheckpointError(
-                f"{source}: tensor {name} has shape {tuple(weights[name].shape)}, config.json implies {shape}"
-            )
-    return {name: weights[name].to(torch.float32).contiguous() for name in expected}
+        if shapes[name] != shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {shapes[name]}, config.json implies {shape}")
+
+
+def _load_encoder_weights(path: Path, config: EncoderConfig, config_path: Path) -> dict[str, torch.Tensor]:
+    """The encoder's float32 tensors under T5EncoderModel names, checked against the config first: from the
+    headers of safetensors files before any tensor is read; a pickle (pytorch_model.bin) must be loaded first."""
+    files = _weight_files(path)
+    if all(file.suffix == ".safetensors" for file in files):
+        _check_shapes(_encoder_names(_safetensors_shapes(files)), config, config_path, path)
+        weights = _encoder_names(_load_weights(files))
+    else:
+        weights = _encoder_names(_load_weights(files))
+        _check_shapes({k: tuple(v.shape) for k, v in weights.items()}, config, config_path, path)
+    return {name: weights[name].to(torch.float32).contiguous() for name in config.expected_shapes()}
 
 
 def _module_folders(folder: Path) -> dict[str, Path]:
@@ -330,7 +394,7 @@ def _load_dense(folder: Path, d_model: int) -> torch.Tensor:
     weights_file = _find_weights(folder)
     if weights_file is None:
         raise CheckpointError(f"{folder}: no Dense weights (expected model.safetensors or pytorch_model.bin)")
-    tensors = _load_weights(weights_file)
+    tensors = _load_weights(_weight_files(weights_file))
     if set(tensors) != {"linear.weight"}:
         raise CheckpointError(f"{weights_file}: expected exactly one tensor 'linear.weight', found {sorted(tensors)}")
     weight = tensors["linear.weight"].to(torch.float32).contiguous()
@@ -364,7 +428,7 @@ def load_checkpoint(
         raise CheckpointError(f"{root}: no weights file; expected one of {', '.join(_WEIGHT_FILES)}")
     if not ((root / "spiece.model").is_file() or (root / "tokenizer.json").is_file()):
         raise CheckpointError(f"{root}: no tokenizer; expected spiece.model and/or tokenizer.json")
-    weights = _check_encoder_weights(_load_weights(weights_file), config, weights_file)
+    weights = _load_encoder_weights(weights_file, config, root / "config.json")
 
     if "Pooling" in modules and (modules["Pooling"] / "config.json").is_file():
         pooling = _read_json(modules["Pooling"] / "config.json")

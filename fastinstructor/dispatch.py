@@ -39,11 +39,18 @@ __all__ = [
     "check_parity",
     "choose",
     "clear_cache",
+    "NoBackendError",
 ]
 
 log = logging.getLogger("fastinstructor.dispatch")
 _PARITY_VERSION = 1  # bump when the calibration set or the measure changes: invalidates cached results
 _VERSIONED = ("fastinstructor", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "triton")
+
+
+class NoBackendError(RuntimeError):
+    """No backend x precision that was asked for runs and passes parity here; the message says what was tried
+    and why each failed, and what this machine has. A RuntimeError, as before; the command line reports it in
+    one line, as a usage error."""
 
 
 @dataclass(frozen=True)
@@ -334,7 +341,7 @@ def choose(
         + ", ".join(str(c) for c in candidates(hardware))
         + ")"
     )
-    raise RuntimeError(
+    raise NoBackendError(
         f"no backend for backend={backend!r}, precision={precision!r}"
         f"{'' if device is None else f', device={device!r}'} on this machine. Tried: {tried}. "
         f"Backends here: {', '.join(f'{n} ({c.availability()[1]})' for n, c in BACKENDS.items())}"

@@ -176,7 +176,7 @@ def test_config_that_does_not_match_weights(tiny_copy):
     config = json.loads((tiny_copy / "config.json").read_text())
     config["d_ff"] = 256
     (tiny_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"wi.weight has shape \(128, 64\), config.json implies \(256, 64\)"):
+    with pytest.raises(CheckpointError, match=r"d_ff is 256, but the weights hold 128 \(.*wi.weight has shape"):
         fastinstructor.load(tiny_copy)
 
 
