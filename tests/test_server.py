@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -201,9 +202,9 @@ def test_api_keys_and_a_full_queue(tiny_model):
             results = list(pool.map(client, range(16)))
         refused = sum(r for r, _ in results)
         assert sum(a for _, a in results) > 0  # how many are refused depends on timing; none may be wrong
-        metrics = httpx.get(url + "/metrics").text
+        metrics = httpx.get(url + "/metrics", headers=ok).text
         assert f'fastinstructor_requests_total{{endpoint="/embed",status="429"}} {float(refused + 1)}' in metrics
-        info = httpx.get(url + "/info").json()
+        info = httpx.get(url + "/info", headers=ok).json()
         assert info["backend"] == "cpu" and info["dim"] == 48 and "api_keys" not in json.dumps(info)
     finally:
         process.terminate()
@@ -318,3 +319,205 @@ def test_cors_is_off_unless_an_origin_is_allowed(tiny_model):
         assert httpx.options(url + "/embed", headers=preflight).status_code == 200
         reply = httpx.post(url + "/embed", json={"inputs": ["a"]}, headers={"Origin": "https://app.example"})
         assert reply.headers["access-control-allow-origin"] == "https://app.example"
+
+
+# Hostile and broken clients, against real server processes over real sockets.
+
+KEY = {"Authorization": "Bearer s3cret"}
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model):
+    """A server with a key, a 1 MiB body limit, 8 connections and 1-2 s timeouts: (process, url, port)."""
+    options = ["--api-key", "s3cret", "--max-body-bytes", str(2**20), "--max-connections", "8"]
+    options += ["--header-timeout", "1", "--keep-alive-timeout", "1", "--request-timeout", "2"]
+    process, url = _start(tiny_model, *options)
+    yield process, url, int(url.rsplit(":", 1)[1])
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def _status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
+def _read_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection; TimeoutError if it is still open after `timeout`."""
+    sock.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_chunked_body_over_the_limit_is_refused_while_reading(guarded):
+    """200 MiB chunked against a 1 MiB limit: 413, and the server's memory never grows by anything like it (its
+    resident size sampled while sending, and its peak, which catches what sampling could miss)."""
+    process, _, port = guarded
+    hwm_before, rss_before = _status_kb(process.pid, "VmHWM"), _status_kb(process.pid, "VmRSS")
+    rss_max, sending = [rss_before], threading.Event()
+    sending.set()
+
+    def sample() -> None:
+        while sending.is_set():
+            rss_max[0] = max(rss_max[0], _status_kb(process.pid, "VmRSS"))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    chunk, total, sent = b"a" * 2**20, 200, 0
+    sock = socket.create_connection(("127.0.0.1", port))
+    head = "POST /embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nContent-Type: application/json\r\n"
+    sock.sendall((head + "Transfer-Encoding: chunked\r\n\r\n").encode())
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for _ in range(total):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += 1
+        sock.sendall(b"0\r\n\r\n")
+    reply = _read_until_closed(sock, timeout=30)
+    sock.close()
+    sending.clear()
+    sampler.join()
+    rss_grown, hwm_grown = (rss_max[0] - rss_before) / 1024, (_status_kb(process.pid, "VmHWM") - hwm_before) / 1024
+    print(f"VmRSS {rss_before / 1024:.0f} MiB, +{rss_grown:.1f} MiB while sending; VmHWM +{hwm_grown:.1f} MiB")
+    print(f"{sent} of {total} MiB sent before the server closed the connection")
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
+    assert b"exceeds the limit of 1048576 bytes" in reply
+    assert max(rss_grown, hwm_grown) < 32, f"the server grew by {rss_grown:.0f} MiB (peak +{hwm_grown:.0f})"
+    assert sent < total, "the server read the whole body instead of stopping at the limit"
+    assert httpx.post(guarded[1] + "/embed", json={"inputs": "a"}, headers=KEY).status_code == 200
+
+
+def test_slow_connections_are_limited_and_timed_out(guarded):
+    """Past --max-connections a connection is refused at once (503); clients too slow with their headers (or
+    body, or next request) are answered 408 and closed after --header-timeout (--request-timeout for a body);
+    an idle keep-alive connection is closed after --keep-alive-timeout; a normal client is served after."""
+    process, url, port = guarded
+    fds_before = len(os.listdir(f"/proc/{process.pid}/fd"))
+    started = time.monotonic()
+    slow_headers = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+    for sock in slow_headers:
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    slow_body = socket.create_connection(("127.0.0.1", port))
+    head = "POST /embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nContent-Type: application/json\r\n"
+    slow_body.sendall((head + 'Content-Length: 100\r\n\r\n{"inputs": ').encode())
+    slow_next = socket.create_connection(("127.0.0.1", port))  # one good request, then a slow second one
+    slow_next.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = b""
+    while not first.endswith(b'{"status":"ok"}'):
+        first += slow_next.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200")
+    slow_next.sendall(b"GET /health HTTP/1.1\r\n")
+    for _ in range(8):  # the limit is reached: more connections are answered 503 and closed at once
+        with socket.create_connection(("127.0.0.1", port)) as extra:
+            reply = _read_until_closed(extra, timeout=5)
+            assert reply.startswith(b"HTTP/1.1 503") and b"too many connections (limit 8)" in reply, reply
+    open_fds = len(os.listdir(f"/proc/{process.pid}/fd"))
+    assert open_fds <= fds_before + 8 + 2, f"{open_fds - fds_before} more file descriptors held"
+    for sock in [*slow_headers, slow_next]:
+        reply = _read_until_closed(sock, timeout=10)
+        assert reply.startswith(b"HTTP/1.1 408") and b"headers did not arrive within 1" in reply, reply
+    reply = _read_until_closed(slow_body, timeout=10)
+    assert b" 408 " in reply and b"body did not arrive within 2" in reply, reply
+    assert time.monotonic() - started < 10
+    for sock in [*slow_headers, slow_body, slow_next]:
+        sock.close()
+    # A keep-alive connection left idle is closed; a normal client is served.
+    with socket.create_connection(("127.0.0.1", port)) as idle:
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_until_closed(idle, timeout=10).startswith(b"HTTP/1.1 200")
+    assert httpx.post(url + "/embed", json={"inputs": "a"}, headers=KEY).status_code == 200
+
+
+def test_deeply_nested_json_is_a_400(server):
+    reply = httpx.post(server + "/embed", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert "nested too deeply" in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "path, body, where",
+    [
+        ("/embed", b'{"inputs": "\\ud800"}', "'inputs' item 0"),
+        ("/embed", b'{"inputs": ["a", "b\\udc00c"]}', "'inputs' item 1"),
+        ("/v1/embeddings", b'{"input": "a", "instruction": "Represent \\ud800"}', "'instruction'"),
+        ("/v1/embeddings", b'{"input": "a", "model": "\\udfff"}', "'model'"),
+    ],
+)
+def test_lone_surrogates_are_400s(server, path, body, where):
+    reply = httpx.post(server + path, content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    message = reply.json()["error"]["message"]
+    assert where in message and "lone surrogate" in message and "valid UTF-8" in message, message
+    pair = httpx.post(
+        server + "/embed", content=b'{"inputs": "\\ud83d\\ude00"}', headers={"content-type": "application/json"}
+    )
+    assert pair.status_code == 200, pair.text  # a surrogate pair is an emoji: fine
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_not_sent_as_application_json_is_a_415(server, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    reply = httpx.post(server + "/embed", content=b'{"inputs": "a"}', headers=headers)
+    assert reply.status_code == 415, reply.text
+    assert "Content-Type: application/json" in reply.json()["error"]["message"]
+    charset = httpx.post(
+        server + "/embed", content=b'{"inputs": "a"}', headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert charset.status_code == 200
+
+
+def test_info_and_metrics_need_the_api_key(guarded):
+    _, url, _ = guarded
+    for path in ("/info", "/metrics"):
+        refused = httpx.get(url + path)
+        assert refused.status_code == 401 and "API key" in refused.json()["error"]["message"], path
+        assert httpx.get(url + path, headers=KEY).status_code == 200, path
+    assert httpx.get(url + "/health").status_code == 200  # load balancers need no key
+
+
+def test_metrics_without_key_are_open_to_loopback_only(model):
+    import asyncio
+
+    from fastinstructor.server import ServerSettings, create_app
+
+    async def get(app, path: str, host: str) -> int:
+        transport = httpx.ASGITransport(app=app, client=(host, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+            return (await client.get(path)).status_code
+
+    keyed = create_app(model, ServerSettings(api_keys=("s3cret",), metrics_without_key=True))
+    assert asyncio.run(get(keyed, "/metrics", "127.0.0.1")) == 200
+    assert asyncio.run(get(keyed, "/metrics", "::1")) == 200
+    assert asyncio.run(get(keyed, "/metrics", "203.0.113.7")) == 401
+    assert asyncio.run(get(keyed, "/info", "127.0.0.1")) == 401  # only /metrics opens
+    closed = create_app(model, ServerSettings(api_keys=("s3cret",)))
+    assert asyncio.run(get(closed, "/metrics", "127.0.0.1")) == 401
+
+
+def test_responses_and_errors_never_show_the_local_model_path(guarded, tiny_model):
+    _, url, _ = guarded
+    info = httpx.get(url + "/info", headers=KEY)
+    assert info.json()["model"] == tiny_model.name and str(tiny_model) not in info.text
+    reply = httpx.post(url + "/v1/embeddings", json={"input": "a"}, headers=KEY)
+    assert reply.json()["model"] == tiny_model.name and str(tiny_model) not in reply.text
+
+
+def test_an_internal_error_answers_500_without_the_local_path(tiny_model):
+    with _threaded_server(tiny_model, delay_s=0.0) as (url, _, slow):
+
+        def fail(*args):
+            raise OSError(f"cannot read {tiny_model / 'model.safetensors'}")
+
+        slow.backend.embed = fail
+        reply = httpx.post(url + "/embed", json={"inputs": "a"}, timeout=30)
+        assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error", reply.text
+        assert str(tiny_model) not in reply.text and "server log" in reply.json()["error"]["message"]
+
+
+def test_unknown_routes_and_methods_are_json_errors(server):
+    for response, status in ((httpx.get(server + "/nope"), 404), (httpx.get(server + "/v1/embeddings"), 405)):
+        assert response.status_code == status
+        assert response.json()["error"]["code"] == status and response.json()["error"]["message"]
