@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,10 @@ def _check(args: argparse.Namespace) -> int:
     )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    asked = "/".join(x for x in (args.backend, args.precision) if x)
+    if asked and not any("| yes |" in row for row in rows):  # what was asked for cannot even run here
+        print(f"fastinstructor check: error: {asked} is not available on this machine (why: above)", file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 
@@ -118,6 +123,12 @@ def _info(args: argparse.Namespace) -> int:
         report = {k: v for k, v in model.backend_report.items() if k != "hardware"}
         print(json.dumps({"model": str(model.checkpoint.path), "chosen": report}, indent=2))
     return 0
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdecimal() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return int(value)
 
 
 def _csv(kind):
@@ -162,10 +173,10 @@ def _serve(args: argparse.Namespace) -> int:
     import os
 
     from . import load
-    from .server import ServerSettings, create_app
+    from .server import ServerSettings, create_app, serve, served_name
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise ImportError("fastinstructor serve needs the server extra: pip install 'fastinstructor[server]'") from None
     keys = tuple(args.api_key or [k for k in os.environ.get("FASTINSTRUCTOR_API_KEYS", "").split(",") if k])
@@ -178,36 +189,49 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout,
         api_keys=keys,
+        metrics_without_key=args.metrics_without_key,
         cors_origins=tuple(args.cors_origin or ()),
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+        keep_alive_timeout_s=args.keep_alive_timeout,
     )
     model = load(args.model, backend=args.backend, precision=args.precision)
     print(f"serving {model} on http://{args.host}:{args.port} (API keys: {'on' if keys else 'off'})", file=sys.stderr)
-    uvicorn.run(create_app(model, settings), host=args.host, port=args.port, log_level="warning")
+    serve(create_app(model, settings, model_name=served_name(args.model)), settings, args.host, args.port)
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or `kill` ending the job), raised where the job is so that it stops as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
 def _embed(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _embed_job(args)
+    except _Terminated:
+        print(
+            "fastinstructor embed: terminated (SIGTERM); the shard in flight was dropped and the finished ones are "
+            "kept: re-run the same command to continue",
+            file=sys.stderr,
+        )
+        return 143  # 128 + SIGTERM, as a shell reports a process it ended
+
+
+def _embed_job(args: argparse.Namespace) -> int:
     import torch
 
-    from . import load
     from .corpus import embed_corpus
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model = load(args.model, backend=args.backend, precision=args.precision, pooling_rule=args.pooling_rule)
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    say(f"model: {model}")
-    report = model.backend_report
-    parity = (
-        f"parity vs the float32 reference: min cos {report['parity']['min_cos']:.6f}"
-        if report["parity"]
-        else ("the reference itself")
-    )
-    skipped = "; ".join(f"{s['candidate']} ({s['why']})" for s in report["skipped"]) or "none"
-    say(f"backend: {report['backend']} {report['precision']} on {report['device']}, {parity}; skipped: {skipped}")
     start = time.perf_counter()
-    manifest = embed_corpus(
-        model,
+    manifest = embed_corpus(  # loads the model once the output folder is locked, and says what it chose
+        args.model,
         args.input,
         args.output,
         instruction=args.instruction,
@@ -223,14 +247,19 @@ def _embed(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens,
         limit=args.limit,
         on_error=args.on_error,
+        on_duplicate_id=args.on_duplicate_id,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        backend=args.backend,
+        precision=args.precision,
+        pooling_rule=args.pooling_rule,
     )
     seconds = time.perf_counter() - start
     totals = manifest["totals"]
     print(
         f"embedded {totals['rows']} rows ({totals['tokens']} real tokens) into {len(manifest['shards'])} shard(s) in "
-        f"{args.output}; skipped {totals['skipped']}, truncated {totals['truncated']}; this run: {seconds:.1f} s"
+        f"{args.output}; skipped {totals['skipped']}, truncated {totals['truncated']}, duplicate ids "
+        f"{totals['duplicate_ids']}; this run: {seconds:.1f} s"
     )
     if manifest["random_weights"]:
         print(
@@ -243,11 +272,12 @@ def _embed(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .backends import BACKENDS
-    from .corpus import DTYPES, ON_ERROR, OUTPUT_FORMATS
+    from .corpus import DTYPES, ON_DUPLICATE_ID, ON_ERROR, OUTPUT_FORMATS
     from .readers import FORMATS
     from .testmodel import PRESETS
     from .tokenization import POOLING_RULES
 
+    precisions = list(dict.fromkeys(p for backend in BACKENDS.values() for p in backend.precisions))
     parser = argparse.ArgumentParser(prog="fastinstructor", description="Fast, exact INSTRUCTOR text embeddings.")
     parser.add_argument("--version", action="version", version=f"fastinstructor {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -280,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="every backend x precision here: availability, parity, throughput")
     check.add_argument("--model", required=True, help="checkpoint folder or hub id")
     check.add_argument("--backend", choices=list(BACKENDS), help="only this backend (exit 1 if it fails parity)")
-    check.add_argument("--precision", help="only this precision (exit 1 if it fails parity)")
+    check.add_argument("--precision", choices=precisions, help="only this precision (exit 1 if it fails parity)")
     check.add_argument("--no-cache", action="store_true", help="measure parity again instead of using the cache")
     check.add_argument("--clear-cache", action="store_true", help="delete every cached parity result first")
     check.set_defaults(run=_check)
@@ -338,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="HTTP server: OpenAI- and TEI-compatible embeddings")
     serve.add_argument("--model", required=True, help="checkpoint folder or hub id")
     serve.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
-    serve.add_argument("--precision", default="auto")
+    serve.add_argument("--precision", choices=["auto", *precisions], default="auto")
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--api-key", action="append", help="accepted key (repeatable; or FASTINSTRUCTOR_API_KEYS)")
@@ -354,7 +384,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queued-rows", type=int, default=8192, help="queue bound; beyond it: 429")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="request body bound; beyond it: 413")
     serve.add_argument(
-        "--request-timeout", type=float, default=60.0, help="seconds before a request is answered 504 (default 60)"
+        "--request-timeout",
+        type=float,
+        default=60.0,
+        help="seconds before a request is answered 504, and for its body to arrive (else 408; default 60)",
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=512, help="open connections; beyond: 503 and closed (default 512)"
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a request's headers; then 408 and closed (default 10)",
+    )
+    serve.add_argument(
+        "--keep-alive-timeout", type=float, default=5.0, help="seconds an idle connection stays open (default 5)"
+    )
+    serve.add_argument(
+        "--metrics-without-key",
+        action="store_true",
+        help="with --api-key: let loopback clients (a local scraper) read /metrics without a key",
     )
     serve.add_argument(
         "--cors-origin", action="append", help="allow browsers on this origin (repeatable; default: CORS off)"
@@ -390,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto (default): the fastest backend that passes its parity check here",
     )
-    embed.add_argument("--precision", default="auto", help="auto (default), float32, bfloat16, float16 or int8")
+    embed.add_argument("--precision", choices=["auto", *precisions], default="auto", help="default: auto")
     embed.add_argument("--pooling-rule", choices=POOLING_RULES, default="instructor")
     embed.add_argument("--batch-size", type=int, default=32, help="rows per batch at most (default 32)")
     embed.add_argument(
@@ -398,12 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--shard-rows", type=int, default=10_000, help="input rows per shard (default 10000)")
     embed.add_argument("--limit", type=int, help="embed only the first N input rows")
-    embed.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    embed.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     embed.add_argument(
         "--on-error",
         choices=ON_ERROR,
         default="fail",
         help="bad rows: fail (stop, keep finished shards) or skip (count and list them)",
+    )
+    embed.add_argument(
+        "--on-duplicate-id",
+        choices=ON_DUPLICATE_ID,
+        default="warn",
+        help="an id used by an earlier row: warn (default; counted in the manifest), error (stop) or keep",
     )
     embed.add_argument("--overwrite", action="store_true", help="replace the output of a different job")
     embed.add_argument("--quiet", action="store_true", help="no progress output")
@@ -412,11 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .dispatch import NoBackendError
+
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv  # the bench records the command that reproduces it
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileExistsError, ImportError, OSError) as err:  # CheckpointError, CorpusError too
+    # CheckpointError and CorpusError are ValueErrors; NoBackendError: what was asked for cannot run here.
+    except (ValueError, TypeError, FileExistsError, ImportError, OSError, NoBackendError) as err:
         print(f"fastinstructor {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,10 +4,19 @@ Streaming and bounded: the input is read one shard of rows at a time (``shard_ro
 rows are sorted by length and cut into token-budget batches (``Instructor.embed_tokens``), and the shard is
 written in input order. Memory is bounded by one shard, whatever the corpus size.
 
-Resumable: each shard is written to a temporary file and renamed into place, then recorded in
-``manifest.json`` (itself replaced atomically). A re-run of the same command skips the input rows that
-finished shards consumed and continues; a shard's content depends only on its rows and the settings, so the
-result is identical to an uninterrupted run. A re-run with other settings is refused unless ``overwrite``.
+Resumable: the manifest is written before the first shard; each shard is written to a temporary file and
+renamed into place, then recorded in ``manifest.json`` (itself replaced atomically), so a kill at any step
+leaves finished shards and a manifest that lists exactly them (a shard file it does not list is removed on
+the next run). A re-run of the same command skips the input rows that finished shards consumed and
+continues; a shard's content depends only on its rows and the settings, so the result is identical to an
+uninterrupted run. A re-run with other settings is refused unless ``overwrite``.
+
+Never silently wrong: the manifest records the input's size and modification time and, per shard, a rolling
+sha256 of every row consumed so far; a resume re-reads the consumed rows anyway (to skip them) and refuses
+to continue if they hash differently (a line inserted, edited or removed). Standard input cannot be
+re-read, so a job reading it cannot be resumed. One job at a time: the folder is locked for the whole run
+(``.fastinstructor.lock``) and a second run into it is refused at once, naming the holder. Ids must be
+strings or integers; duplicate ids are counted (``on_duplicate_id``: warn, error or keep).
 
 Output folder::
 
@@ -21,10 +30,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -32,6 +42,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .locking import LockHeld, hold
 from .model import Instructor, load
 from .readers import CorpusReader, InputSpec, Row
 
@@ -41,6 +52,8 @@ MANIFEST = "manifest.json"
 OUTPUT_FORMATS = ("parquet", "npy")
 DTYPES = ("float32", "float16")
 ON_ERROR = ("fail", "skip")
+ON_DUPLICATE_ID = ("warn", "error", "keep")
+LOCK = ".fastinstructor.lock"  # and LOCK + ".holder": who holds it
 _MAX_LISTED_SKIPS = 1000  # per shard; the count is always exact
 
 
@@ -161,6 +174,71 @@ class _Progress:
             self.bar.close()
 
 
+def _hash_rows(digest, rows: Iterable[Row]) -> int:
+    """Feed rows into the input's rolling digest; returns how many. Every field of a row counts, so an inserted,
+    removed or edited line changes the digest of every shard from there on."""
+    count = 0
+    for row in rows:
+        digest.update(json.dumps([row.number, row.id, row.instruction, row.text, row.error]).encode() + b"\n")
+        count += 1
+    return count
+
+
+def _input_stat(spec: InputSpec) -> dict | None:
+    if spec.path == "-":
+        return None
+    stat = os.stat(spec.path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _verify_input(rows: Iterator[Row], manifest: dict, spec: InputSpec, output: Path):
+    """Re-read the rows the finished shards consumed and check them against the recorded digests; returns the
+    digest to continue from. A mismatch (the input changed since the shards were written) is an error."""
+    digest = hashlib.sha256()
+    for shard in manifest["shards"]:
+        read = _hash_rows(digest, islice(rows, shard["input_rows"]))
+        if read != shard["input_rows"] or digest.hexdigest() != shard["input_sha256"]:
+            first = shard["first_input_row"]
+            raise CorpusError(
+                f"the input {spec.name} changed since {output} was written: its rows from row {first} on "
+                f"(shard {shard['index']}) are not the ones that were embedded"
+                f"{' (the input now ends earlier)' if read != shard['input_rows'] else ''}. Continuing would mix "
+                "two inputs. Restore the input, or re-run with --overwrite to embed the new input from the start."
+            )
+    return digest
+
+
+class _IdSet:
+    """The ids seen so far, as 64-bit hashes in sorted runs that at least double in size from the newest to the
+    oldest (a log-structured merge): 8 bytes per id and amortized O(log n) per id, for corpora of any size.
+    Two different ids share a hash with odds of about n^2 / 2^65: nil for any real corpus."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def add(self, ids: list[str]) -> np.ndarray:
+        """Record ``ids``; returns a mask of those that were seen before (earlier in ``ids`` too)."""
+        hashes = np.array(
+            [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids],
+            dtype=np.uint64,
+        )
+        seen = np.zeros(len(ids), dtype=bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+            seen |= run[at] == hashes
+        unique, first = np.unique(hashes, return_index=True)
+        repeated = np.ones(len(ids), dtype=bool)
+        repeated[first] = False  # within ids, every occurrence but the first is a repeat
+        seen |= repeated
+        new = unique[~np.isin(unique, hashes[seen & ~repeated])]
+        if len(new):
+            self.runs.append(new)
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            newest = self.runs.pop()
+            self.runs[-1] = np.union1d(self.runs[-1], newest)
+        return seen
+
+
 def _remove_stale_temporaries(output: Path) -> None:
     """Temporary files of a writer that was killed mid-write (their pid is gone) are garbage."""
     for tmp in output.glob(".*.tmp-*"):
@@ -175,49 +253,119 @@ def _remove_stale_temporaries(output: Path) -> None:
             pass
 
 
-def _open_output(output: Path, identity: dict, overwrite: bool) -> dict:
-    """The manifest to continue from: a new one, the matching one, or an error for a mismatched folder."""
-    manifest_path = output / MANIFEST
+def _load_manifest(path: Path) -> dict:
+    """``manifest.json``, checked for the fields the job relies on; a damaged one is an error that says so."""
+    fix = "re-run with --overwrite to start again"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorpusError(f"{path} is damaged ({err}); {fix}") from None
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(manifest, dict)
+        or not isinstance(manifest.get("identity"), dict)
+        or not isinstance(shards, list)
+        or not all(isinstance(s, dict) and isinstance(s.get("files"), list) for s in shards)
+    ):
+        raise CorpusError(
+            f"{path} is not a fastinstructor embed manifest (expected an object with 'identity' and a list of "
+            f"'shards'); {fix}"
+        )
+    return manifest
+
+
+def _is_ours(path: Path) -> bool:
+    """The lock, and temporaries a killed run left before its first manifest was in place."""
+    return path.name.startswith((LOCK, f".{MANIFEST}.tmp-", ".part-"))
+
+
+def _check_output_folder(output: Path, overwrite: bool) -> None:
+    """Refuse a file, or a folder of someone else's files, before anything is written into it."""
     if output.exists() and not output.is_dir():
         raise CorpusError(f"output {output} is a file; pass a folder")
-    if output.is_dir():
-        _remove_stale_temporaries(output)
-    if manifest_path.is_file() and not overwrite:
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{manifest_path} is damaged ({err}); re-run with --overwrite to start again") from None
-        if manifest.get("identity") != identity:
-            theirs = manifest.get("identity", {})
-            changed = sorted(k for k in set(theirs) | set(identity) if theirs.get(k) != identity.get(k))
-            raise CorpusError(
-                f"{output} holds the output of a different job (differs in: {', '.join(changed)}). "
-                "Use another --output folder, or --overwrite to replace it."
-            )
-        # Sizes, not checksums: a resume must not re-read terabytes; read_embeddings verifies the checksums.
-        for shard in manifest["shards"]:
-            for entry in shard["files"]:
-                path = output / entry["file"]
-                if not path.is_file() or path.stat().st_size != entry["bytes"]:
-                    raise CorpusError(
-                        f"{path} is missing or not the size recorded in {manifest_path}; the output was modified. "
-                        "Re-run with --overwrite to start again."
-                    )
-        return manifest
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    if (
+        output.is_dir()
+        and not overwrite
+        and not (output / MANIFEST).is_file()
+        and any(not _is_ours(p) for p in output.iterdir())
+    ):
         raise CorpusError(f"output folder {output} is not empty and has no {MANIFEST}; choose an empty folder")
-    output.mkdir(parents=True, exist_ok=True)
+
+
+def _open_output(output: Path, identity: dict, spec: InputSpec, overwrite: bool) -> dict:
+    """The manifest to continue from (the caller holds the folder's lock): a new one, the matching one, or an
+    error for a folder that holds another job or whose input cannot be resumed."""
+    manifest_path = output / MANIFEST
+    _check_output_folder(output, overwrite)
+    _remove_stale_temporaries(output)
     if overwrite:
         for old in list(output.glob("part-*")) + [manifest_path]:
             old.unlink(missing_ok=True)
-    return {"identity": identity, "shards": [], "complete": False}
+    if not manifest_path.is_file():
+        return {"identity": identity, "shards": [], "complete": False}
+    manifest = _load_manifest(manifest_path)
+    if manifest["identity"] != identity:
+        theirs = manifest["identity"]
+        changed = sorted(k for k in set(theirs) | set(identity) if theirs.get(k) != identity.get(k))
+        raise CorpusError(
+            f"{output} holds the output of a different job (differs in: {', '.join(changed)}). "
+            "Use another --output folder, or --overwrite to replace it."
+        )
+    if manifest["shards"] or manifest.get("complete"):
+        if spec.path == "-":
+            raise CorpusError(
+                f"{output} holds a job that read standard input, which cannot be resumed: a stream cannot be "
+                "re-read to check that it is the same input. Save the input to a file and embed that, or re-run "
+                "with --overwrite to start again."
+            )
+        if any("input_sha256" not in shard for shard in manifest["shards"]):
+            raise CorpusError(
+                f"{manifest_path} was written by an older fastinstructor that did not record a checksum of its "
+                "input, so a resume cannot be checked; re-run with --overwrite to start again."
+            )
+    listed = set()
+    # Sizes, not checksums: a resume must not re-read terabytes; read_embeddings verifies the checksums.
+    for shard in manifest["shards"]:
+        for entry in shard["files"]:
+            path = output / entry["file"]
+            listed.add(entry["file"])
+            if not path.is_file() or path.stat().st_size != entry["bytes"]:
+                raise CorpusError(
+                    f"{path} is missing or not the size recorded in {manifest_path}; the output was modified. "
+                    "Re-run with --overwrite to start again."
+                )
+    for path in output.glob("part-*"):  # written by a run killed before it recorded them: redone below
+        if path.name not in listed:
+            path.unlink()
+    return manifest
 
 
 def _summarize(manifest: dict) -> None:
     shards = manifest["shards"]
     manifest["totals"] = {
-        key: sum(s[key] for s in shards) for key in ("rows", "input_rows", "skipped", "truncated", "tokens")
+        key: sum(s.get(key, 0) for s in shards)
+        for key in ("rows", "input_rows", "skipped", "truncated", "tokens", "duplicate_ids")
     }
+
+
+def _say(quiet: bool, *parts: str) -> None:
+    if not quiet:
+        print(*parts, file=sys.stderr, flush=True)
+
+
+def describe_choice(model: Instructor) -> str:
+    """Two lines: the model, and the backend the dispatcher chose with its parity figure and what it skipped."""
+    report = model.backend_report
+    parity = (
+        f"parity vs the float32 reference: min cos {report['parity']['min_cos']:.6f}"
+        if report["parity"]
+        else "the reference itself"
+    )
+    skipped = "; ".join(f"{s['candidate']} ({s['why']})" for s in report["skipped"]) or "none"
+    return (
+        f"model: {model}\nbackend: {report['backend']} {report['precision']} on {report['device']}, {parity}; "
+        f"skipped: {skipped}"
+    )
 
 
 def embed_corpus(
@@ -238,22 +386,29 @@ def embed_corpus(
     max_batch_tokens: int | None = 16_384,
     limit: int | None = None,
     on_error: str = "fail",
+    on_duplicate_id: str = "warn",
     overwrite: bool = False,
     quiet: bool = False,
     backend: str = "auto",
     precision: str = "auto",
+    pooling_rule: str = "instructor",
 ) -> dict:
     """Embed a corpus into ``output`` (see the module docstring); returns the final manifest.
 
-    ``model`` is a loaded ``Instructor`` or anything ``fastinstructor.load`` takes (then ``backend`` and
-    ``precision`` apply). One ``instruction`` for every row, or ``instruction_field`` for one per row, or
-    neither for plain texts. ``on_error="fail"`` stops at the first bad row (file, row number, reason),
-    keeping finished shards; ``"skip"`` skips, counts and lists bad rows in the manifest.
+    ``model`` is a loaded ``Instructor`` or anything ``fastinstructor.load`` takes (then ``backend``,
+    ``precision`` and ``pooling_rule`` apply; it is loaded once the output folder is locked, so a second run
+    into a busy folder is refused before any work). One ``instruction`` for every row, or ``instruction_field``
+    for one per row, or neither for plain texts. ``on_error="fail"`` stops at the first bad row (file, row
+    number, reason), keeping finished shards; ``"skip"`` skips, counts and lists bad rows in the manifest.
+    ``on_duplicate_id``: ``"warn"`` (count them in the manifest and say so), ``"error"`` (stop at the first
+    repeated id) or ``"keep"`` (neither: ids are not tracked).
     """
     if instruction is not None and instruction_field is not None:
         raise ValueError("pass either instruction (one for all rows) or instruction_field (one per row), not both")
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error {on_error!r} is not one of {', '.join(ON_ERROR)}")
+    if on_duplicate_id not in ON_DUPLICATE_ID:
+        raise ValueError(f"on_duplicate_id {on_duplicate_id!r} is not one of {', '.join(ON_DUPLICATE_ID)}")
     settings = EmbedSettings(
         instruction, output_format, dtype, normalize, shard_rows, batch_size, max_batch_tokens, limit
     )
@@ -265,111 +420,189 @@ def embed_corpus(
     reader = CorpusReader(spec)
     if output_format == "parquet":
         import pyarrow  # noqa: F401  (fail before any work if it is missing)
-    if not isinstance(model, Instructor):
-        model = load(model, backend=backend, precision=precision)
     output = Path(output)
-    identity = {
-        "model_fingerprint": model.checkpoint.fingerprint,
-        "backend": model.backend_name,
-        "precision": model.precision,
-        "pooling_rule": model.tokenizer.pooling_rule,
-        "max_seq_length": model.max_seq_length,
-        "input": "-" if spec.path == "-" else str(Path(spec.path).resolve()),
-        "input_format": reader.format,
-        "text_field": spec.text_field,
-        "id_field": spec.id_field,
-        "instruction_field": spec.instruction_field,
-        **asdict(settings),
-    }
-    manifest = _open_output(output, identity, overwrite)
-    manifest.update(
-        {
-            "fastinstructor_version": __version__,
-            "model": str(model.checkpoint.path),
-            "random_weights": (model.checkpoint.path / "fastinstructor_test_model.json").is_file(),
-            "dim": model.dim,
-            "backend_report": model.backend_report,  # the dispatcher's choice and its parity figures
+    _check_output_folder(output, overwrite)
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        with hold(output / LOCK, wait=False, what=f"output folder {output}"):
+            job = _Job(reader, spec, output, settings, on_error, on_duplicate_id, quiet)
+            return job.run(model, overwrite, backend=backend, precision=precision, pooling_rule=pooling_rule)
+    except LockHeld as err:
+        raise CorpusError(f"{err}, or choose another --output folder") from None
+    except BaseException:
+        if created and all(_is_ours(p) for p in output.iterdir()):  # failed before writing anything (no model)
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
+@dataclass
+class _Job:
+    """One run of the job, with the output folder locked."""
+
+    reader: CorpusReader
+    spec: InputSpec
+    output: Path
+    settings: EmbedSettings
+    on_error: str
+    on_duplicate_id: str
+    quiet: bool
+    # Set by run():
+    model: Instructor = field(init=False)
+    manifest: dict = field(init=False)
+    progress: _Progress = field(init=False)
+    ids: _IdSet | None = field(init=False)  # None: --on-duplicate-id keep
+
+    def run(self, model: Instructor | str | os.PathLike, overwrite: bool, **load_options) -> dict:
+        spec, output, settings, quiet = self.spec, self.output, self.settings, self.quiet
+        if not isinstance(model, Instructor):
+            model = load(model, **load_options)
+            _say(quiet, describe_choice(model))
+        self.model = model
+        identity = {
+            "model_fingerprint": model.checkpoint.fingerprint,
+            "backend": model.backend_name,
+            "precision": model.precision,
+            "pooling_rule": model.tokenizer.pooling_rule,
+            "max_seq_length": model.max_seq_length,
+            "input": "-" if spec.path == "-" else str(Path(spec.path).resolve()),
+            "input_format": self.reader.format,
+            "text_field": spec.text_field,
+            "id_field": spec.id_field,
+            "instruction_field": spec.instruction_field,
+            **asdict(settings),
         }
-    )
-    if manifest["complete"]:
-        if not quiet:
-            print(f"{output} is already complete: nothing to do", file=sys.stderr)
+        self.manifest = manifest = _open_output(output, identity, spec, overwrite)
+        stat = _input_stat(spec)
+        rows: Iterator[Row] = iter(self.reader)
+        if manifest["complete"]:
+            if stat == manifest.get("input_stat"):
+                _say(quiet, f"{output} is already complete: nothing to do")
+                return manifest
+            _verify_input(rows, manifest, spec, output)  # touched or copied, perhaps changed: read it again
+            manifest["input_stat"] = stat
+            _write_json(output / MANIFEST, manifest)
+            _say(quiet, f"{output} is already complete (its input was touched but holds the same rows)")
+            return manifest
+        digest = _verify_input(rows, manifest, spec, output)
+        self.ids = None if self.on_duplicate_id == "keep" else _IdSet()
+        for shard in manifest["shards"] if self.ids is not None else ():
+            self.ids.add(_shard_ids(output, shard))
+        manifest.update(
+            {
+                "fastinstructor_version": __version__,
+                "model": str(model.checkpoint.path),
+                "random_weights": (model.checkpoint.path / "fastinstructor_test_model.json").is_file(),
+                "dim": model.dim,
+                "backend_report": model.backend_report,  # the dispatcher's choice and its parity figures
+                "input_stat": stat,
+            }
+        )
+        _summarize(manifest)
+        _write_json(output / MANIFEST, manifest)  # before the first shard: a folder with shards always has one
+        consumed = manifest["totals"]["input_rows"]
+        if settings.limit is not None:
+            rows = islice(rows, max(settings.limit - consumed, 0))
+        self.progress = _Progress(self.reader, quiet)
+        try:
+            while chunk := list(islice(rows, settings.shard_rows)):
+                _hash_rows(digest, chunk)
+                manifest["shards"].append(self.embed_shard(chunk, digest.hexdigest()))
+                _summarize(manifest)
+                _write_json(output / MANIFEST, manifest)
+                self.progress.update(0, 0, shard_done=True)
+        finally:
+            self.progress.close()
+        manifest["complete"] = True
+        _summarize(manifest)
+        _write_json(output / MANIFEST, manifest)
         return manifest
 
-    rows: Iterator[Row] = iter(reader)
-    consumed = sum(s["input_rows"] for s in manifest["shards"])
-    for _ in islice(rows, consumed):  # rows that finished shards already hold
-        pass
-    if limit is not None:
-        rows = islice(rows, max(limit - consumed, 0))
-    progress = _Progress(reader, quiet)
-    try:
-        while chunk := list(islice(rows, shard_rows)):
-            manifest["shards"].append(_embed_shard(model, settings, chunk, spec, on_error, output, manifest, progress))
-            _summarize(manifest)
-            _write_json(output / MANIFEST, manifest)
-            progress.update(0, 0, shard_done=True)
-    finally:
-        progress.close()
-    manifest["complete"] = True
-    _summarize(manifest)
-    _write_json(output / MANIFEST, manifest)
-    return manifest
+    def _kept(self) -> str:
+        return (
+            f"the {len(self.manifest['shards'])} finished shard(s) in {self.output} are kept and a re-run "
+            "continues after them"
+        )
 
+    def embed_shard(self, chunk: list[Row], input_sha256: str) -> dict:
+        settings, spec = self.settings, self.spec
+        good: list[Row] = []
+        skipped: list[dict] = []
+        for row in chunk:
+            error = row.error or (None if row.text.strip() else "empty text")
+            if error is None:
+                good.append(row)
+            elif self.on_error == "fail":
+                raise CorpusError(
+                    f"{spec.name}:{row.number}: {error}. Fix the row or re-run with --on-error skip; {self._kept()}."
+                )
+            else:
+                skipped.append({"row": row.number, "reason": error})
+        row_ids = [row.id for row in good]
+        duplicates = self._duplicates(good, row_ids)
+        instructions = [settings.instruction if spec.instruction_field is None else row.instruction for row in good]
+        sentences = [row.text if i is None else [i, row.text] for i, row in zip(instructions, good, strict=True)]
+        tokenized = self.model.tokenizer(sentences)
+        embeddings = self.model.embed_tokens(
+            tokenized.ids,
+            tokenized.pool_start,
+            settings.batch_size,
+            settings.max_batch_tokens,
+            lambda n: self.progress.update(n, 0),
+        )
+        if settings.normalize:
+            embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+        array = embeddings.numpy().astype(settings.dtype)
+        index = len(self.manifest["shards"])
+        tokens = sum(len(ids) for ids in tokenized.ids)
+        listed = self.manifest.setdefault("instructions", [])  # instruction(s) used, the first 100 distinct ones
+        listed += [i for i in dict.fromkeys(instructions) if i not in listed][: max(100 - len(listed), 0)]
+        self.progress.update(0, tokens)
+        return {
+            "index": index,
+            "files": _write_shard(self.output, index, row_ids, array, settings.output_format),
+            "first_input_row": chunk[0].number,
+            "input_rows": len(chunk),
+            "input_sha256": input_sha256,  # of every row read so far: what a resume checks
+            "rows": len(good),
+            "tokens": tokens,
+            "truncated": sum(tokenized.truncated),
+            "skipped": len(skipped),
+            "skipped_rows": skipped[:_MAX_LISTED_SKIPS],
+            "duplicate_ids": duplicates,
+        }
 
-def _embed_shard(
-    model: Instructor,
-    settings: EmbedSettings,
-    chunk: list[Row],
-    spec: InputSpec,
-    on_error: str,
-    output: Path,
-    manifest: dict,
-    progress: _Progress,
-) -> dict:
-    good: list[Row] = []
-    skipped: list[dict] = []
-    for row in chunk:
-        error = row.error or (None if row.text.strip() else "empty text")
-        if error is None:
-            good.append(row)
-        elif on_error == "fail":
+    def _duplicates(self, good: list[Row], row_ids: list[str]) -> int:
+        """How many of this shard's ids were used before; an error or a warning as the policy says."""
+        if self.ids is None:
+            return 0
+        repeated = np.flatnonzero(self.ids.add(row_ids))
+        if len(repeated) == 0:
+            return 0
+        first = good[repeated[0]]
+        if self.on_duplicate_id == "error":
             raise CorpusError(
-                f"{spec.name}:{row.number}: {error}. Fix the row or re-run with --on-error skip; "
-                f"the {len(manifest['shards'])} finished shard(s) in {output} are kept and a re-run continues "
-                "after them."
+                f"{self.spec.name}:{first.number}: id {first.id!r} was already used by an earlier row. Give every "
+                f"row a unique id (or leave out --id-field to number the rows), or re-run with --on-duplicate-id "
+                f"warn or keep; {self._kept()}."
             )
-        else:
-            skipped.append({"row": row.number, "reason": error})
-    instructions = [settings.instruction if spec.instruction_field is None else row.instruction for row in good]
-    sentences = [row.text if i is None else [i, row.text] for i, row in zip(instructions, good, strict=True)]
-    tokenized = model.tokenizer(sentences)
-    embeddings = model.embed_tokens(
-        tokenized.ids,
-        tokenized.pool_start,
-        settings.batch_size,
-        settings.max_batch_tokens,
-        lambda n: progress.update(n, 0),
-    )
-    if settings.normalize:
-        embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
-    array = embeddings.numpy().astype(settings.dtype)
-    index = len(manifest["shards"])
-    tokens = sum(len(ids) for ids in tokenized.ids)
-    listed = manifest.setdefault("instructions", [])  # instruction(s) used, the first 100 distinct ones
-    listed += [i for i in dict.fromkeys(instructions) if i not in listed][: max(100 - len(listed), 0)]
-    progress.update(0, tokens)
-    return {
-        "index": index,
-        "files": _write_shard(output, index, [row.id for row in good], array, settings.output_format),
-        "first_input_row": chunk[0].number,
-        "input_rows": len(chunk),
-        "rows": len(good),
-        "tokens": tokens,
-        "truncated": sum(tokenized.truncated),
-        "skipped": len(skipped),
-        "skipped_rows": skipped[:_MAX_LISTED_SKIPS],
-    }
+        _say(
+            self.quiet,
+            f"embed: warning: {len(repeated)} duplicate id(s) in input rows {good[0].number}-{good[-1].number}, "
+            f"first {first.id!r} at row {first.number}; kept, and counted in the manifest "
+            "(--on-duplicate-id error refuses them, keep stops tracking)",
+        )
+        return len(repeated)
+
+
+def _shard_ids(output: Path, shard: dict) -> list[str]:
+    stem = f"part-{shard['index']:05d}"
+    if (output / f"{stem}.parquet").is_file():
+        import pyarrow.parquet as pq
+
+        return pq.read_table(output / f"{stem}.parquet", columns=["id"]).column("id").to_pylist()
+    lines = (output / f"{stem}.ids.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def read_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -378,7 +611,7 @@ def read_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     manifest_path = output / MANIFEST
     if not manifest_path.is_file():
         raise CorpusError(f"{output} has no {MANIFEST}; it is not the output of fastinstructor embed")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = _load_manifest(manifest_path)
     if not manifest.get("complete"):
         raise CorpusError(f"{output} is not complete; re-run the embed command to finish it")
     ids: list[str] = []
@@ -388,17 +621,15 @@ def read_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
         for name, digest in files.items():
             if _sha256(output / name) != digest:
                 raise CorpusError(f"{output / name} does not match its checksum in {manifest_path}")
+        ids += _shard_ids(output, shard)
         stem = f"part-{shard['index']:05d}"
         if f"{stem}.parquet" in files:
             import pyarrow.parquet as pq
 
-            table = pq.read_table(output / f"{stem}.parquet")
-            ids += table.column("id").to_pylist()
-            flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            parts.append(flat.reshape(len(table), manifest["dim"]))
+            column = pq.read_table(output / f"{stem}.parquet", columns=["embedding"]).column("embedding")
+            flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            parts.append(flat.reshape(len(column), manifest["dim"]))
         else:
-            lines = (output / f"{stem}.ids.jsonl").read_text(encoding="utf-8").splitlines()
-            ids += [json.loads(line) for line in lines]
             parts.append(np.load(output / f"{stem}.npy"))
     dtype = manifest["identity"]["dtype"]
     return ids, np.concatenate(parts) if parts else np.zeros((0, manifest["dim"]), dtype=dtype)

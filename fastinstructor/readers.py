@@ -1,9 +1,10 @@
 """Streaming corpus readers: JSON Lines, CSV/TSV, Parquet and plain text, from a file or stdin.
 
 A reader never loads the corpus whole: it yields one ``Row`` at a time and tracks its position (bytes for
-text formats, rows for Parquet) for the progress bar. A row that cannot be used (malformed JSON, a missing
-or non-string field) is yielded with ``error`` set, so the caller applies its ``--on-error`` policy with
-the file and row number in hand.
+text formats, rows for Parquet) for the progress bar. A row that cannot be used (bytes that are not UTF-8,
+malformed JSON or CSV quoting, a missing or non-string field, a lone surrogate, an id that is not a string or
+an integer) is yielded with ``error`` set, so the caller applies its ``--on-error`` policy with the file and
+row number in hand; reading goes on with the next row.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ _SUFFIXES = {
     ".txt": "text",
     ".text": "text",
 }
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string with a lone surrogate (JSON's "\\ud800", or bytes that were not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ class CorpusReader:
         self.spec = spec
         self.format = spec.resolved_format
         self.position = 0
+        self._undecodable: dict[int, str] = {}  # line number -> why it is not UTF-8
         self.unit = "rows" if self.format == "parquet" else "B"
         self.total: int | None = None
         if self.format == "parquet":
@@ -101,12 +112,17 @@ class CorpusReader:
             yield from self._jsonl(lines)
         elif self.format == "text":
             for number, line in lines:
-                yield Row(number, id=str(number), text=line.rstrip("\r\n"))
+                error = self._undecodable.pop(number, None)
+                yield Row(number, error=error) if error else Row(number, id=str(number), text=line.rstrip("\r\n"))
         else:
             yield from self._csv(lines)
 
     def _lines(self) -> Iterator[tuple[int, str]]:
-        """Decoded lines with their numbers, counting bytes read (text iteration has no usable tell())."""
+        """Decoded lines with their numbers, counting bytes read (text iteration has no usable tell()).
+
+        A line that is not UTF-8 is decoded with its bad bytes escaped (``surrogateescape``) and its reason kept
+        in ``self._undecodable``, so that the row it belongs to becomes a bad row and reading goes on.
+        """
         stream = sys.stdin.buffer if self.spec.path == "-" else open(self.spec.path, "rb")
         try:
             for number, raw in enumerate(stream, start=1):
@@ -114,10 +130,14 @@ class CorpusReader:
                 try:
                     yield number, raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise ValueError(f"{self.spec.name}:{number}: not UTF-8 text ({err.reason})") from None
+                    self._undecodable[number] = f"not UTF-8 text ({err.reason}: byte {err.start + 1} of the line)"
+                    yield number, raw.decode("utf-8", "surrogateescape")
         finally:
             if stream is not sys.stdin.buffer:
                 stream.close()
+
+    def _pop_undecodable(self, first: int, last: int) -> list[str]:
+        return [self._undecodable.pop(n) for n in range(first, last + 1) if n in self._undecodable]
 
     def _record(self, number: int, record: object) -> Row:
         """A row from a mapping of fields, checking the ones we need."""
@@ -134,9 +154,20 @@ class CorpusReader:
             if not isinstance(instruction, str):
                 what = "missing" if instruction is None else f"{type(instruction).__name__}, not a string"
                 return Row(number, error=f"instruction field {self.spec.instruction_field!r} is {what}")
+        for name, value in ((self.spec.text_field, text), (self.spec.instruction_field, instruction)):
+            if value is not None and not _is_unicode(value):
+                return Row(number, error=f"field {name!r} holds a lone surrogate, which is not Unicode text")
         id_field = self.spec.id_field or "id"
-        if id_field in record and record[id_field] is not None:
-            row_id = str(record[id_field])
+        if id_field in record:
+            row_id = record[id_field]
+            # 1 and "1" both become "1" (and are then counted as duplicates); anything else has no faithful
+            # string form: 1.0, true, null, objects.
+            if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
+                what = "null" if row_id is None else type(row_id).__name__
+                return Row(number, error=f"id field {id_field!r} is {what}; ids must be strings or integers")
+            row_id = str(row_id)
+            if not _is_unicode(row_id):
+                return Row(number, error=f"id field {id_field!r} holds a lone surrogate, which is not Unicode text")
         elif self.spec.id_field is not None:
             return Row(number, error=f"no id field {self.spec.id_field!r}")
         else:
@@ -145,6 +176,9 @@ class CorpusReader:
 
     def _jsonl(self, lines: Iterator[tuple[int, str]]) -> Iterator[Row]:
         for number, line in lines:
+            if number in self._undecodable:
+                yield Row(number, error=self._undecodable.pop(number))
+                continue
             if not line.strip():
                 continue  # blank lines separate nothing in JSON Lines
             try:
@@ -164,18 +198,35 @@ class CorpusReader:
                 current[0] = number
                 yield line
 
-        reader = csv.reader(text_lines(), delimiter=delimiter)
-        header = next(reader, None)
+        # strict: a quote that is never closed, or text after a closing quote, is an error instead of rows
+        # silently merged into one field up to the next quote (or the end of the file).
+        reader = csv.reader(text_lines(), delimiter=delimiter, strict=True)
+        try:
+            header = next(reader, None)
+        except csv.Error as err:
+            raise ValueError(f"{self.spec.name}: the header line is not valid CSV ({err})") from None
         if header is None:
             return
-        for values in reader:
+        while True:
+            first = current[0] + 1  # a record may span several lines (quoted newlines)
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                self._pop_undecodable(first, current[0])
+                yield Row(first, error=f"malformed CSV in lines {first}-{current[0]} ({err}); check its quotes")
+                continue
             number = current[0]
-            if not values:
+            undecodable = self._pop_undecodable(first, number)
+            if undecodable:
+                yield Row(number, error=undecodable[0])
+            elif not values:
                 continue
-            if len(values) != len(header):
+            elif len(values) != len(header):
                 yield Row(number, error=f"{len(values)} fields, the header has {len(header)}")
-                continue
-            yield self._record(number, dict(zip(header, values, strict=True)))
+            else:
+                yield self._record(number, dict(zip(header, values, strict=True)))
 
     def _parquet(self) -> Iterator[Row]:
         import pyarrow.parquet as pq

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastinstructor import read_embeddings
 
@@ -56,3 +57,44 @@ def test_make_demo(tiny_model, tmp_path):
     assert "embedded 500 rows" in result.stdout and "RANDOM weights" in result.stdout
     ids, embeddings = read_embeddings(out)
     assert len(ids) == 500 and embeddings.shape == (500, 48)
+
+
+# Issue 13, defect 13: options that cannot work here end in one line that says what was wrong and what to do.
+_ON_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine these can run")
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        (["embed", "--threads", "0"], "argument --threads: expected a whole number of at least 1, got '0'"),
+        (["check", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16' (choose from 'float32'"),
+        pytest.param(
+            ["embed", "--backend", "onnx", "--precision", "float16"],
+            "no backend for backend='onnx', precision='float16' on this machine. Tried: onnx/float16/cpu: failed to "
+            "start: float16 ONNX graphs run on the CUDA provider; on the CPU use float32 or int8",
+            marks=_ON_CUDA,
+        ),
+        pytest.param(
+            ["serve", "--backend", "onnx", "--precision", "float16"], "no backend for backend='onnx'", marks=_ON_CUDA
+        ),
+        pytest.param(["embed", "--backend", "triton"], "backend 'triton' is not available here", marks=_ON_CUDA),
+        pytest.param(["check", "--backend", "triton"], "triton is not available on this machine", marks=_ON_CUDA),
+    ],
+    ids=[
+        "embed-threads-0",
+        "check-unknown-precision",
+        "embed-onnx-float16",
+        "serve-onnx-float16",
+        "embed-triton",
+        "check-triton",
+    ],
+)
+def test_defect13_option_that_cannot_work_here_is_a_one_line_error(tiny_model, tmp_path, command, expected):
+    name, *options = command
+    if name == "embed":
+        options += ["--input", __file__, "--input-format", "text", "--output", str(tmp_path / "out")]
+    result = run_cli(name, "--model", str(tiny_model), *options)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert name != "embed" or not (tmp_path / "out").exists(), "a run that did nothing left an output folder"
+    *_, last = result.stderr.strip().splitlines()
+    assert last.startswith(f"fastinstructor {name}: error: {expected}"), result.stderr

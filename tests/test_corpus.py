@@ -88,7 +88,8 @@ def test_npy_float16_output(model, evidence, tmp_path):
         shard_rows=20,
         quiet=True,
     )
-    assert sorted(p.name for p in (tmp_path / "out").iterdir())[:2] == ["manifest.json", "part-00000.ids.jsonl"]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))  # the lock is hidden
+    assert files[:2] == ["manifest.json", "part-00000.ids.jsonl"]
     ids, embeddings = read_embeddings(tmp_path / "out")
     assert embeddings.dtype == np.float16 and ids == [i for i, _ in rows[:50]] and manifest["totals"]["rows"] == 50
     expected = expected_embeddings(model, [t for _, t in rows[:50]])
