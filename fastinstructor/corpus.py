@@ -353,7 +353,7 @@ def _say(quiet: bool, *parts: str) -> None:
         print(*parts, file=sys.stderr, flush=True)
 
 
-def describe_choice(model: Instructor) -> str:
+def _describe_choice(model: Instructor) -> str:
     """Two lines: the model, and the backend the dispatcher chose with its parity figure and what it skipped."""
     report = model.backend_report
     parity = (
@@ -457,7 +457,7 @@ class _Job:
         spec, output, settings, quiet = self.spec, self.output, self.settings, self.quiet
         if not isinstance(model, Instructor):
             model = load(model, **load_options)
-            _say(quiet, describe_choice(model))
+            _say(quiet, _describe_choice(model))
         self.model = model
         identity = {
             "model_fingerprint": model.checkpoint.fingerprint,

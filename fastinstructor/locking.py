@@ -32,10 +32,7 @@ class LockHeld(RuntimeError):
 def _describe(holder: dict | None) -> str:
     if not holder:
         return "another process"
-    return (
-        f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')}: "
-        f"{holder.get('command')})"
-    )
+    return f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')}: {holder.get('command')})"
 
 
 @contextmanager

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .tokenization import lone_surrogate
+
 __all__ = ["FORMATS", "InputSpec", "Row", "CorpusReader"]
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "text")
@@ -29,15 +31,6 @@ _SUFFIXES = {
     ".txt": "text",
     ".text": "text",
 }
-
-
-def _is_unicode(text: str) -> bool:
-    """False for a string with a lone surrogate (JSON's "\\ud800", or bytes that were not UTF-8)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -155,7 +148,7 @@ class CorpusReader:
                 what = "missing" if instruction is None else f"{type(instruction).__name__}, not a string"
                 return Row(number, error=f"instruction field {self.spec.instruction_field!r} is {what}")
         for name, value in ((self.spec.text_field, text), (self.spec.instruction_field, instruction)):
-            if value is not None and not _is_unicode(value):
+            if value is not None and lone_surrogate(value) is not None:
                 return Row(number, error=f"field {name!r} holds a lone surrogate, which is not Unicode text")
         id_field = self.spec.id_field or "id"
         if id_field in record:
@@ -166,7 +159,7 @@ class CorpusReader:
                 what = "null" if row_id is None else type(row_id).__name__
                 return Row(number, error=f"id field {id_field!r} is {what}; ids must be strings or integers")
             row_id = str(row_id)
-            if not _is_unicode(row_id):
+            if lone_surrogate(row_id) is not None:
                 return Row(number, error=f"id field {id_field!r} holds a lone surrogate, which is not Unicode text")
         elif self.spec.id_field is not None:
             return Row(number, error=f"no id field {self.spec.id_field!r}")

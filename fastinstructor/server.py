@@ -35,6 +35,7 @@ import torch
 
 from .batching import pad_batch
 from .model import Instructor
+from .tokenization import lone_surrogate
 
 __all__ = ["ServerSettings", "create_app", "serve", "served_name"]
 
@@ -111,14 +112,13 @@ def _is_loopback(client) -> bool:
 
 def _check_text(value: str, where: str) -> None:
     """JSON can carry lone surrogates (``"\\ud800"``), which are no Unicode text: the tokenizer cannot take them."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
+    at = lone_surrogate(value)
+    if at is not None:
         raise HTTPError(
             400,
-            f"{where} has a lone surrogate ({ascii(value[err.start])}) at character {err.start}, which is not "
+            f"{where} has a lone surrogate ({ascii(value[at])}) at character {at}, which is not "
             "Unicode text; send valid UTF-8 (a character beyond U+FFFF escaped as a surrogate pair)",
-        ) from None
+        )
 
 
 @dataclass
@@ -496,6 +496,7 @@ def create_app(model: Instructor, settings: ServerSettings | None = None, model_
                 allow_headers=["Authorization", "Content-Type"],
             )
         )
+
     async def routing_error(request: Request, err: StarletteHTTPException) -> Response:  # 404, 405: JSON too
         return JSONResponse(_error(err.status_code, str(err.detail), "invalid_request_error"), err.status_code)
 

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["POOLING_RULES", "PairTokenizer", "Tokenized", "load_tokenizer"]
+__all__ = ["POOLING_RULES", "PairTokenizer", "Tokenized", "load_tokenizer", "lone_surrogate"]
 
 POOLING_RULES = ("instructor", "sentence-transformers")
 
@@ -29,6 +29,16 @@ def load_tokenizer(folder: Path):
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"cannot load the tokenizer in {folder}: {err}") from None
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Where ``text`` holds a lone surrogate (JSON's ``"\\ud800"``, or bytes that were not UTF-8 read with
+    ``surrogateescape``), or None. Such a string is no Unicode text: the tokenizer cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
 
 
 def _check_sentences(sentences: Sequence) -> None:
