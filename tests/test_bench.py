@@ -120,7 +120,7 @@ def test_bench_end_to_end_on_tiny(tiny_model, tmp_path, capsys):
         "--batch-size",
         "4",
         "--batch-tokens",
-        "64,512",
+        "128,512",
     ]
     argv += ["--latency-batch-sizes", "1,2", "--latency-batches", "2", "--ceiling-size", "128", "--out", str(tmp_path)]
     assert main(argv) == 0
@@ -140,10 +140,10 @@ def test_bench_end_to_end_on_tiny(tiny_model, tmp_path, capsys):
     lengths = [len(ids) for ids in model.tokenizer([[r[0], r[1]] for r in _pairs(result, texts)]).ids]
     work = result["workload"]
     assert work["real_tokens"] == sum(lengths)
-    assert work["padded_tokens"]["64"] > work["real_tokens"]  # these batches do pad ...
-    assert work["padded_tokens"]["512"] > work["padded_tokens"]["64"]  # (4 rows of up to 128 tokens)
+    assert work["padded_tokens"]["128"] > work["real_tokens"]  # these batches do pad ...
+    assert work["padded_tokens"]["512"] > work["padded_tokens"]["128"]  # (4 rows of up to 128 tokens)
     for row in result["rows"]:
-        figures = row["throughput"]["64"]
+        figures = row["throughput"]["128"]
         assert row["median_s"] == statistics.median(figures["times_s"])
         # ... and tokens/s counts the real tokens only.
         assert row["tokens_per_s"] == pytest.approx(work["real_tokens"] / row["median_s"])

@@ -54,9 +54,14 @@ def test_make_demo(tiny_model, tmp_path):
         ["make", "-s", "demo", f"DEMO_MODEL={tiny_model}", f"DEMO_OUT={out}"], cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "embedded 500 rows" in result.stdout and "RANDOM weights" in result.stdout
+    # The Makefile's input: the shared evidence where the checkout has it, else the README's non-blank lines.
+    if (REPO.parent / "shared" / "data" / "climate_fever_evidence.jsonl").is_file():
+        rows = 500
+    else:
+        rows = min(500, sum(1 for line in (REPO / "README.md").read_text().splitlines() if line.strip()))
+    assert f"embedded {rows} rows" in result.stdout and "RANDOM weights" in result.stdout
     ids, embeddings = read_embeddings(out)
-    assert len(ids) == 500 and embeddings.shape == (500, 48)
+    assert len(ids) == rows and embeddings.shape == (rows, 48)
 
 
 # Issue 13, defect 13: options that cannot work here end in one line that says what was wrong and what to do.

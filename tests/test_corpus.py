@@ -91,7 +91,8 @@ def test_npy_float16_output(model, evidence, tmp_path):
     files = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))  # the lock is hidden
     assert files[:2] == ["manifest.json", "part-00000.ids.jsonl"]
     ids, embeddings = read_embeddings(tmp_path / "out")
-    assert embeddings.dtype == np.float16 and ids == [i for i, _ in rows[:50]] and manifest["totals"]["rows"] == 50
+    assert embeddings.dtype == np.float16 and ids == [i for i, _ in rows[:50]]
+    assert manifest["totals"]["rows"] == len(rows[:50])  # 50, or fewer where the fallback text is shorter
     expected = expected_embeddings(model, [t for _, t in rows[:50]])
     np.testing.assert_allclose(embeddings.astype(np.float32), expected, atol=1e-3, rtol=0)
 
