@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,6 +20,43 @@ INSTRUCTIONS = [
     "Represent the sentence for clustering: ",
     "Represent the Science title:",
 ]
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_checked(args: list[str], cwd: Path, **kwargs) -> str:
+    """A subprocess's stdout; on a non-zero exit, an assertion error that shows its stderr."""
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, f"{args[:4]} exited {done.returncode}:\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory) -> Path:
+    """The wheel of a copy of the working tree (no build/ or egg-info lands in the checkout), built once per
+    session without build isolation (setuptools and wheel come from the dev extra)."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = shutil.copytree(
+        REPO,
+        root / "src",
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", ".models", "demo-output", "build", "dist", "*.egg-info", "__pycache__", ".*cache"
+        ),
+    )
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w"]
+    run_checked([*pip_wheel, str(root / "dist"), str(source)], cwd=root)
+    return next((root / "dist").glob("fastinstructor-*.whl"))
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(built_wheel, tmp_path_factory) -> Path:
+    """A folder holding ``built_wheel`` installed with ``pip install --target``: put it first on sys.path
+    (PYTHONPATH) and run from another folder to import the wheel's copy instead of the checkout."""
+    site = tmp_path_factory.mktemp("site")
+    pip_install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site)]
+    run_checked([*pip_install, str(built_wheel)], cwd=site.parent)
+    return site
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +96,7 @@ def real_pairs(real_texts) -> list[list[str]]:
 
 
 def assert_parity(actual: np.ndarray, expected: np.ndarray, precision: str) -> None:
-    """DESIGN section 5's tolerance for ``precision``, per embedding; on failure name the worst rows."""
+    """docs/design.md section 5's tolerance for ``precision``, per embedding; on failure name the worst rows."""
     problems = compare(actual, expected).failures(TOLERANCES[precision])
     assert not problems, f"{precision} parity: " + "; ".join(problems)
 

@@ -1,9 +1,8 @@
-"""DESIGN section 2: kernels/ and export/ import as fastinstructor.kernels / fastinstructor.export, from the
+"""docs/design.md section 2: kernels/ and export/ import as fastinstructor.kernels / fastinstructor.export, from the
 editable install and from a built wheel, and no generic top-level name lands in site-packages."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,37 +27,10 @@ def test_editable_install_maps_the_folders(tmp_path):
     assert out[2] == "None None"
 
 
-def test_wheel_contains_the_mapped_packages_only(tmp_path):
-    source = shutil.copytree(
-        REPO,
-        tmp_path / "src",
-        ignore=shutil.ignore_patterns(
-            ".venv", ".git", ".models", "demo-output", "build", "dist", "*.egg-info", "__pycache__", ".*cache"
-        ),
-    )
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path / "dist"),
-            str(source),
-        ],
-        cwd=tmp_path,
-    )
-    wheel = next((tmp_path / "dist").glob("fastinstructor-*.whl"))
-    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
-    assert tops == {"fastinstructor", wheel.name.split("-py")[0] + ".dist-info"}, tops
-    _run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
-        cwd=tmp_path,
-    )
-    out = _run([sys.executable, "-c", CHECK], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")}).splitlines()
-    assert out[0] == str(tmp_path / "site" / "fastinstructor" / "kernels" / "__init__.py")
-    assert out[1] == str(tmp_path / "site" / "fastinstructor" / "export" / "__init__.py")
+def test_wheel_contains_the_mapped_packages_only(built_wheel, installed_wheel, tmp_path):
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(built_wheel).namelist()}
+    assert tops == {"fastinstructor", built_wheel.name.split("-py")[0] + ".dist-info"}, tops
+    out = _run([sys.executable, "-c", CHECK], cwd=tmp_path, env={"PYTHONPATH": str(installed_wheel)}).splitlines()
+    assert out[0] == str(installed_wheel / "fastinstructor" / "kernels" / "__init__.py")
+    assert out[1] == str(installed_wheel / "fastinstructor" / "export" / "__init__.py")
     assert out[2] == "None None"
