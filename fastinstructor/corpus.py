@@ -18,11 +18,7 @@ re-read, so a job reading it cannot be resumed. One job at a time: the folder is
 (``.fastinstructor.lock``) and a second run into it is refused at once, naming the holder. Ids must be
 strings or integers; duplicate ids are counted (``on_duplicate_id``: warn, error or keep).
 
-Output folder::
-
-    manifest.json                     model, backend, precision, instruction(s), dims, rows, checksums, skips
-    part-00000.parquet                id (string) + embedding (fixed-size list of float32/float16), or
-    part-00000.npy + part-00000.ids.jsonl
+The output folder's files, its atomic writes and ``read_embeddings`` are in ``fastinstructor.shards``.
 """
 
 from __future__ import annotations
@@ -41,24 +37,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from . import shards
+from .batching import DEFAULT_EMBED_POLICY, BatchPolicy
 from .locking import LockHeld, hold
 from .model import Instructor, load
 from .readers import CorpusReader, InputSpec, Row
+from .shards import DTYPES, LOCK, MANIFEST, OUTPUT_FORMATS, CorpusError, read_embeddings
+from .version import __version__
 
-__all__ = ["CorpusError", "EmbedSettings", "embed_corpus", "read_embeddings"]
+__all__ = ["CorpusError", "DTYPES", "EmbedSettings", "OUTPUT_FORMATS", "embed_corpus", "read_embeddings"]
 
-MANIFEST = "manifest.json"
-OUTPUT_FORMATS = ("parquet", "npy")
-DTYPES = ("float32", "float16")
 ON_ERROR = ("fail", "skip")
 ON_DUPLICATE_ID = ("warn", "error", "keep")
-LOCK = ".fastinstructor.lock"  # and LOCK + ".holder": who holds it
 _MAX_LISTED_SKIPS = 1000  # per shard; the count is always exact
-
-
-class CorpusError(ValueError):
-    """A bad input row under ``on_error="fail"``, or an output folder that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +61,8 @@ class EmbedSettings:
     dtype: str = "float32"
     normalize: bool = True
     shard_rows: int = 10_000
-    batch_size: int = 32
-    max_batch_tokens: int | None = 16_384
+    batch_size: int = DEFAULT_EMBED_POLICY.max_rows
+    max_batch_tokens: int | None = DEFAULT_EMBED_POLICY.max_tokens
     limit: int | None = None
 
     def __post_init__(self) -> None:
@@ -79,64 +70,17 @@ class EmbedSettings:
             raise ValueError(f"output format {self.output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        for name in ("shard_rows", "batch_size", "max_batch_tokens", "limit"):
+        policy = self.batch_policy  # batch_size and max_batch_tokens are checked there, as plain ints (a numpy
+        object.__setattr__(self, "batch_size", policy.max_rows)  # integer would not go into the manifest's JSON)
+        object.__setattr__(self, "max_batch_tokens", policy.max_tokens)
+        for name in ("shard_rows", "limit"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)``, fsync, rename: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8"))
-
-
-def _write_shard(folder: Path, index: int, ids: list[str], embeddings: np.ndarray, output_format: str) -> list[dict]:
-    """Write one shard's files; return their names and checksums."""
-    stem = f"part-{index:05d}"
-    if output_format == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        values = pa.array(embeddings.reshape(-1))
-        table = pa.table(
-            {
-                "id": pa.array(ids, pa.string()),
-                "embedding": pa.FixedSizeListArray.from_arrays(values, embeddings.shape[1]),
-            }
-        )
-        files = {f"{stem}.parquet": lambda tmp: pq.write_table(table, tmp)}
-    else:
-
-        def write_npy(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.save(f, embeddings)
-
-        lines = "".join(json.dumps(i) + "\n" for i in ids)
-        files = {f"{stem}.npy": write_npy, f"{stem}.ids.jsonl": lambda tmp: tmp.write_text(lines, encoding="utf-8")}
-    written = []
-    for name, write in files.items():
-        _write_atomic(folder / name, write)
-        written.append({"file": name, "bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)})
-    return written
+    @property
+    def batch_policy(self) -> BatchPolicy:
+        return BatchPolicy(self.batch_size, self.max_batch_tokens)
 
 
 class _Progress:
@@ -239,107 +183,6 @@ class _IdSet:
         return seen
 
 
-def _remove_stale_temporaries(output: Path) -> None:
-    """Temporary files of a writer that was killed mid-write (their pid is gone) are garbage."""
-    for tmp in output.glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except PermissionError:  # alive, another user's
-            pass
-
-
-def _load_manifest(path: Path) -> dict:
-    """``manifest.json``, checked for the fields the job relies on; a damaged one is an error that says so."""
-    fix = "re-run with --overwrite to start again"
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorpusError(f"{path} is damaged ({err}); {fix}") from None
-    shards = manifest.get("shards") if isinstance(manifest, dict) else None
-    if (
-        not isinstance(manifest, dict)
-        or not isinstance(manifest.get("identity"), dict)
-        or not isinstance(shards, list)
-        or not all(isinstance(s, dict) and isinstance(s.get("files"), list) for s in shards)
-    ):
-        raise CorpusError(
-            f"{path} is not a fastinstructor embed manifest (expected an object with 'identity' and a list of "
-            f"'shards'); {fix}"
-        )
-    return manifest
-
-
-def _is_ours(path: Path) -> bool:
-    """The lock, and temporaries a killed run left before its first manifest was in place."""
-    return path.name.startswith((LOCK, f".{MANIFEST}.tmp-", ".part-"))
-
-
-def _check_output_folder(output: Path, overwrite: bool) -> None:
-    """Refuse a file, or a folder of someone else's files, before anything is written into it."""
-    if output.exists() and not output.is_dir():
-        raise CorpusError(f"output {output} is a file; pass a folder")
-    if (
-        output.is_dir()
-        and not overwrite
-        and not (output / MANIFEST).is_file()
-        and any(not _is_ours(p) for p in output.iterdir())
-    ):
-        raise CorpusError(f"output folder {output} is not empty and has no {MANIFEST}; choose an empty folder")
-
-
-def _open_output(output: Path, identity: dict, spec: InputSpec, overwrite: bool) -> dict:
-    """The manifest to continue from (the caller holds the folder's lock): a new one, the matching one, or an
-    error for a folder that holds another job or whose input cannot be resumed."""
-    manifest_path = output / MANIFEST
-    _check_output_folder(output, overwrite)
-    _remove_stale_temporaries(output)
-    if overwrite:
-        for old in list(output.glob("part-*")) + [manifest_path]:
-            old.unlink(missing_ok=True)
-    if not manifest_path.is_file():
-        return {"identity": identity, "shards": [], "complete": False}
-    manifest = _load_manifest(manifest_path)
-    if manifest["identity"] != identity:
-        theirs = manifest["identity"]
-        changed = sorted(k for k in set(theirs) | set(identity) if theirs.get(k) != identity.get(k))
-        raise CorpusError(
-            f"{output} holds the output of a different job (differs in: {', '.join(changed)}). "
-            "Use another --output folder, or --overwrite to replace it."
-        )
-    if manifest["shards"] or manifest.get("complete"):
-        if spec.path == "-":
-            raise CorpusError(
-                f"{output} holds a job that read standard input, which cannot be resumed: a stream cannot be "
-                "re-read to check that it is the same input. Save the input to a file and embed that, or re-run "
-                "with --overwrite to start again."
-            )
-        if any("input_sha256" not in shard for shard in manifest["shards"]):
-            raise CorpusError(
-                f"{manifest_path} was written by an older fastinstructor that did not record a checksum of its "
-                "input, so a resume cannot be checked; re-run with --overwrite to start again."
-            )
-    listed = set()
-    # Sizes, not checksums: a resume must not re-read terabytes; read_embeddings verifies the checksums.
-    for shard in manifest["shards"]:
-        for entry in shard["files"]:
-            path = output / entry["file"]
-            listed.add(entry["file"])
-            if not path.is_file() or path.stat().st_size != entry["bytes"]:
-                raise CorpusError(
-                    f"{path} is missing or not the size recorded in {manifest_path}; the output was modified. "
-                    "Re-run with --overwrite to start again."
-                )
-    for path in output.glob("part-*"):  # written by a run killed before it recorded them: redone below
-        if path.name not in listed:
-            path.unlink()
-    return manifest
-
-
 def _summarize(manifest: dict) -> None:
     shards = manifest["shards"]
     manifest["totals"] = {
@@ -382,8 +225,8 @@ def embed_corpus(
     dtype: str = "float32",
     normalize: bool = True,
     shard_rows: int = 10_000,
-    batch_size: int = 32,
-    max_batch_tokens: int | None = 16_384,
+    batch_size: int = DEFAULT_EMBED_POLICY.max_rows,
+    max_batch_tokens: int | None = DEFAULT_EMBED_POLICY.max_tokens,
     limit: int | None = None,
     on_error: str = "fail",
     on_duplicate_id: str = "warn",
@@ -421,7 +264,7 @@ def embed_corpus(
     if output_format == "parquet":
         import pyarrow  # noqa: F401  (fail before any work if it is missing)
     output = Path(output)
-    _check_output_folder(output, overwrite)
+    shards.check_output_folder(output, overwrite)
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     try:
@@ -431,7 +274,7 @@ def embed_corpus(
     except LockHeld as err:
         raise CorpusError(f"{err}, or choose another --output folder") from None
     except BaseException:
-        if created and all(_is_ours(p) for p in output.iterdir()):  # failed before writing anything (no model)
+        if created and all(shards.is_ours(p) for p in output.iterdir()):  # failed before writing anything (no model)
             shutil.rmtree(output, ignore_errors=True)
         raise
 
@@ -472,7 +315,7 @@ class _Job:
             "instruction_field": spec.instruction_field,
             **asdict(settings),
         }
-        self.manifest = manifest = _open_output(output, identity, spec, overwrite)
+        self.manifest = manifest = shards.open_output(output, identity, spec.path == "-", overwrite)
         stat = _input_stat(spec)
         rows: Iterator[Row] = iter(self.reader)
         if manifest["complete"]:
@@ -481,13 +324,13 @@ class _Job:
                 return manifest
             _verify_input(rows, manifest, spec, output)  # touched or copied, perhaps changed: read it again
             manifest["input_stat"] = stat
-            _write_json(output / MANIFEST, manifest)
+            shards.write_json(output / MANIFEST, manifest)
             _say(quiet, f"{output} is already complete (its input was touched but holds the same rows)")
             return manifest
         digest = _verify_input(rows, manifest, spec, output)
         self.ids = None if self.on_duplicate_id == "keep" else _IdSet()
         for shard in manifest["shards"] if self.ids is not None else ():
-            self.ids.add(_shard_ids(output, shard))
+            self.ids.add(shards.shard_ids(output, shard))
         manifest.update(
             {
                 "fastinstructor_version": __version__,
@@ -499,7 +342,7 @@ class _Job:
             }
         )
         _summarize(manifest)
-        _write_json(output / MANIFEST, manifest)  # before the first shard: a folder with shards always has one
+        shards.write_json(output / MANIFEST, manifest)  # before the first shard: a folder with shards always has one
         consumed = manifest["totals"]["input_rows"]
         if settings.limit is not None:
             rows = islice(rows, max(settings.limit - consumed, 0))
@@ -509,13 +352,13 @@ class _Job:
                 _hash_rows(digest, chunk)
                 manifest["shards"].append(self.embed_shard(chunk, digest.hexdigest()))
                 _summarize(manifest)
-                _write_json(output / MANIFEST, manifest)
+                shards.write_json(output / MANIFEST, manifest)
                 self.progress.update(0, 0, shard_done=True)
         finally:
             self.progress.close()
         manifest["complete"] = True
         _summarize(manifest)
-        _write_json(output / MANIFEST, manifest)
+        shards.write_json(output / MANIFEST, manifest)
         return manifest
 
     def _kept(self) -> str:
@@ -546,8 +389,7 @@ class _Job:
         embeddings = self.model.embed_tokens(
             tokenized.ids,
             tokenized.pool_start,
-            settings.batch_size,
-            settings.max_batch_tokens,
+            settings.batch_policy,
             lambda n: self.progress.update(n, 0),
         )
         if settings.normalize:
@@ -560,7 +402,7 @@ class _Job:
         self.progress.update(0, tokens)
         return {
             "index": index,
-            "files": _write_shard(self.output, index, row_ids, array, settings.output_format),
+            "files": shards.write_shard(self.output, index, row_ids, array, settings.output_format),
             "first_input_row": chunk[0].number,
             "input_rows": len(chunk),
             "input_sha256": input_sha256,  # of every row read so far: what a resume checks
@@ -593,43 +435,3 @@ class _Job:
             "(--on-duplicate-id error refuses them, keep stops tracking)",
         )
         return len(repeated)
-
-
-def _shard_ids(output: Path, shard: dict) -> list[str]:
-    stem = f"part-{shard['index']:05d}"
-    if (output / f"{stem}.parquet").is_file():
-        import pyarrow.parquet as pq
-
-        return pq.read_table(output / f"{stem}.parquet", columns=["id"]).column("id").to_pylist()
-    lines = (output / f"{stem}.ids.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def read_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """All ids and embeddings of a finished ``embed_corpus`` output, in input order (checksums verified)."""
-    output = Path(output)
-    manifest_path = output / MANIFEST
-    if not manifest_path.is_file():
-        raise CorpusError(f"{output} has no {MANIFEST}; it is not the output of fastinstructor embed")
-    manifest = _load_manifest(manifest_path)
-    if not manifest.get("complete"):
-        raise CorpusError(f"{output} is not complete; re-run the embed command to finish it")
-    ids: list[str] = []
-    parts: list[np.ndarray] = []
-    for shard in manifest["shards"]:
-        files = {entry["file"]: entry["sha256"] for entry in shard["files"]}
-        for name, digest in files.items():
-            if _sha256(output / name) != digest:
-                raise CorpusError(f"{output / name} does not match its checksum in {manifest_path}")
-        ids += _shard_ids(output, shard)
-        stem = f"part-{shard['index']:05d}"
-        if f"{stem}.parquet" in files:
-            import pyarrow.parquet as pq
-
-            column = pq.read_table(output / f"{stem}.parquet", columns=["embedding"]).column("embedding")
-            flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            parts.append(flat.reshape(len(column), manifest["dim"]))
-        else:
-            parts.append(np.load(output / f"{stem}.npy"))
-    dtype = manifest["identity"]["dtype"]
-    return ids, np.concatenate(parts) if parts else np.zeros((0, manifest["dim"]), dtype=dtype)

@@ -335,15 +335,19 @@ def test_memory_stays_bounded_on_a_large_input(tiny_model, tmp_path):
 
 
 def test_resume_removes_temporaries_of_a_killed_writer(model, evidence, tmp_path):
-    """A writer killed mid-write leaves `.part-*.tmp-<pid>`; the next run removes it if that pid is gone."""
+    """A writer killed mid-write leaves `.part-*.tmp-<pid>`. The next run holds the folder's lock, so no other
+    writer can be at work in it: it removes every temporary, whichever process (alive or not: pids are reused)
+    the name gives."""
     path, _ = evidence
     out = tmp_path / "out"
     embed_corpus(model, path, out, instruction=INSTRUCTION, limit=20, shard_rows=10, quiet=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = out / f".part-00002.parquet.tmp-{dead.pid}"
-    live = out / f".part-00003.parquet.tmp-{os.getpid()}"  # a running writer's: left alone
-    stale.write_bytes(b"half a shard")
-    live.write_bytes(b"being written")
+    reused = out / f".part-00003.parquet.tmp-{os.getpid()}"  # the pid of a live process: still garbage
+    manifest = out / f".manifest.json.tmp-{os.getpid()}"
+    for tmp in (stale, reused, manifest):
+        tmp.write_bytes(b"half a file")
     embed_corpus(model, path, out, instruction=INSTRUCTION, limit=20, shard_rows=10, quiet=True)
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and not reused.exists() and not manifest.exists()
+    assert read_embeddings(out)[1].shape[0] == 20  # the finished shards are untouched

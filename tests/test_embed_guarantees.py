@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import fastinstructor
+import fastinstructor.shards
 from fastinstructor import CorpusError, corpus, embed_corpus, read_embeddings
 
 INSTRUCTION = "Represent the Wikipedia document for retrieval:"
@@ -44,14 +45,14 @@ def _embed(model, path, out, **options):
 
 def _interrupt_after(monkeypatch, shards: int) -> None:
     """Make the next job stop as on Ctrl-C when it starts writing shard number ``shards`` (0-based)."""
-    original = corpus._write_shard
+    original = fastinstructor.shards.write_shard
 
     def write_shard(folder, index, *args):
         if index == shards:
             raise KeyboardInterrupt
         return original(folder, index, *args)
 
-    monkeypatch.setattr(corpus, "_write_shard", write_shard)
+    monkeypatch.setattr(fastinstructor.shards, "write_shard", write_shard)
 
 
 def _expected(model, texts):
@@ -180,11 +181,11 @@ def test_a_second_run_into_a_busy_output_folder_is_refused_naming_the_holder(tin
 
 _FAULTY = """
 import os, signal, sys
-import fastinstructor.corpus as corpus
+import fastinstructor.shards as shards
 from fastinstructor.cli import main
 
 kill_at, phase = int(sys.argv[1]), sys.argv[2]
-original, calls = corpus._write_atomic, [0]
+original, calls = shards.write_atomic, [0]
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -203,7 +204,7 @@ def faulty(path, write):
     original(path, write)  # "renamed": the file is in place, the step after it never happens
     die()
 
-corpus._write_atomic = faulty
+shards.write_atomic = faulty
 sys.exit(main(["embed", *sys.argv[3:]]))
 """
 

@@ -291,6 +291,148 @@ def test_rows_wait_at_most_the_max_wait_plus_one_batch(tiny_model, model):
     assert max(latencies[1:]) < delay + max_wait + delay + margin, latencies
 
 
+# The batcher alone, with a backend that records its batches: how it cuts the queue by the BatchPolicy.
+
+
+class _Recorder:
+    """A backend that records the real lengths of each batch's rows; a row of length ``fail_on`` fails its batch."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.fail_on = fail_on
+
+    def embed(self, input_ids, attention_mask, pool_start):
+        import torch
+
+        lengths = attention_mask.sum(1).tolist()
+        self.batches.append(lengths)
+        if self.fail_on in lengths:
+            raise RuntimeError("backend failure")
+        return torch.tensor([[float(n), 0.0] for n in lengths])
+
+
+class _Instrument:
+    def inc(self, *args) -> None:
+        pass
+
+    set = observe = inc
+
+
+def _batcher(policy, backend, max_wait_ms: float = 0.0, max_queued_rows: int = 10_000):
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from fastinstructor.server import Batcher
+
+    model = SimpleNamespace(backend=backend)
+    return Batcher(model, policy, defaultdict(_Instrument), max_wait_ms=max_wait_ms, max_queued_rows=max_queued_rows)
+
+
+def _rows(lengths):
+    return [[1] * n for n in lengths], [0] * len(lengths)
+
+
+def test_the_batcher_fills_batches_up_to_the_policy_budget():
+    """Rows queued behind a busy backend are cut in arrival order, each batch as full as the policy allows: a batch
+    ends only where the next row would break the rows or the tokens budget."""
+    import asyncio
+    import itertools
+    import random
+
+    from fastinstructor.batching import BatchPolicy
+
+    policy = BatchPolicy(max_rows=8, max_tokens=256)
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 100) for _ in range(300)]
+    backend = _Recorder()
+
+    async def scenario():
+        batcher = _batcher(policy, backend)
+        futures = batcher.submit(*_rows(lengths))  # all queued before the task starts: one busy-backend backlog
+        batcher.start()
+        vectors = await asyncio.gather(*futures)
+        await batcher.stop()
+        return vectors
+
+    vectors = asyncio.run(scenario())
+    assert [v[0] for v in vectors] == lengths  # every request got its own row's vector
+    assert [n for batch in backend.batches for n in batch] == lengths  # first in, first out
+    for batch, following in itertools.pairwise(backend.batches):
+        assert len(batch) <= policy.max_rows and len(batch) * max(batch) <= policy.max_tokens
+        assert not policy.fits(len(batch), max(batch), following[0]), (batch, following[0])
+
+
+def test_rows_that_arrive_while_a_batch_waits_keep_to_the_budget():
+    """During max_wait_ms the batch takes newly arrived rows only while they fit; the first that does not starts
+    the next batch, which does not wait once it is full."""
+    import asyncio
+
+    from fastinstructor.batching import BatchPolicy
+
+    backend = _Recorder()
+
+    async def scenario():
+        batcher = _batcher(BatchPolicy(max_rows=8, max_tokens=64), backend, max_wait_ms=5_000)
+        batcher.start()
+        started = time.perf_counter()
+        first = batcher.submit(*_rows([30]))
+        await asyncio.sleep(0.05)
+        later = batcher.submit(*_rows([30, 30, 30]))
+        await asyncio.gather(*first, *later)
+        waited = time.perf_counter() - started
+        await batcher.stop()
+        return waited
+
+    waited = asyncio.run(scenario())
+    assert backend.batches == [[30, 30], [30, 30]]  # 3 x 30 > 64: never three in a batch
+    assert waited < 2.5, f"full batches waited for max_wait_ms ({waited:.1f} s)"
+
+
+def test_a_backend_failure_fails_its_batch_only_and_a_full_queue_refuses_whole_requests():
+    import asyncio
+
+    from fastinstructor.batching import BatchPolicy
+    from fastinstructor.server import QueueFull
+
+    backend = _Recorder(fail_on=5)
+
+    async def scenario():
+        batcher = _batcher(BatchPolicy(max_rows=1), backend, max_queued_rows=3)
+        futures = batcher.submit(*_rows([4, 5, 6]))
+        with pytest.raises(QueueFull) as refused:
+            batcher.submit(*_rows([7]))
+        assert refused.value.queued == 3 and len(batcher.pending) == 3  # nothing of the refused request queued
+        batcher.start()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    ok, failed, after = asyncio.run(scenario())
+    assert ok[0] == 4 and after[0] == 6
+    assert isinstance(failed, RuntimeError) and "backend failure" in str(failed)
+
+
+def test_stopping_the_batcher_finishes_the_queue_without_waiting_for_more_rows():
+    import asyncio
+
+    from fastinstructor.batching import BatchPolicy
+
+    backend = _Recorder()
+
+    async def scenario():
+        batcher = _batcher(BatchPolicy(max_rows=4, max_tokens=1000), backend, max_wait_ms=60_000)
+        batcher.start()
+        futures = batcher.submit(*_rows([3, 2, 1, 4, 5, 6]))
+        started = time.perf_counter()
+        await asyncio.sleep(0)
+        await batcher.stop()
+        assert all(f.done() and not f.exception() for f in futures)
+        return time.perf_counter() - started
+
+    assert asyncio.run(scenario()) < 5  # not the minute of max_wait_ms
+    assert backend.batches == [[3, 2, 1, 4], [5, 6]]
+
+
 def test_shutdown_finishes_the_queued_work(tiny_model, model):
     """Stopping (what SIGTERM does in uvicorn) answers every request already accepted before the server exits."""
     with _threaded_server(tiny_model, delay_s=0.3, max_batch_rows=1) as (url, server, _):
@@ -299,7 +441,7 @@ def test_shutdown_finishes_the_queued_work(tiny_model, model):
             replies = [pool.submit(httpx.post, url + "/embed", json={"inputs": [t]}, timeout=60) for t in texts]
             batcher = server.config.app.state.batcher
             deadline = time.monotonic() + 30
-            while batcher.queue.qsize() < 3:  # one row running, the others queued: 6 x 0.3 s of work left
+            while len(batcher.pending) < 3:  # one row running, the others queued: 6 x 0.3 s of work left
                 assert time.monotonic() < deadline, "the requests never queued"
                 time.sleep(0.01)
             server.should_exit = True
