@@ -20,9 +20,7 @@ Reported: rows/s, real tokens/s (padding excluded), ratios from the same run, an
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import statistics
 import sys
 import tempfile
@@ -30,17 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import DEFAULT_MODEL, DEFAULT_OUT, ensure_model, write_results
+from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, write_results
 
 import fastinstructor
 from fastinstructor.batching import pad_batch, plan_batches
-from fastinstructor.benchmark import (
-    environment,
-    interleaved,
-    load_sentence_transformers,
-    markdown_table,
-    source_version,
-)
+from fastinstructor.benchmark import interleaved, load_sentence_transformers, markdown_table, record
 from fastinstructor.corpus import EmbedSettings
 from fastinstructor.data import read_jsonl_texts, shared_data_dir
 from fastinstructor.parity import TOLERANCES, compare
@@ -75,7 +67,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
-    source = source_version()
     ensure_model(args.model)
     rows = load_rows(args.rows)
     texts = [text for _, text in rows]
@@ -190,40 +181,29 @@ def main() -> None:
         ],
     )
     print(table)
-    env = environment()
-    reproduce = shlex.join([".venv/bin/python", "bench/bench_embed.py", *sys.argv[1:]])
+    result = record(
+        command("bench_embed.py"),
+        model=str(args.model.resolve()),
+        rows=len(rows),
+        real_tokens=real,
+        precision=args.precision,
+        embed_batch_size=defaults.batch_size,
+        embed_max_batch_tokens=defaults.max_batch_tokens,
+        fixed_batch=FIXED_BATCH,
+        repeat=args.repeat,
+        results=table_rows,
+    )
     n_articles = args.rows // 2
     summary = (
         f"{len(rows)} rows ({n_articles} climate-fever articles and {len(rows) - n_articles} evidence sentences, "
         f"alternating), {real} real tokens after truncation to 512; instruction {INSTRUCTION!r}; cpu backend "
         f"({args.precision} for fixed); embed batches: at most {defaults.batch_size} rows and "
-        f"{defaults.max_batch_tokens} padded tokens; median of {args.repeat} interleaved passes; "
-        f"{env['torch_threads']} torch threads on {env['cpu_model']}; max 1-minute load average after a pass "
-        f"{max(max(v) for v in loadavg.values()):.1f}. Random-weight base checkpoint (speed carries over, the "
-        "embeddings mean nothing). Parity column: against sentence-transformers (float32) with the tolerance of "
-        "the row's precision (DESIGN section 5)."
+        f"{defaults.max_batch_tokens} padded tokens; median of {args.repeat} interleaved passes; max 1-minute load "
+        f"average after a pass {max(max(v) for v in loadavg.values()):.1f}. Random-weight base checkpoint (speed "
+        "carries over, the embeddings mean nothing). Parity column: against sentence-transformers (float32) with the "
+        "tolerance of the row's precision (docs/design.md section 5)."
     )
-    write_results(
-        args.out,
-        "embed",
-        {
-            "command": shlex.join([sys.executable, *sys.argv]),
-            "model": str(args.model.resolve()),
-            "rows": len(rows),
-            "real_tokens": real,
-            "precision": args.precision,
-            "embed_batch_size": defaults.batch_size,
-            "embed_max_batch_tokens": defaults.max_batch_tokens,
-            "fixed_batch": FIXED_BATCH,
-            "repeat": args.repeat,
-            "environment": env,
-            "source": source,
-            "date": datetime.date.today().isoformat(),
-            "results": table_rows,
-        },
-        f"# Embed-job benchmark, {datetime.date.today().isoformat()}, {env['hostname']}\n\n{summary}\n\n{table}\n\n"
-        f"Reproduce from the repository root:\n\n```\n{reproduce}\n```\n",
-    )
+    write_results(args.out, "embed", result, "Embed-job benchmark", f"{summary}\n\n{table}\n\n{machine(result)}\n")
 
 
 if __name__ == "__main__":

@@ -11,15 +11,14 @@ real articles (``../shared/data``) or this project's README, repeated to the siz
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from harness import DEFAULT_MODEL, DEFAULT_OUT, ROOT, ensure_model, write_results
+from harness import DEFAULT_MODEL, DEFAULT_OUT, ROOT, command, ensure_model, machine, write_results
 
-from fastinstructor.benchmark import environment, markdown_table, source_version
+from fastinstructor.benchmark import markdown_table, record
 from fastinstructor.checkpoint import load_checkpoint
 from fastinstructor.data import read_jsonl_texts, shared_data_dir
 from fastinstructor.tokenization import PairTokenizer, load_tokenizer
@@ -78,8 +77,7 @@ def main() -> int:
         row = _measure(tokenizer, (source * (size // len(source) + 1))[:size], args.repeat)
         rows.append(row)
         print(f"{size:>12,} chars: whole {row['whole_s']:.4f} s, cut {row['cut_s']:.4f} s", file=sys.stderr)
-    command = shlex.join(["python", "bench/bench_long_text.py", *sys.argv[1:]])
-    result = {"command": command, "environment": environment(), "source": source_version(), "rows": rows}
+    result = record(command("bench_long_text.py"), model=args.model.name, rows=rows)
     table = markdown_table(
         ["characters", "whole text (before), s", "cut (now), s", "whole / cut", "same ids"],
         [
@@ -87,9 +85,8 @@ def main() -> int:
             for r in rows
         ],
     )
-    cpu = result["environment"].get("cpu_model", "unknown CPU")
-    markdown = f"# One long text through the tokenizer\n\n`{command}` on {cpu}, model {args.model.name}\n\n{table}\n"
-    write_results(args.out, "long-text", result, markdown)
+    markdown = f"Model {args.model.name}; median of {args.repeat} runs per figure.\n\n{table}\n\n{machine(result)}\n"
+    write_results(args.out, "long-text", result, "One long text through the tokenizer", markdown)
     print(markdown)
     return 0
 

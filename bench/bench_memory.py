@@ -13,17 +13,15 @@ cache happens during ``load`` and inflates that row: run twice.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from harness import DEFAULT_MODEL, DEFAULT_OUT, ensure_model, write_results
+from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, write_results
 
-from fastinstructor.benchmark import environment, markdown_table, source_version
+from fastinstructor.benchmark import markdown_table, record
 
 DEFAULT_CONTENDERS = "reference:float32,cpu:float32,cpu:bfloat16,cpu:int8,onnx:float32,onnx:int8"
 
@@ -76,15 +74,7 @@ def main() -> None:
         backend, _, precision = spec.partition(":")
         rows.append(measure(args.model, backend, precision, args.repeat))
         print(rows[-1], file=sys.stderr, flush=True)
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "command": shlex.join(["python", "bench/bench_memory.py", *sys.argv[1:]]),
-        "model": str(args.model),
-        "weights_mib": weights_mib,
-        **source_version(),
-        "environment": environment(),
-        "rows": rows,
-    }
+    result = record(command("bench_memory.py"), model=str(args.model), weights_mib=weights_mib, rows=rows)
 
     def fmt(row, key):
         return f"{row[key]:,.0f}" if key in row else "n/a"
@@ -99,14 +89,13 @@ def main() -> None:
         ],
     )
     markdown = (
-        f"# Resident memory per backend ({result['date']})\n\n"
-        f"Command: `{result['command']}`; commit {result['git_commit']}; model {args.model.name}, "
-        f"{weights_mib:,.0f} MiB of float32 weights on disk. Resident set after importing fastinstructor, after "
-        f"`load` (parity check included, ONNX exports already cached), after embedding 64 texts, and the peak: "
-        f"the median of {args.repeat} fresh processes per row.\n\n{table}\n"
+        f"Model {args.model.name}, {weights_mib:,.0f} MiB of float32 weights on disk. Resident set after importing "
+        f"fastinstructor, after `load` (parity check included, ONNX exports already cached), after embedding 64 "
+        f"texts, and the peak: the median of {args.repeat} fresh processes per row.\n\n{table}\n\n"
+        f"{machine(result)}\n"
     )
     print(markdown)
-    write_results(args.out, "memory", result, markdown)
+    write_results(args.out, "memory", result, "Resident memory per backend", markdown)
 
 
 if __name__ == "__main__":

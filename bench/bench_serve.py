@@ -10,8 +10,6 @@ their own HTTP connection, each sending one claim per request (the serving case:
 from __future__ import annotations
 
 import argparse
-import datetime
-import shlex
 import socket
 import statistics
 import subprocess
@@ -21,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from harness import DEFAULT_MODEL, DEFAULT_OUT, ensure_model, write_results
+from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, write_results
 
-from fastinstructor.benchmark import environment, markdown_table, source_version
+from fastinstructor.benchmark import markdown_table, record
 from fastinstructor.data import read_jsonl_texts, shared_data_dir
 
 INSTRUCTION = "Represent the climate claim for retrieving supporting documents:"
@@ -93,7 +91,6 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    source = source_version()
     ensure_model(args.model)
     data = shared_data_dir()
     if data is None:
@@ -136,23 +133,12 @@ def main() -> None:
         ],
     )
     print(table)
-    env = environment()
-    reproduce = shlex.join([".venv/bin/python", "bench/bench_serve.py", *sys.argv[1:]])
-    write_results(
-        args.out,
-        "serve",
-        {
-            "command": shlex.join([sys.executable, *sys.argv]),
-            "requests": len(texts),
-            "environment": env,
-            "source": source,
-            "rows": rows,
-        },
-        f"# Serving benchmark, {datetime.date.today().isoformat()}, {env['hostname']}\n\n"
-        f"{len(texts)} requests of one climate-fever claim each per concurrency level, random-weight base "
-        f"preset, {env['torch_threads']} threads on {env['cpu_model']}; clients on the same machine.\n\n{table}\n\n"
-        f"Reproduce from the repository root:\n\n```\n{reproduce}\n```\n",
+    result = record(command("bench_serve.py"), requests=len(texts), rows=rows)
+    body = (
+        f"{len(texts)} requests of one climate-fever claim each per concurrency level, random-weight base preset; "
+        f"clients on the same machine.\n\n{table}\n\n{machine(result)}\n"
     )
+    write_results(args.out, "serve", result, "Serving benchmark", body)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,12 @@
 reference on the GPU, and ORT CUDA float16 timed against PyTorch float16, in one run.
 
 Run through ``bench/gpu_onnx.sh`` on a CUDA machine with onnxruntime-gpu installed. Writes
-``bench/results/gpu-onnx-<date>-<host>.json`` and prints a Markdown table.
+``gpu-onnx-<date>-<host>.{json,md}`` to ``--out`` (default bench/results) and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import socket
 import statistics
 import sys
 import time
@@ -19,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastinstructor.export.onnx_export import export_onnx
-from harness import DEFAULT_OUT, ROOT
+from harness import DEFAULT_OUT, ROOT, command, machine, write_results
 
 import fastinstructor
-from fastinstructor.benchmark import interleaved
+from fastinstructor.benchmark import interleaved, markdown_table, record
 from fastinstructor.checkpoint import load_checkpoint
 from fastinstructor.data import read_jsonl_texts, shared_data_dir
 from fastinstructor.parity import TOLERANCES, compare
@@ -37,6 +34,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--work", type=Path, default=ROOT / ".models" / "gpu")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default bench/results)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_onnx: no CUDA device")
@@ -46,7 +44,7 @@ def main() -> None:
     checkpoint = load_checkpoint(model_dir)
     onnx_dir = args.work / f"onnx-{args.preset}-float16"
     start = time.perf_counter()
-    metadata = export_onnx(checkpoint, onnx_dir, precision="float16", optimize=True, parity=False)
+    metadata = export_onnx(checkpoint, onnx_dir, precision="float16", optimize=True)
     export_s = time.perf_counter() - start
 
     data = shared_data_dir()
@@ -90,31 +88,38 @@ def main() -> None:
                 else ("FAIL" if report.failures(TOLERANCES["float16"]) else "PASS"),
             }
         )
-    lines = ["| contender | median s | real tokens/s | min cos | mean cos | parity |", "|---|---|---|---|---|---|"]
-    lines += [
-        f"| {r['name']} | {r['median_s']:.3f} | {r['tokens_per_s']:.0f} | {r['min_cos']:.6f} "
-        f"| {r['mean_cos']:.6f} | {r['parity']} |"
-        for r in rows
-    ]
-    print("\n".join(lines))
-    out = DEFAULT_OUT / f"gpu-onnx-{datetime.date.today().isoformat()}-{socket.gethostname()}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "gpu": torch.cuda.get_device_name(),
-                "preset": args.preset,
-                "texts": len(texts),
-                "real_tokens": tokens,
-                "export_s": export_s,
-                "fused_ops": metadata["fused_ops"],
-                "rows": rows,
-                "times": times,
-            },
-            indent=2,
-        )
-        + "\n"
+    table = markdown_table(
+        ["contender", "median s", "real tokens/s", "min cos", "mean cos", "parity"],
+        [
+            [
+                r["name"],
+                f"{r['median_s']:.3f}",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['min_cos']:.6f}",
+                f"{r['mean_cos']:.6f}",
+                r["parity"],
+            ]
+            for r in rows
+        ],
     )
-    print(f"wrote {out}")
+    print(table)
+    result = record(
+        command("gpu_onnx.py", python="python"),
+        gpu=torch.cuda.get_device_name(),
+        preset=args.preset,
+        texts=len(texts),
+        real_tokens=tokens,
+        export_s=export_s,
+        fused_ops=metadata["fused_ops"],
+        rows=rows,
+        times=times,
+    )
+    body = (
+        f"The {args.preset} preset exported in float16 ({export_s:.1f} s), {len(texts)} evidence texts "
+        f"({tokens} real tokens) through `encode` (batches of 64), median of {args.repeat} interleaved passes; "
+        f"parity of the last pass against the float32 reference's.\n\n{table}\n\n{machine(result)}\n"
+    )
+    write_results(args.out, "gpu-onnx", result, f"ONNX Runtime CUDA float16 on {result['gpu']}", body)
     assert np.isfinite(last["onnx cuda fp16"]).all()
 
 

@@ -8,7 +8,8 @@ against the float32 reference; last, a sweep of the matmul and attention kernels
 their defaults from. Writes ``gpu-triton-<date>-<host>.{json,md}`` after each step.
 
 Backends are timed on their forward pass over batches tokenized, padded and moved to the GPU beforehand
-(64 rows, at most 32768 padded tokens, as ``encode``'s defaults plan them): the tokenizer runs on the CPU at the
+(at most 64 rows and 32768 padded tokens per batch, planned as ``encode`` plans them, sorted by length; larger
+than ``encode``'s default of 32 rows without a token budget, to fill a GPU): the tokenizer runs on the CPU at the
 same speed for every backend and would hide the GPU's work. ``fastinstructor bench --device cuda`` (the last
 step of ``gpu_triton.sh``) gives the end-to-end ``encode`` figures.
 
@@ -19,20 +20,19 @@ on the script itself (``tests/test_gpu_triton_script.py``); its timings mean not
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
 import os
-import socket
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from harness import DEFAULT_OUT, ROOT, ensure_model
+from harness import DEFAULT_OUT, ROOT, command, ensure_model, machine, write_results
 
 INSTRUCTION = "Represent the Wikipedia document for retrieval:"
-BATCH_ROWS, BATCH_TOKENS = 64, 32768  # Instructor.encode's batch_size and a budget that fits any preset here
+# Rows and padded tokens per batch: encode(batch_size=64, max_batch_tokens=32768) would plan the same batches
+# (its defaults are 32 rows and no token budget); the budget fits any preset here.
+BATCH_ROWS, BATCH_TOKENS = 64, 32768
 CUBLAS = "cuBLAS (torch)"
 
 
@@ -356,10 +356,7 @@ def markdown(result: dict) -> str:
 
     peak = result["bf16_matmul_peak_tflops"]
     lines = [
-        f"# Triton path on {result['device_name']} ({result['date']})",
-        "",
-        f"Command: `{result['command']}`; commit {result['git_commit']}; "
-        f"bf16 matmul peak measured in this run: {fmt(peak, '.0f')} TFLOP/s.",
+        f"bf16 matmul peak measured in this run on {result['device_name']}: {fmt(peak, '.0f')} TFLOP/s.",
         "",
         f"## Attention, bfloat16, {result['heads']} heads x {result['head_dim']}, "
         f"{result['attention_tokens']} tokens per call",
@@ -408,7 +405,7 @@ def markdown(result: dict) -> str:
             "",
             "**Smoke run** (CPU, Triton interpreter, toy sizes): checks the script; the timings mean nothing.",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", machine(result)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -417,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels are decorated at import
     import torch
 
-    from fastinstructor.benchmark import environment, matmul_ceilings, source_version
+    from fastinstructor.benchmark import matmul_ceilings, record
     from fastinstructor.data import sample_passages, shared_data_dir
 
     device = "cpu" if args.smoke else "cuda"
@@ -432,30 +429,25 @@ def main(argv: list[str] | None = None) -> None:
     peak_tflops = None if peak is None else peak / 1000
     log(f"bf16 matmul peak: {peak_tflops} TFLOP/s")
     lengths = [int(x) for x in args.lengths.split(",")]
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python", "bench/gpu_triton.py", *(sys.argv[1:] if argv is None else argv)]),
-        "smoke": args.smoke,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
-        **source_version(),
-        "environment": environment(),
-        "bf16_matmul_peak_tflops": peak_tflops,
-        "heads": heads,
-        "head_dim": head_dim,
-        "attention_tokens": args.attention_tokens,
-        "attention": [],
-        "texts": len(texts),
-        "text_source": source,
-        "tiles": [],
-        "backends": [],
-        "skipped": [],
-    }
-    stem = f"gpu-triton-{result['date']}-{socket.gethostname()}"
-    args.out.mkdir(parents=True, exist_ok=True)
+    result = record(
+        command("gpu_triton.py", argv, python="python"),
+        smoke=args.smoke,
+        device_name=torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)",
+        bf16_matmul_peak_tflops=peak_tflops,
+        heads=heads,
+        head_dim=head_dim,
+        attention_tokens=args.attention_tokens,
+        attention=[],
+        texts=len(texts),
+        text_source=source,
+        tiles=[],
+        backends=[],
+        skipped=[],
+    )
+    title = f"Triton path on {result['device_name']}"
 
     def save():  # after each step: a run cut short by a time limit keeps what it measured
-        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        (args.out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
+        return write_results(args.out, "gpu-triton", result, title, markdown(result), quiet=True)
 
     result["attention"] = attention_rows(lengths, args.attention_tokens, heads, head_dim, device, args.repeat)
     save()
@@ -467,9 +459,9 @@ def main(argv: list[str] | None = None) -> None:
         save()
     result["tiles"] = tile_rows(presets[0], args.tile_rows, args.attention_tokens, lengths, device, args.repeat)
     log(f"tile sweep: {len(result['tiles'])} rows")
-    save()
+    json_path, md_path = save()
     print(markdown(result))
-    log(f"wrote {args.out / stem}.json and .md")
+    log(f"wrote {json_path} and {md_path}")
     failed = [r for r in result["backends"] if not r["passed"]]
     if failed:
         sys.exit(f"gpu_triton: parity failed for {', '.join(r['preset'] + ' ' + r['contender'] for r in failed)}")

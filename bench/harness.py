@@ -1,19 +1,18 @@
 """What the scripts in bench/ share beyond ``fastinstructor.benchmark``: where the model and the results live.
 
 Benchmarks are scripts (``python bench/<name>.py``), so this folder is on ``sys.path`` and they import this
-module as ``harness``. Timing, the environment record and tables come from ``fastinstructor.benchmark``, the
-module behind ``fastinstructor bench``.
+module as ``harness``. Timing, the environment record, tables and the result-file layout come from
+``fastinstructor.benchmark``, the package behind ``fastinstructor bench``: every script writes
+``<kind>-<date>-<host>.json`` (its figures, with ``command``, ``date``, ``environment`` and ``source``) and
+``.md`` (a title, its tables, the machine line, the command to reproduce it) through :func:`write_results`.
+``fastinstructor.benchmark`` is imported lazily here: ``gpu_triton.py`` sets ``TRITON_INTERPRET`` first.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import socket
+import shlex
 import sys
 from pathlib import Path
-
-from fastinstructor.testmodel import make_test_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / ".models" / "instructor-base-random"  # the folder `make demo` builds and uses
@@ -22,16 +21,34 @@ DEFAULT_OUT = ROOT / "bench" / "results"
 
 def ensure_model(model_dir: Path, preset: str = "base") -> None:
     if not (model_dir / "modules.json").is_file():
+        from fastinstructor.testmodel import make_test_model
+
         print(f"building the random-weight {preset} checkpoint in {model_dir}", file=sys.stderr, flush=True)
         make_test_model(preset, model_dir)
 
 
-def write_results(out: Path, kind: str, result: dict, markdown: str) -> tuple[Path, Path]:
-    """``<kind>-<date>-<host>.json`` and ``.md`` in ``out``."""
-    stem = f"{kind}-{datetime.date.today().isoformat()}-{socket.gethostname()}"
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(markdown, encoding="utf-8")
-    print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
-    return json_path, md_path
+def command(script: str, argv: list[str] | None = None, python: str = ".venv/bin/python") -> str:
+    """The command line that reproduces a run of ``bench/<script>`` from the repository root."""
+    return shlex.join([python, f"bench/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_results(out: Path, kind: str, result: dict, title: str, body: str, quiet: bool = False) -> list[Path]:
+    """``<kind>-<date>-<host>.json`` and ``.md`` in ``out``, in ``fastinstructor.benchmark``'s layout.
+
+    ``result`` comes from ``fastinstructor.benchmark.record`` (command, date, environment, source and the
+    figures); ``body`` is the Markdown under the title, its last paragraph :func:`machine`.
+    """
+    from fastinstructor.benchmark import result_stem
+    from fastinstructor.benchmark import write_results as write
+
+    paths = write(result_stem(out, kind), result, title, body)
+    if not quiet:
+        print(f"\nwrote {paths[0]} and {paths[1]}", file=sys.stderr)
+    return paths
+
+
+def machine(result: dict) -> str:
+    """The machine and code line that ends every result's Markdown."""
+    from fastinstructor.benchmark import machine_line
+
+    return machine_line(result["environment"], result["source"])

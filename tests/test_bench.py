@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import fastinstructor
-from fastinstructor.benchmark import encoder_flops, load_workload, plan_contenders
+from fastinstructor.benchmark import (
+    encoder_flops,
+    environment,
+    load_workload,
+    plan_contenders,
+    record,
+    result_stem,
+    write_results,
+)
+from fastinstructor.calibration import calibration_sha256
 from fastinstructor.checkpoint import EncoderConfig
 from fastinstructor.cli import main
+from fastinstructor.dispatch import Candidate, unavailable_reason
+from fastinstructor.hardware import CPU_FLAGS, cpu_model, probe
 from fastinstructor.testmodel import PRESETS
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _config(preset: str) -> EncoderConfig:
@@ -91,8 +107,13 @@ def test_shared_data_workloads_need_the_data(tiny_model, monkeypatch, tmp_path):
 def test_contenders_skip_what_this_machine_cannot_run():
     chosen, skipped = plan_contenders(["reference", "cpu", "onnx", "triton"], None, "cpu")
     assert chosen[0] == ("reference", "float32")
-    assert ("cpu", "bfloat16") in chosen and ("onnx", "int8") in chosen
+    assert ("cpu", "float32") in chosen and ("cpu", "int8") in chosen and ("onnx", "int8") in chosen
     assert ("onnx", "float16") not in chosen  # float16 graphs are for CUDA
+    # What the dispatcher would refuse here is skipped with its reason: cpu bfloat16 without native bfloat16.
+    bf16_why = unavailable_reason(Candidate("cpu", "bfloat16", "cpu"), probe())
+    assert (("cpu", "bfloat16") in chosen) == (bf16_why is None)
+    if bf16_why is not None:
+        assert {"backend": "cpu", "precision": "bfloat16", "reason": bf16_why} in skipped
     if not fastinstructor.backends.TritonBackend.availability()[0]:
         assert any(s["backend"] == "triton" and s["reason"] for s in skipped)
     chosen, skipped = plan_contenders(["cpu"], ["int8", "float16"], "cpu")
@@ -104,12 +125,61 @@ def test_contenders_skip_what_this_machine_cannot_run():
         plan_contenders(["gpu"], None, "cpu")
 
 
+def test_contenders_take_precision_aliases():
+    chosen, skipped = plan_contenders(["cpu", "cpu"], ["fp32", "int8", "float32"], "cpu")
+    assert chosen == [("reference", "float32"), ("cpu", "float32"), ("cpu", "int8")] and skipped == []
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        plan_contenders(["cpu"], ["fp8"], "cpu")
+
+
+def test_environment_is_the_shared_hardware_probe():
+    env, hardware = environment(), probe()
+    assert env["cpu_model"] == cpu_model()
+    assert env["cpu_flags"] == {flag: flag in hardware.cpu_flags for flag in CPU_FLAGS}
+    assert env["gpu"] == hardware.cuda_device and env["onnx_providers"] == list(hardware.onnx_providers)
+    assert env["torch"] == hardware.packages["torch"] and env["torch_threads"] >= 1
+
+
+def test_one_result_file_layout(tmp_path):
+    """``fastinstructor bench`` writes <out>/<date>-<host>/<name>.*, the scripts <out>/<name>-<date>-<host>.*."""
+    run = result_stem(tmp_path, "x", folder=True).parent.name  # <date>-<host>
+    assert result_stem(tmp_path, "claims", folder=True) == tmp_path / run / "claims"
+    assert result_stem(tmp_path, "embed") == tmp_path / f"embed-{run}"
+    result = record("python bench/x.py --fast", rows=[1, 2])
+    assert list(result) == ["command", "date", "rows", "environment", "source"]
+    paths = write_results(tmp_path / "my.data", result, "A title", "Body.\n")  # a dot in the name is kept
+    assert [p.name for p in paths] == ["my.data.json", "my.data.md"]
+    assert json.loads(paths[0].read_text())["rows"] == [1, 2]
+    md = paths[1].read_text()
+    assert md == f"# A title, {run}\n\nBody.\n\nReproduce:\n\n```\npython bench/x.py --fast\n```\n"
+
+
+def test_a_bench_script_writes_the_shared_layout(tiny_model, tmp_path):
+    """bench/bench_long_text.py (tokenizer only: quick) through the report module's writer."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_long_text.py"), "--model", str(tiny_model)]
+        + ["--sizes", "3000", "--repeat", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (json_path,) = tmp_path.glob("long-text-*.json")
+    result = json.loads(json_path.read_text())
+    assert set(result) >= {"command", "date", "environment", "source", "rows"}
+    assert result["command"].startswith(".venv/bin/python bench/bench_long_text.py --model")
+    assert result["rows"][0]["chars"] == 3000 and result["rows"][0]["same_ids"]
+    md = json_path.with_suffix(".md").read_text()
+    assert md.startswith("# One long text through the tokenizer, ") and "\nMachine: " in md
+    assert md.endswith(f"```\n{result['command']}\n```\n")
+
+
 def test_bench_end_to_end_on_tiny(tiny_model, tmp_path, capsys):
     """One repeat of the whole harness: valid JSON, the table on stdout, the PNG; padding excluded from tokens/s."""
     texts = ["Ice.", "Sea level rise threatens coastal cities " * 6, "Warming", "Glaciers retreat in the Alps " * 12]
     workload = tmp_path / "mix.jsonl"
     workload.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts * 3))
-    argv = ["bench", "--model", str(tiny_model), "--backends", "reference,cpu", "--precisions", "float32"]
+    argv = ["bench", "--model", str(tiny_model), "--backends", "reference,cpu", "--precisions", "fp32"]
     argv += [
         "--workload",
         str(workload),
@@ -130,7 +200,9 @@ def test_bench_end_to_end_on_tiny(tiny_model, tmp_path, capsys):
 
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     result = json.loads((folder / "mix.json").read_text())
-    assert (folder / "mix.md").read_text().count("| reference |") == 3  # throughput, by budget, latency
+    md = (folder / "mix.md").read_text()
+    assert md.count("| reference |") == 3  # throughput, by budget, latency
+    assert md.startswith(f"# fastinstructor bench, {folder.name}\n") and f"```\n{result['command']}\n```" in md
     assert result["command"].startswith("fastinstructor bench --model")
     names = [r["name"] for r in result["rows"]]
     assert names[:2] == ["reference", "cpu float32"]
@@ -152,7 +224,10 @@ def test_bench_end_to_end_on_tiny(tiny_model, tmp_path, capsys):
             row["achieved_gflops"] / result["ceilings"]["cpu"]["float32"]["gflops"]
         )
         assert len(row["latency"]["2"]["times_s"]) == 2 and row["latency"]["1"]["p50_ms"] > 0
-        assert row["parity"] in ("baseline", "PASS")
+        assert row["parity"] == ("baseline" if row["name"] == "reference" else "PASS")
+        if row["name"] != "reference":  # parity.measure on the calibration set, sentence-transformers included
+            assert row["parity_result"]["calibration_sha256"] == calibration_sha256()
+            assert row["parity_result"]["passed"] and row["min_cos"] == row["parity_result"]["min_cos"]
     assert result["ceilings"]["cpu"]["float32"]["gflops"] > 0
     assert result["environment"]["cpu_model"] and result["environment"]["torch"]
     pytest.importorskip("matplotlib", reason="the plot needs matplotlib (pip install '.[bench]')")
@@ -169,3 +244,5 @@ def test_bench_refuses_bad_options_with_exit_2(tiny_model, tmp_path, capsys):
     assert "neither one of claims" in capsys.readouterr().err
     assert main(["bench", "--model", str(tiny_model), "--repeat", "0", "--out", str(tmp_path)]) == 2
     assert "--repeat" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tiny_model), "--precisions", "fp16,fp8", "--out", str(tmp_path)]) == 2
+    assert "unknown precision 'fp8'" in capsys.readouterr().err
