@@ -18,7 +18,7 @@ How it is built, and why:
   are recorded, so what actually fused is visible.
 - ``float16``: ONNX Runtime's float16 converter with inputs/outputs kept int64/float32 and the numerically
   fragile ops kept float32 (RMSNorm, softmax, the FFN output projection ``wo``, pooling, normalize): T5
-  overflows float16 in the FFN output on trained weights (DESIGN section 5). For the CUDA provider.
+  overflows float16 in the FFN output on trained weights (docs/design.md section 5). For the CUDA provider.
 - ``int8``: ``onnxruntime.quantization.quantize_dynamic`` on the MatMuls with constant weights: int8 weights
   per output channel, uint8 activations quantized at run time, no reduced range (VNNI). For the CPU.
 - Models over 2 GB (instructor-xl in float32) are saved with their weights in ``model.onnx.data``.
@@ -27,7 +27,8 @@ How it is built, and why:
   not an encoder with our pooling head. Everything it would do here is the two ONNX Runtime tools above.
 
 Each export folder holds ``model.onnx`` and ``fastinstructor_onnx.json``: the source model's fingerprint,
-opset, precision, optimization, op counts, the parity against the float32 reference measured at export, and
+opset, precision, optimization, op counts, the parity against the float32 reference (measured by the caller,
+``fastinstructor export``, and recorded with ``record_parity``), and
 the sha256 and size of every file of the graph (``model.onnx``, and ``model.onnx.data`` when there is one).
 ``verify_export`` checks those files against their record; the backend calls it before every load, so a graph
 changed or damaged after export is never run (a cache entry is exported again, a user's folder refused).
@@ -49,8 +50,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..backends.base import pool_head
 from ..checkpoint import Checkpoint
+from ..precisions import canonical_precision as _canonical
+from ..t5 import hf_encoder, pool_head
 
 __all__ = [
     "PRECISIONS",
@@ -60,11 +62,11 @@ __all__ = [
     "export_onnx",
     "graph_checksums",
     "read_metadata",
+    "record_parity",
     "verify_export",
 ]
 
-PRECISIONS = ("float32", "float16", "int8")
-_ALIASES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16", "int8": "int8"}
+PRECISIONS = ("float32", "float16", "int8")  # the graphs this exporter writes (where each runs: OnnxBackend)
 OPSET = 17
 METADATA = "fastinstructor_onnx.json"
 MODEL_FILE = "model.onnx"
@@ -72,7 +74,7 @@ GRAPH_FILES = (MODEL_FILE, MODEL_FILE + ".data")  # the graph, and its weights w
 _FIX = "export it again with `fastinstructor export --model M --out DIR`"
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB; stay clear of it
 # Kept float32 in float16 graphs: normalization, softmax, reductions of the pooling head, and the division
-# and power of the L2 normalize (DESIGN section 5).
+# and power of the L2 normalize (docs/design.md section 5).
 FP16_KEEP_FLOAT32_OPS = [
     "SimplifiedLayerNormalization",
     "SkipSimplifiedLayerNormalization",
@@ -90,9 +92,11 @@ FP16_KEEP_FLOAT32_OPS = [
 
 
 def canonical_precision(precision: str) -> str:
-    if precision not in _ALIASES:
-        raise ValueError(f"ONNX precision {precision!r} is not one of fp32/float32, fp16/float16, int8")
-    return _ALIASES[precision]
+    """``precision`` by its canonical name when the exporter writes it (``fp16`` -> ``float16``), else ValueError."""
+    name = _canonical(precision)
+    if name not in PRECISIONS:
+        raise ValueError(f"ONNX precision {precision!r} is not one of {', '.join(PRECISIONS)} (or fp32, fp16)")
+    return name
 
 
 class _EmbeddingGraph(nn.Module):
@@ -100,9 +104,7 @@ class _EmbeddingGraph(nn.Module):
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__()
-        from ..backends.reference import ReferenceBackend
-
-        self.encoder = ReferenceBackend(checkpoint).model
+        self.encoder = hf_encoder(checkpoint)
         self.register_buffer("dense", checkpoint.dense_weight)
         self.normalize = checkpoint.normalize
 
@@ -225,12 +227,11 @@ def export_onnx(
     *,
     precision: str = "float32",
     optimize: bool = True,
-    parity: bool = True,
 ) -> dict:
     """Write ``model.onnx`` and its metadata to ``out`` (created; replaced atomically); returns the metadata.
 
-    ``parity`` measures the exported graph against the float32 reference on the calibration set (CPU; for
-    float16 only where a CUDA provider is present) and records it.
+    The graph's parity is not measured here: the caller measures it with ``parity.measure`` where the
+    backend runs this precision, and records it with ``record_parity``.
     """
     import onnx
     import onnxruntime
@@ -271,12 +272,8 @@ def export_onnx(
             "parity": None,
             "files": graph_checksums(work),
         }
-        write = lambda: (work / METADATA).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")  # noqa: E731
-        write()  # the parity check loads the folder as a user would
-        if parity:
-            metadata["parity"] = _measure_parity(checkpoint, work, precision)
         metadata["export_seconds"] = round(time.perf_counter() - start, 1)
-        write()
+        _write_metadata(work, metadata)
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
@@ -285,31 +282,21 @@ def export_onnx(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _measure_parity(checkpoint: Checkpoint, folder: Path, precision: str) -> dict | None:
-    """The exported graph against the float32 reference on the calibration set."""
-    from ..backends.onnx import OnnxBackend, cuda_available
-    from ..backends.reference import ReferenceBackend
-    from ..parity import TOLERANCES, calibration_embeddings, compare
-    from ..tokenization import PairTokenizer, load_tokenizer
+def _write_metadata(folder: Path, metadata: dict) -> None:
+    tmp = folder / (METADATA + ".tmp")
+    tmp.write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / METADATA)
 
-    if precision == "float16" and not cuda_available():
-        return {"measured": False, "why": "float16 graphs are checked on the CUDA provider; none here"}
-    tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), checkpoint.max_seq_length)
-    actual, expected = calibration_embeddings(
-        tokenizer, OnnxBackend.from_folder(checkpoint, folder), ReferenceBackend(checkpoint)
-    )
-    report = compare(actual, expected)
-    failures = report.failures(TOLERANCES[precision])
-    return {
-        "measured": True,
-        "rows": report.rows,
-        "min_cos": report.min_cos,
-        "mean_cos": report.mean_cos,
-        "max_abs": report.max_abs,
-        "tolerance": str(TOLERANCES[precision]),
-        "passed": not failures,
-        "failures": failures,
-    }
+
+def record_parity(folder: str | os.PathLike, parity: dict) -> dict:
+    """Record the caller's parity measurement of the graph in ``folder`` in its metadata; returns the metadata.
+
+    The checksums cover the graph's files only, so recording parity leaves the export verifiable.
+    """
+    metadata = read_metadata(folder)
+    metadata["parity"] = parity
+    _write_metadata(Path(folder), metadata)
+    return metadata
 
 
 def read_metadata(folder: str | os.PathLike) -> dict:

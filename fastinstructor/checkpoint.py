@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -131,29 +131,60 @@ class EncoderConfig:
         return shapes
 
 
-@dataclass(frozen=True)
 class Checkpoint:
-    """Everything a backend needs, loaded once: config, float32 weights, and the head."""
+    """Everything a backend needs, loaded once: config, float32 weights, and the head.
 
-    path: Path
-    config: EncoderConfig
-    hf_config: dict = field(repr=False)
-    weights: dict[str, torch.Tensor] = field(repr=False)  # T5EncoderModel names, float32, shared tied
-    dense_weight: torch.Tensor | None = field(repr=False)  # [out_dim, d_model] or None
-    normalize: bool
-    max_seq_length: int
-    # Every file the embeddings depend on, as (name relative to the checkpoint folder, path).
-    files: tuple[tuple[str, Path], ...] = field(default=(), repr=False)
+    Lifetime: every field describes the checkpoint and never changes, except the float32 ``weights``. They
+    are held from ``load_checkpoint`` until ``release_weights()``, which ``load`` calls once the backend holds
+    its own form of them (packed, quantized, exported, on a GPU); after that, reading ``weights`` raises.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        config: EncoderConfig,
+        hf_config: dict,
+        weights: dict[str, torch.Tensor],  # T5EncoderModel names, float32, shared tied
+        dense_weight: torch.Tensor | None,  # [out_dim, d_model] or None
+        normalize: bool,
+        max_seq_length: int,
+        files: tuple[tuple[str, Path], ...] = (),  # every file the embeddings depend on: (name in folder, path)
+    ) -> None:
+        self.path, self.config, self.hf_config = path, config, hf_config
+        self.dense_weight, self.normalize, self.max_seq_length, self.files = (
+            dense_weight,
+            normalize,
+            max_seq_length,
+            files,
+        )
+        self._weights: dict[str, torch.Tensor] | None = weights
+
+    def __repr__(self) -> str:
+        held = "released" if self._weights is None else f"{len(self._weights)} tensors"
+        return f"Checkpoint(path={str(self.path)!r}, config={self.config}, weights={held})"
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        if self._weights is None:
+            raise CheckpointError(
+                f"the float32 weights of {self.path} were released once a backend took its own copy "
+                "(fastinstructor.load does this); load the checkpoint again with load_checkpoint() to build another"
+            )
+        return self._weights
+
+    @property
+    def weights_released(self) -> bool:
+        return self._weights is None
 
     @property
     def out_dim(self) -> int:
         return self.dense_weight.shape[0] if self.dense_weight is not None else self.config.d_model
 
     def release_weights(self) -> None:
-        """Let the float32 weights go once a backend holds its own form of them (packed, quantized, exported, on
-        a GPU), so that the process does not keep them twice; tensors a backend uses as they are stay alive
-        through it. ``load`` calls this."""
-        self.weights.clear()
+        """Let the float32 weights go, so that the process does not keep them twice; tensors a backend uses as
+        they are stay alive through it."""
+        self._weights = None
 
     @cached_property
     def fingerprint(self) -> str:

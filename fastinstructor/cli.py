@@ -23,99 +23,61 @@ def _make_test_model(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from .check import measure_export
     from .checkpoint import load_checkpoint
-    from .export.onnx_export import export_onnx
+    from .export.onnx_export import export_onnx, record_parity
 
     checkpoint = load_checkpoint(args.model)
     print(
         f"exporting {checkpoint.path} to {args.out} ({args.precision}, optimize={args.optimize}) ...", file=sys.stderr
     )
     metadata = export_onnx(checkpoint, args.out, precision=args.precision, optimize=args.optimize)
-    parity = metadata["parity"]
     fused = ", ".join(f"{op} {n}" for op, n in metadata["fused_ops"].items()) or "none"
     print(
         f"wrote {args.out}/model.onnx ({metadata['precision']}, opset {metadata['opset']}) in "
         f"{metadata['export_seconds']} s; nodes {sum(metadata['op_counts_before'].values())} -> "
         f"{sum(metadata['op_counts_after'].values())}; fused: {fused}"
     )
-    if parity and parity["measured"]:
-        verdict = "PASS" if parity["passed"] else "FAIL: " + "; ".join(parity["failures"])
-        print(
-            f"parity vs the float32 reference on {parity['rows']} calibration inputs: min cos "
-            f"{parity['min_cos']:.6f}, mean cos {parity['mean_cos']:.6f}, max abs {parity['max_abs']:.2e} "
-            f"({parity['tolerance']}): {verdict}"
-        )
-        return 0 if parity["passed"] else 1
-    print(f"parity not measured: {parity['why'] if parity else 'disabled'}")
-    return 0
+    parity = measure_export(checkpoint, args.out, metadata["precision"])
+    record_parity(args.out, parity)
+    if not parity["measured"]:
+        print(f"parity not measured: {parity['why']}")
+        return 0
+    verdict = "PASS" if parity["passed"] else "FAIL: " + "; ".join(parity["failures"])
+    print(
+        f"parity vs the float32 reference on {parity['rows']} calibration inputs: min cos "
+        f"{parity['min_cos']:.6f}, mean cos {parity['mean_cos']:.6f}, max abs {parity['max_abs']:.2e} "
+        f"({parity['tolerance']}): {verdict}"
+    )
+    return 0 if parity["passed"] else 1
 
 
 def _check(args: argparse.Namespace) -> int:
-    import time as _time
-
+    from .check import HEADER, check_backends
     from .checkpoint import load_checkpoint
-    from .dispatch import all_candidates, check_parity, clear_cache, probe, unavailable_reason
-    from .tokenization import PairTokenizer, load_tokenizer
+    from .dispatch import clear_cache, probe
 
     if args.clear_cache:
         print(f"removed {clear_cache()} cached parity result(s)")
     hardware = probe()
     checkpoint = load_checkpoint(args.model)
-    tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), checkpoint.max_seq_length)
-    from .backends import BACKENDS
-    from .backends.reference import ReferenceBackend
-    from .parity import calibration_batches
-
-    batches = calibration_batches(tokenizer)
-    tokens = sum(int(mask.sum()) for _, mask, _ in batches)  # real tokens, padding excluded
-    rows, failed = [], False
-    reference = None
-    for candidate in all_candidates(hardware):
-        if args.backend not in (None, candidate.backend) or args.precision not in (None, candidate.precision):
-            continue
-        why = unavailable_reason(candidate, hardware)
-        instance = None
-        if why is None:
-            try:
-                instance = BACKENDS[candidate.backend](
-                    checkpoint, precision=candidate.precision, device=candidate.device
-                )
-            except (ImportError, ValueError, RuntimeError, OSError) as err:
-                why = f"failed to start: {err}"
-        if instance is None:
-            rows.append(f"| {candidate} | no: {why} | | | | | |")
-            continue
-        reference = reference or ReferenceBackend(checkpoint, device=candidate.device)
-        result = check_parity(
-            checkpoint, tokenizer, instance, candidate, hardware, reference=reference, use_cache=not args.no_cache
-        )
-        instance.embed(*batches[0])  # warm-up
-        start = _time.perf_counter()
-        for batch in batches:
-            instance.embed(*batch)
-        rate = tokens / (_time.perf_counter() - start)
-        verdict = "PASS" if result.passed else "FAIL: " + "; ".join(result.failures)
-        failed |= not result.passed and args.backend is not None
-        rows.append(
-            f"| {candidate} | yes | {result.min_cos:.6f} | {result.mean_cos:.6f} | {result.max_abs:.2e} "
-            f"| {result.topk_agreement:.2f} | {rate:,.0f} | {verdict}{' (cached)' if result.cached else ''} |"
-        )
-    print(f"model: {checkpoint.path}\nhardware: {json.dumps(hardware.describe())}\n")
-    print(
-        "| backend/precision/device | available | min cos | mean cos | max abs | top-5 agreement | tokens/s | parity |"
+    rows = check_backends(
+        checkpoint, backend=args.backend, precision=args.precision, use_cache=not args.no_cache, hardware=hardware
     )
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print(f"model: {checkpoint.path}\nhardware: {json.dumps(hardware.describe())}\n")
+    print(HEADER)
+    print("\n".join(row.markdown() for row in rows))
     asked = "/".join(x for x in (args.backend, args.precision) if x)
-    if asked and not any("| yes |" in row for row in rows):  # what was asked for cannot even run here
+    if asked and all(row.parity is None for row in rows):  # what was asked for cannot even run here
         print(f"fastinstructor check: error: {asked} is not available on this machine (why: above)", file=sys.stderr)
         return 2
-    return 1 if failed else 0
+    return 1 if asked and any(row.parity and not row.parity.passed for row in rows) else 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    from . import __version__, load
+    from . import load
     from .dispatch import probe
+    from .version import __version__
 
     print(json.dumps({"fastinstructor": __version__, **probe().describe()}, indent=2))
     if args.model:
@@ -123,6 +85,13 @@ def _info(args: argparse.Namespace) -> int:
         report = {k: v for k, v in model.backend_report.items() if k != "hardware"}
         print(json.dumps({"model": str(model.checkpoint.path), "chosen": report}, indent=2))
     return 0
+
+
+def _precision(value: str) -> str:
+    """A precision's canonical name (``fp16`` -> ``float16``); argparse's ``choices`` then says what is allowed."""
+    from .precisions import ALIASES
+
+    return ALIASES.get(value, value)
 
 
 def _positive_int(value: str) -> int:
@@ -173,12 +142,14 @@ def _serve(args: argparse.Namespace) -> int:
     import os
 
     from . import load
-    from .server import ServerSettings, create_app, serve, served_name
 
     try:
+        import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise ImportError("fastinstructor serve needs the server extra: pip install 'fastinstructor[server]'") from None
+    from .server import ServerSettings, create_app, serve, served_name
+
     keys = tuple(args.api_key or [k for k in os.environ.get("FASTINSTRUCTOR_API_KEYS", "").split(",") if k])
     settings = ServerSettings(  # before the load: a bad limit fails at once
         max_inputs=args.max_inputs,
@@ -270,14 +241,17 @@ def _embed_job(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
     from .backends import BACKENDS
     from .corpus import DTYPES, ON_DUPLICATE_ID, ON_ERROR, OUTPUT_FORMATS
+    from .export.onnx_export import PRECISIONS as GRAPH_PRECISIONS
+    from .precisions import ALIASES, PRECISIONS
     from .readers import FORMATS
     from .testmodel import PRESETS
     from .tokenization import POOLING_RULES
+    from .version import __version__
 
-    precisions = list(dict.fromkeys(p for backend in BACKENDS.values() for p in backend.precisions))
+    precisions = list(PRECISIONS)
+    aliases = f"(or {', '.join(ALIASES)})"
     parser = argparse.ArgumentParser(prog="fastinstructor", description="Fast, exact INSTRUCTOR text embeddings.")
     parser.add_argument("--version", action="version", version=f"fastinstructor {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -295,9 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder for model.onnx and its metadata (replaced)")
     export.add_argument(
         "--precision",
-        choices=("fp32", "fp16", "int8"),
-        default="fp32",
-        help="fp32 (default), fp16 (for CUDA), int8 (dynamic quantization, for the CPU)",
+        type=_precision,
+        choices=GRAPH_PRECISIONS,
+        default="float32",
+        help="float32 (default), float16 (for CUDA), int8 (dynamic quantization, for the CPU); fp32, fp16 too",
     )
     export.add_argument(
         "--optimize",
@@ -310,7 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="every backend x precision here: availability, parity, throughput")
     check.add_argument("--model", required=True, help="checkpoint folder or hub id")
     check.add_argument("--backend", choices=list(BACKENDS), help="only this backend (exit 1 if it fails parity)")
-    check.add_argument("--precision", choices=precisions, help="only this precision (exit 1 if it fails parity)")
+    check.add_argument(
+        "--precision",
+        type=_precision,
+        choices=precisions,
+        help=f"only this precision {aliases} (exit 1 if it fails parity)",
+    )
     check.add_argument("--no-cache", action="store_true", help="measure parity again instead of using the cache")
     check.add_argument("--clear-cache", action="store_true", help="delete every cached parity result first")
     check.set_defaults(run=_check)
@@ -331,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated (default: {','.join(BACKENDS)}; unavailable ones are reported as skipped)",
     )
     bench.add_argument(
-        "--precisions", type=_csv(str), help="comma-separated (default: every precision each backend supports here)"
+        "--precisions",
+        type=_csv(_precision),
+        help=f"comma-separated, e.g. fp16,int8 {aliases} (default: every precision each backend supports here)",
     )
     bench.add_argument(
         "--workload",
@@ -365,16 +347,29 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", help="checkpoint folder or hub id")
     info.set_defaults(run=_info)
 
+    from .batching import DEFAULT_EMBED_POLICY as EMBED_BATCHES
+    from .batching import DEFAULT_SERVER_POLICY as SERVER_BATCHES
+
     serve = commands.add_parser("serve", help="HTTP server: OpenAI- and TEI-compatible embeddings")
     serve.add_argument("--model", required=True, help="checkpoint folder or hub id")
     serve.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
-    serve.add_argument("--precision", choices=["auto", *precisions], default="auto")
+    serve.add_argument("--precision", type=_precision, choices=["auto", *precisions], default="auto", help=aliases)
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--api-key", action="append", help="accepted key (repeatable; or FASTINSTRUCTOR_API_KEYS)")
     serve.add_argument("--max-inputs", type=int, default=512, help="inputs per request (default 512)")
-    serve.add_argument("--max-batch-tokens", type=int, default=16_384, help="padded tokens per batch")
-    serve.add_argument("--max-batch-rows", type=int, default=128, help="rows per batch (1 disables batching)")
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=SERVER_BATCHES.max_tokens,
+        help="padded tokens per batch (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=SERVER_BATCHES.max_rows,
+        help="rows per batch (default %(default)s; 1 disables batching)",
+    )
     serve.add_argument(
         "--max-wait-ms",
         type=float,
@@ -440,11 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto (default): the fastest backend that passes its parity check here",
     )
-    embed.add_argument("--precision", choices=["auto", *precisions], default="auto", help="default: auto")
-    embed.add_argument("--pooling-rule", choices=POOLING_RULES, default="instructor")
-    embed.add_argument("--batch-size", type=int, default=32, help="rows per batch at most (default 32)")
     embed.add_argument(
-        "--max-batch-tokens", type=int, default=16_384, help="padded tokens per batch at most (default 16384)"
+        "--precision", type=_precision, choices=["auto", *precisions], default="auto", help=f"default: auto {aliases}"
+    )
+    embed.add_argument("--pooling-rule", choices=POOLING_RULES, default="instructor")
+    embed.add_argument(
+        "--batch-size", type=int, default=EMBED_BATCHES.max_rows, help="rows per batch at most (default %(default)s)"
+    )
+    embed.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=EMBED_BATCHES.max_tokens,
+        help="padded tokens per batch at most (default %(default)s)",
     )
     embed.add_argument("--shard-rows", type=int, default=10_000, help="input rows per shard (default 10000)")
     embed.add_argument("--limit", type=int, help="embed only the first N input rows")

@@ -1,4 +1,4 @@
-"""``fastinstructor.load`` and ``Instructor.encode``: the pipeline of DESIGN section 3.
+"""``fastinstructor.load`` and ``Instructor.encode``: the pipeline of docs/design.md section 3.
 
 tokenize -> plan batches (sorted by length, token budget) -> backend.embed -> back to input order.
 """
@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from .backends import get_backend_class
-from .backends.base import check_precision
-from .batching import pad_batch, plan_batches
+from .backends.base import Backend, check_precision
+from .batching import DEFAULT_ENCODE_POLICY, BatchPolicy, pad_batch
 from .checkpoint import Checkpoint, load_checkpoint
+from .precisions import canonical_precision
 from .tokenization import PairTokenizer, load_tokenizer
 
 __all__ = ["Instructor", "load"]
@@ -24,7 +25,7 @@ class Instructor:
     """An INSTRUCTOR model bound to one backend; ``encode`` is a drop-in for ``InstructorEmbedding.INSTRUCTOR``."""
 
     def __init__(
-        self, checkpoint: Checkpoint, backend, tokenizer: PairTokenizer, precision: str, backend_report: dict
+        self, checkpoint: Checkpoint, backend: Backend, tokenizer: PairTokenizer, precision: str, backend_report: dict
     ) -> None:
         self.checkpoint = checkpoint
         self.backend = backend
@@ -54,14 +55,14 @@ class Instructor:
     def encode(
         self,
         sentences: Sequence | str,
-        batch_size: int = 32,
+        batch_size: int = DEFAULT_ENCODE_POLICY.max_rows,
         show_progress_bar: bool | None = None,
         output_value: str = "sentence_embedding",
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
         device: str | None = None,
         normalize_embeddings: bool = True,
-        max_batch_tokens: int | None = None,
+        max_batch_tokens: int | None = DEFAULT_ENCODE_POLICY.max_tokens,
     ):
         """Embed ``[instruction, text]`` pairs (or plain strings) and return them in input order.
 
@@ -72,17 +73,18 @@ class Instructor:
         """
         if output_value != "sentence_embedding":
             raise ValueError(f"output_value {output_value!r} is not supported; only 'sentence_embedding' is")
-        if device is not None and torch.device(device) != torch.device(getattr(self.backend, "device", "cpu")):
+        if device is not None and torch.device(device) != self.backend.device:
             raise ValueError(
-                f"this model runs on {getattr(self.backend, 'device', 'cpu')}; pass device= to fastinstructor.load "
+                f"this model runs on {self.backend.device}; pass device= to fastinstructor.load "
                 f"instead of encode (got device={device!r})"
             )
+        policy = BatchPolicy(batch_size, max_batch_tokens)  # checked before any work
         single = isinstance(sentences, str)  # as the authors' encode: only a bare string is one input
         if single:
             sentences = [sentences]
         tokenized = self.tokenizer(sentences)
         progress = _progress(len(sentences), show_progress_bar)
-        out = self.embed_tokens(tokenized.ids, tokenized.pool_start, batch_size, max_batch_tokens, progress.update)
+        out = self.embed_tokens(tokenized.ids, tokenized.pool_start, policy, progress.update)
         progress.close()
         if normalize_embeddings:
             out = F.normalize(out, p=2, dim=1)
@@ -98,16 +100,14 @@ class Instructor:
         self,
         ids: list[list[int]],
         pool_start: list[int],
-        batch_size: int = 32,
-        max_batch_tokens: int | None = None,
+        policy: BatchPolicy = DEFAULT_ENCODE_POLICY,
         on_batch: Callable[[int], object] | None = None,
     ) -> torch.Tensor:  # [N, dim] float32, input order
-        """The pipeline after tokenization: length-sorted batches through the backend, back in input order.
-
-        ``on_batch(rows)`` is called after each batch (progress reporting).
+        """The pipeline after tokenization: batches cut by ``policy`` (sorted by length) through the backend, back
+        in input order. ``on_batch(rows)`` is called after each batch (progress reporting).
         """
         out = torch.empty((len(ids), self.dim), dtype=torch.float32)
-        for rows in plan_batches([len(row) for row in ids], batch_size, max_batch_tokens):
+        for rows in policy.plan([len(row) for row in ids]):
             out[rows] = (
                 self.backend.embed(*pad_batch([ids[i] for i in rows], [pool_start[i] for i in rows])).float().cpu()
             )
@@ -156,7 +156,7 @@ def load(
     int8) or ``"reference"`` (transformers, float32). ``precision``: ``"auto"`` or one the
     backend supports. ``FASTINSTRUCTOR_BACKEND`` / ``FASTINSTRUCTOR_PRECISION`` replace an ``"auto"``.
     Every candidate other than the reference must pass its parity check against the float32 reference
-    (DESIGN section 5; cached on disk unless ``parity_cache=False``); an explicit request that cannot be
+    (docs/design.md section 5; cached on disk unless ``parity_cache=False``); an explicit request that cannot be
     honoured raises with what is available and why not. ``allow_int8=False`` keeps ``auto`` off int8;
     ``min_cosine`` demands more than the precision's tolerance; ``allow_fallback=False`` fails rather than
     degrading past the first available candidate. ``model.backend_report`` says what was chosen and why.
@@ -171,6 +171,7 @@ def load(
         backend = os.environ.get("FASTINSTRUCTOR_BACKEND") or "auto"
     if precision == "auto":
         precision = os.environ.get("FASTINSTRUCTOR_PRECISION") or "auto"
+    precision = canonical_precision(precision, allow_auto=True)  # "fp16" is "float16"
     if backend != "auto":
         backend_class = get_backend_class(backend)  # unknown or unavailable: raises with the choices
         if precision != "auto":

@@ -1,24 +1,33 @@
-"""Numeric parity against the float32 reference: DESIGN section 5's tolerances in one place.
+"""Numeric parity against the float32 reference: docs/design.md section 5's tolerances and the one routine
+that measures a backend against the reference.
 
-Tests, benchmarks and (later) the dispatcher judge every fast path with ``compare`` and ``TOLERANCES``.
+``measure`` runs a candidate backend and the reference on the shipped calibration set (``calibration.py``)
+and judges the result against the precision's tolerance; the dispatcher, ``fastinstructor export``,
+``check`` and ``bench`` all call it. ``compare`` is the arithmetic, for tests that hold their own arrays.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .batching import pad_batch
-from .data import sample_passages
+from .backends.base import Backend
+from .batching import DEFAULT_EMBED_POLICY, pad_batch
+from .calibration import calibration_pairs, calibration_sha256
+from .precisions import canonical_precision
+from .tokenization import PairTokenizer
 
 __all__ = [
     "TOLERANCES",
     "Tolerance",
     "ParityReport",
+    "ParityResult",
+    "calibration_batches",
     "calibration_embeddings",
-    "calibration_pairs",
     "compare",
+    "measure",
 ]
 
 
@@ -96,41 +105,106 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> ParityReport:
     )
 
 
-CALIBRATION_INSTRUCTIONS = (
-    "Represent the Wikipedia document for retrieval:",
-    "Represent the climate claim for retrieving supporting documents:",
-    "Represent the sentence for clustering:",
-)
-
-
-def calibration_pairs(n: int = 30) -> list:
-    """Real text of several lengths under several instructions, plus the edge cases of DESIGN section 4:
-    an empty instruction, a one-character instruction, an empty text, a text past 512 tokens, a plain string."""
-    passages, _ = sample_passages(n)
-    texts = [text for _, text in passages]
-    pairs: list = [[CALIBRATION_INSTRUCTIONS[i % len(CALIBRATION_INSTRUCTIONS)], t] for i, t in enumerate(texts)]
-    long_text = " ".join(texts)
-    while len(long_text.split()) < 800:  # past 512 tokens whatever the tokenizer
-        long_text += " " + long_text
-    return pairs + [
-        ["", texts[0]],
-        ["x", texts[1 % len(texts)]],
-        [CALIBRATION_INSTRUCTIONS[0], ""],
-        [CALIBRATION_INSTRUCTIONS[0], long_text],
-        texts[2 % len(texts)],
-    ]
-
-
-def calibration_batches(tokenizer, batch_size: int = 8) -> list[tuple]:
-    """The calibration set as padded backend inputs ``(input_ids, attention_mask, pool_start)``."""
+def calibration_batches(tokenizer: PairTokenizer) -> list[tuple[list[int], tuple]]:
+    """The calibration set as the pipeline batches it (``DEFAULT_EMBED_POLICY``: sorted by length, bounded by
+    rows and tokens): ``(input rows, (input_ids, attention_mask, pool_start))`` per batch."""
     tokenized = tokenizer(calibration_pairs())
+    plan = DEFAULT_EMBED_POLICY.plan([len(row) for row in tokenized.ids])
     return [
-        pad_batch(tokenized.ids[i : i + batch_size], tokenized.pool_start[i : i + batch_size])
-        for i in range(0, len(tokenized.ids), batch_size)
+        (rows, pad_batch([tokenized.ids[i] for i in rows], [tokenized.pool_start[i] for i in rows])) for rows in plan
     ]
 
 
-def calibration_embeddings(tokenizer, *backends) -> list[np.ndarray]:
-    """Each backend's float32 embeddings ``[N, dim]`` of the calibration set, fed the same padded batches."""
+def calibration_embeddings(tokenizer: PairTokenizer, *backends: Backend) -> list[np.ndarray]:
+    """Each backend's float32 embeddings ``[N, dim]`` of the calibration set in file order, fed the same batches."""
     batches = calibration_batches(tokenizer)
-    return [np.concatenate([b.embed(*batch).float().cpu().numpy() for batch in batches]) for b in backends]
+    results = []
+    for backend in backends:
+        out: np.ndarray | None = None
+        for rows, batch in batches:
+            embeddings = backend.embed(*batch).float().cpu().numpy()
+            if out is None:
+                out = np.empty((sum(len(r) for r, _ in batches), embeddings.shape[1]), dtype=np.float32)
+            out[rows] = embeddings
+        results.append(out)
+    return results
+
+
+# The reference's embeddings of the calibration set, per reference instance and tokenizer setting: the
+# dispatcher and `check` measure several candidates against one reference, which is deterministic. (A reference
+# is built from one checkpoint, whose files include its tokenizer's.)
+_REFERENCE_EMBEDDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _reference_embeddings(tokenizer: PairTokenizer, reference: Backend) -> np.ndarray:
+    key = (tokenizer.max_length, tokenizer.pooling_rule, calibration_sha256())
+    cached = _REFERENCE_EMBEDDINGS.setdefault(reference, {})
+    if key not in cached:
+        cached[key] = calibration_embeddings(tokenizer, reference)[0]
+    return cached[key]
+
+
+def _topk_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5) -> float:
+    """Mean overlap of each row's ``k`` nearest neighbours among the rows, against the reference's."""
+
+    def neighbours(e: np.ndarray) -> np.ndarray:
+        sims = e @ e.T
+        np.fill_diagonal(sims, -np.inf)
+        return np.argsort(-sims, axis=1)[:, :k]
+
+    a, b = neighbours(actual), neighbours(expected)
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b, strict=True)]))
+
+
+@dataclass
+class ParityResult:
+    """A backend against the float32 reference on the calibration set, judged for its precision."""
+
+    candidate: str
+    rows: int
+    min_cos: float
+    mean_cos: float
+    max_abs: float
+    topk_agreement: float  # mean overlap of each row's 5 nearest neighbours with the reference's
+    tolerance: str
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    calibration_sha256: str = ""  # the calibration set it was measured on
+    cached: bool = False
+
+    def require(self, min_cosine: float | None) -> ParityResult:
+        """Fail this result too when its min cosine is below ``min_cosine`` (a stricter policy than the precision's)."""
+        if min_cosine is not None and self.min_cos < min_cosine:
+            self.passed = False
+            self.failures = [*self.failures, f"min cosine {self.min_cos:.6f} < the required {min_cosine}"]
+        return self
+
+
+def measure(
+    candidate: Backend,
+    reference: Backend,
+    tokenizer: PairTokenizer,
+    precision: str,
+    *,
+    label: str | None = None,
+    min_cosine: float | None = None,
+) -> ParityResult:
+    """``candidate`` against ``reference`` on the calibration set, judged by ``TOLERANCES[precision]``."""
+    tolerance = TOLERANCES[canonical_precision(precision)]
+    (actual,) = calibration_embeddings(tokenizer, candidate)
+    expected = _reference_embeddings(tokenizer, reference)
+    report = compare(actual, expected)
+    failures = report.failures(tolerance)
+    result = ParityResult(
+        candidate=label or f"{candidate.name}/{precision}",
+        rows=report.rows,
+        min_cos=report.min_cos,
+        mean_cos=report.mean_cos,
+        max_abs=report.max_abs,
+        topk_agreement=_topk_agreement(actual, expected),
+        tolerance=str(tolerance),
+        passed=not failures,
+        failures=failures,
+        calibration_sha256=calibration_sha256(),
+    )
+    return result.require(min_cosine)

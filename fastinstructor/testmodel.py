@@ -1,7 +1,7 @@
 """Random-weight checkpoints in the exact INSTRUCTOR folder layout, for tests, demos and benchmarks.
 
 The machines this project is built on cannot reach a model hub, so every test builds its checkpoint: the
-dimensions of the real presets (DESIGN section 1), T5's own random initialization, and a SentencePiece
+dimensions of the real presets (docs/design.md section 1), T5's own random initialization, and a SentencePiece
 unigram tokenizer trained on real text. The embeddings mean nothing; the shapes, the files and the
 arithmetic are those of the real models, so speed and parity measured on them carry over.
 """

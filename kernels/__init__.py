@@ -1,6 +1,6 @@
 """Triton kernels for the CUDA backend, importable as ``fastinstructor.kernels``.
 
-One op family per file, each with its pure-torch ``<op>_ref`` beside it (DESIGN section 7); the modules
+One op family per file, each with its pure-torch ``<op>_ref`` beside it (docs/design.md section 7); the modules
 import triton, so import them only where it is installed (the ``gpu`` extra; ``dev`` brings it for the
 interpreter tests, ``TRITON_INTERPRET=1``):
 

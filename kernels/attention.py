@@ -1,7 +1,7 @@
 """T5 encoder self-attention, FlashAttention-style, over packed (unpadded) sequences, with the relative
 position bias computed inside the kernel.
 
-Maths (DESIGN section 5: no 1/sqrt(d) scaling, softmax in float32, one bias table shared by all layers)::
+Maths (docs/design.md section 5: no 1/sqrt(d) scaling, softmax in float32, one bias table shared by all layers)::
 
     o[i] = sum_j softmax_j(q[i] . k[j] + table[bucket(j - i), h]) v[j]       over the tokens j of i's sequence
 
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends.cpu import relative_position_bucket  # the reference bucket function (transformers' arithmetic)
+from ..t5 import relative_position_bucket  # the reference bucket function (transformers' arithmetic)
 from .matmul import resolve_tile
 
 __all__ = ["t5_attention", "t5_attention_padded", "t5_attention_ref", "DEFAULT_TILE", "TILE_CANDIDATES"]

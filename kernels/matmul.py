@@ -1,4 +1,5 @@
-"""The FFN's matrix products: ``y = act(x @ w^T)`` with the activation in the epilogue, and an int8 path.
+"""The encoder's matrix products (q/k/v, o and the FFN): ``y = act(x @ w^T)``, activation in the epilogue,
+and an int8 path.
 
 Maths::
 
@@ -9,7 +10,7 @@ Layouts: ``x [M, K]`` (tokens x features), ``w [N, K]`` (PyTorch's Linear layout
 int8: ``xq [M, K]`` int8 with one scale per token ``sx [M]``, ``wq [N, K]`` int8 with one scale per output
 channel ``sw [N]`` (symmetric; ``quantize_rows`` makes both). ``act`` is ``"none"`` or ``"relu"`` (T5's FFN).
 The output dtype is chosen by the caller: float32 for T5's ``wo`` under float16 (its output overflows
-float16 on trained weights, DESIGN section 5), the compute dtype otherwise. Grid: one program per
+float16 on trained weights, docs/design.md section 5), the compute dtype otherwise. Grid: one program per
 ``BLOCK_M x BLOCK_N`` output tile, walking K in ``BLOCK_K`` steps.
 """
 

@@ -1,6 +1,6 @@
 """Instruction-masked mean pooling over packed (unpadded) sequences.
 
-Maths (DESIGN section 4): for sequence ``b`` with tokens ``cu_seqlens[b] .. cu_seqlens[b+1]`` of the packed
+Maths (docs/design.md section 4): for sequence ``b`` with tokens ``cu_seqlens[b] .. cu_seqlens[b+1]`` of the packed
 states, pool over the tokens from ``pool_start[b]`` (the instruction's token count) to the end::
 
     out[b] = sum(hidden[cu[b] + pool_start[b] : cu[b+1]]) / max(count, 1e-9)      (0 when nothing is pooled)

@@ -1,6 +1,6 @@
 """Residual add + T5 RMSNorm, fused into one pass over each row.
 
-Maths (T5LayerNorm, DESIGN section 5: no mean subtraction, no bias, variance in float32)::
+Maths (T5LayerNorm, docs/design.md section 5: no mean subtraction, no bias, variance in float32)::
 
     s   = x + residual                     (when a residual is given; s = x otherwise)
     y   = weight * s / sqrt(mean(s ** 2) + eps)
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..t5 import rms_norm as t5_rms_norm
 
 __all__ = ["rms_norm", "rms_norm_ref"]
 
@@ -91,5 +93,5 @@ def rms_norm_ref(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same in plain PyTorch (float32 arithmetic, results cast back)."""
     s = x.float() if residual is None else x.float() + residual.float()
-    y = weight.float() * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps))
+    y = t5_rms_norm(s, weight.float(), eps)
     return y.to(x.dtype), None if residual is None else s.to(residual.dtype)

@@ -49,7 +49,9 @@ def test_fingerprint_is_the_files_that_decide_the_embeddings(tiny_model, tiny_co
 def test_load_lets_the_checkpoint_weights_go(tiny_model, real_pairs):
     """The backend holds its own form of the weights; the checkpoint keeps none, and its fingerprint still works."""
     model = fastinstructor.load(tiny_model, backend="cpu", precision="float32")
-    assert model.checkpoint.weights == {}
+    assert model.checkpoint.weights_released
+    with pytest.raises(CheckpointError, match="weights of .* were released.*load_checkpoint"):
+        model.checkpoint.weights  # noqa: B018  (a released checkpoint says so instead of handing out nothing)
     assert model.checkpoint.fingerprint == load_checkpoint(tiny_model).fingerprint
     np.testing.assert_allclose(
         model.encode(real_pairs[:4]),

@@ -72,11 +72,11 @@ _ON_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machi
     "command, expected",
     [
         (["embed", "--threads", "0"], "argument --threads: expected a whole number of at least 1, got '0'"),
-        (["check", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16' (choose from 'float32'"),
+        (["check", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8' (choose from 'float32'"),
         pytest.param(
             ["embed", "--backend", "onnx", "--precision", "float16"],
-            "no backend for backend='onnx', precision='float16' on this machine. Tried: onnx/float16/cpu: failed to "
-            "start: float16 ONNX graphs run on the CUDA provider; on the CPU use float32 or int8",
+            "no backend for backend='onnx', precision='float16' on this machine. Tried: onnx/float16/cpu: backend "
+            "'onnx' runs int8 or float32 on the CPU; float16 or float32 on CUDA",
             marks=_ON_CUDA,
         ),
         pytest.param(

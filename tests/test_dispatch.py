@@ -11,7 +11,7 @@ import torch
 
 import fastinstructor
 from fastinstructor import dispatch
-from fastinstructor.backends import BACKENDS, CpuBackend
+from fastinstructor.backends import BACKENDS, CpuBackend, OnnxBackend
 from fastinstructor.cli import main as cli_main
 from fastinstructor.dispatch import Candidate, candidates, probe, unavailable_reason
 from fastinstructor.parity import TOLERANCES, Tolerance
@@ -53,6 +53,7 @@ class Perturbed(CpuBackend):
     """A backend that is fast and wrong: what the parity check exists to catch."""
 
     name = "onnx"
+    capabilities = OnnxBackend.capabilities  # in the onnx backend's place in the order
 
     def embed(self, input_ids, attention_mask, pool_start):
         out = super().embed(input_ids, attention_mask, pool_start)

@@ -1,4 +1,4 @@
-"""Triton kernels against their pure-torch references (DESIGN section 7), in the interpreter on the CPU."""
+"""Triton kernels against their pure-torch references (docs/design.md section 7), in the interpreter on the CPU."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ONNX export and the ONNX Runtime backend against the float32 reference (DESIGN section 5)."""
+"""ONNX export and the ONNX Runtime backend against the float32 reference (docs/design.md section 5)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,7 @@ def exported(make_model, tmp_path_factory):
         key = (preset, precision, optimize)
         if key not in made:
             folder = tmp_path_factory.mktemp("onnx") / f"{preset}-{precision}-{optimize}"
-            export_onnx(
-                load_checkpoint(make_model(preset)), folder, precision=precision, optimize=optimize, parity=False
-            )
+            export_onnx(load_checkpoint(make_model(preset)), folder, precision=precision, optimize=optimize)
             made[key] = folder
         return made[key]
 
@@ -164,23 +162,33 @@ def test_corrupt_and_mismatched_exports(make_model, exported, tmp_path):
     (folder / "fastinstructor_onnx.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a fastinstructor ONNX export"):
         OnnxBackend.from_folder(load_checkpoint(make_model("tiny")), folder)
-    with pytest.raises(RuntimeError, match="onnx/float16/cpu: failed to start: float16 ONNX graphs run on the CUDA"):
+    with pytest.raises(RuntimeError, match="onnx/float16/cpu: backend 'onnx' runs .*; float16 or float32 on CUDA"):
         fastinstructor.load(make_model("tiny"), backend="onnx", precision="float16")
 
 
 def test_first_use_exports_once_into_the_cache(tiny_model, tmp_path, real_pairs):
     """Two processes start at once with an empty cache: one exports (under the lock), both get the graph."""
     code = (
-        "import fastinstructor, json, sys; m = fastinstructor.load(sys.argv[1], backend='onnx'); "
+        "import fastinstructor, json, logging, sys; logging.basicConfig(level=logging.INFO); "
+        "m = fastinstructor.load(sys.argv[1], backend='onnx'); "
         "print(json.dumps({'folder': str(m.backend.folder), 'e': m.encode(['Sea ice.']).tolist()}))"
     )
     env = {**__import__("os").environ, "FASTINSTRUCTOR_CACHE": str(tmp_path / "cache")}
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tiny_model)], stdout=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tiny_model)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for _ in range(2)
     ]
-    results = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
-    assert all(p.returncode == 0 for p in procs)
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    results = [json.loads(out) for out, _ in outputs]
+    exported = [err.count(" to ONNX (") for _, err in outputs]  # the log line of an export
+    assert sorted(exported) == [0, 1], [err for _, err in outputs]  # exactly one process exported
     assert results[0]["folder"] == results[1]["folder"] and results[0]["e"] == results[1]["e"]
     exports = [p for p in (tmp_path / "cache" / "onnx").iterdir() if p.is_dir()]
     assert len(exports) == 1, exports  # no second export, no leftover temporary folder
@@ -229,7 +237,7 @@ def test_large_models_use_external_data(make_model, tmp_path, monkeypatch, real_
     monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_THRESHOLD", 0)
     for precision in ("float32", "int8"):
         folder = tmp_path / precision
-        export_onnx(load_checkpoint(make_model("tiny")), folder, precision=precision, parity=False)
+        export_onnx(load_checkpoint(make_model("tiny")), folder, precision=precision)
         assert (folder / "model.onnx.data").stat().st_size > (folder / "model.onnx").stat().st_size
         model = fastinstructor.load(
             make_model("tiny"), backend="onnx", precision=precision, backend_options={"onnx_dir": folder}

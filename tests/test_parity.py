@@ -1,4 +1,4 @@
-"""The cpu backend against the float32 reference, with DESIGN section 5's tolerances; batch-size invariance."""
+"""The cpu backend against the float32 reference, with docs/design.md section 5's tolerances; batch-size invariance."""
 
 from __future__ import annotations
 

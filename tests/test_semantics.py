@@ -1,4 +1,4 @@
-"""INSTRUCTOR semantics (DESIGN section 4): our reference against independent computations."""
+"""INSTRUCTOR semantics (docs/design.md section 4): our reference against independent computations."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastinstructor.tokenization import PairTokenizer
 
 
 def independent_embedding(folder, instruction: str | None, text: str) -> np.ndarray:
-    """DESIGN section 4 written out with transformers and safetensors only, none of our loading code."""
+    """docs/design.md section 4 written out with transformers and safetensors only, none of our loading code."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, T5EncoderModel
 

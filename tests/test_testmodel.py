@@ -70,7 +70,7 @@ def test_refuses_non_empty_folder_and_unknown_preset(tmp_path):
 
 
 def test_preset_dimensions_are_the_real_ones():
-    """DESIGN section 1."""
+    """docs/design.md section 1."""
     assert [
         (p.d_model, p.num_layers, p.num_heads, p.d_kv, p.d_ff, p.dense_out, p.vocab_rows)
         for p in (PRESETS["base"], PRESETS["large"], PRESETS["xl"])

@@ -1,6 +1,6 @@
 """Issue 13, defect 9: a long text is cut before it is tokenized, with exactly the result of the whole text.
 
-The reference below tokenizes the whole joined string as DESIGN section 4 says, with the tokenizer itself;
+The reference below tokenizes the whole joined string as docs/design.md section 4 says, with the tokenizer itself;
 ``PairTokenizer`` must give the same ids, pooling start and ``truncated`` flag without ever handing the
 tokenizer the whole of a long text.
 """
@@ -34,7 +34,7 @@ def tokenizer(tiny_model, request):
 
 
 def whole_text(tokenizer, max_length: int, sentences: list) -> tuple[list, list, list]:
-    """DESIGN section 4 on the whole text: tokenize everything, keep ``max_length - 1`` tokens and ``</s>``.
+    """docs/design.md section 4 on the whole text: tokenize everything, keep ``max_length - 1`` tokens and ``</s>``.
     The pooling start is the instruction's token count (``PairTokenizer`` applies its rule to it)."""
 
     def ids(text: str) -> tuple[list[int], bool]:

@@ -1,4 +1,4 @@
-"""Backends: one forward pass each, behind DESIGN's ``Backend`` interface."""
+"""Backends: one forward pass each, behind the ``Backend`` interface (docs/design.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,34 @@
-"""The backend interface (DESIGN section 3) and the pooling head every PyTorch backend shares."""
+"""The backend interface (docs/design.md section 3) and the capability table every backend class declares.
+
+A backend class says, once, which precision runs on which device (``capabilities``), where each stands in
+``auto``'s order of preference (``rank``), and why it cannot run on this machine (``availability`` for the
+packages, ``unavailable`` for the machine). The dispatcher, ``check``, ``bench`` and ``export`` derive their
+candidates from these tables; adding a backend is one file and one entry in ``backends.BACKENDS``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["Backend", "pool_head", "check_precision"]
+from ..hardware import Hardware
+from ..precisions import canonical_precision
+from ..t5 import pool_head
+
+__all__ = ["Backend", "BackendClass", "Capability", "pool_head", "check_precision"]
+
+DEVICE_NAMES = {"cpu": "the CPU", "cuda": "CUDA"}
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One precision on one device type that a backend runs."""
+
+    precision: str
+    device: str  # "cpu" or "cuda"
+    rank: int | None = None  # place in auto's order on this device, lowest first; None: only when asked for
 
 
 class Backend(Protocol):
@@ -19,37 +40,71 @@ class Backend(Protocol):
 
     name: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]]
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]: ...
+    device: torch.device
 
     def embed(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor
     ) -> torch.Tensor: ...
 
 
-def check_precision(backend: type, precision: str) -> None:
-    if precision not in backend.precisions:
+class BackendClass:
+    """What every backend class declares; ``precisions`` is derived from ``capabilities``."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[tuple[Capability, ...]]
+    precisions: ClassVar[tuple[str, ...]]  # every precision of the table, in its order
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.precisions = tuple(dict.fromkeys(c.precision for c in cls.capabilities))
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        """Whether the packages this backend needs are installed, and what it runs on (or how to install)."""
+        return True, ""
+
+    @classmethod
+    def unavailable(cls, precision: str, device: str, hardware: Hardware) -> str | None:
+        """Why this machine cannot run (or should not be offered) ``precision`` on ``device``; None when it can."""
+        return None
+
+    @classmethod
+    def runs(cls) -> str:
+        """The table in words: "float32 or int8 on the CPU; float16 on CUDA"."""
+        devices = dict.fromkeys(c.device for c in cls.capabilities)
+        return "; ".join(
+            " or ".join(c.precision for c in cls.capabilities if c.device == d) + f" on {DEVICE_NAMES[d]}"
+            for d in devices
+        )
+
+    @classmethod
+    def check_supported(cls, precision: str, device: str | torch.device) -> str:
+        """The canonical precision when the table has ``precision`` on ``device``'s type, else a ValueError."""
+        precision = canonical_precision(precision)
+        kind = torch.device(device).type
+        if not any(c.precision == precision and c.device == kind for c in cls.capabilities):
+            raise ValueError(f"backend {cls.name!r} runs {cls.runs()}; not {precision} on device={str(device)!r}")
+        return precision
+
+
+def why_not(cls: type[BackendClass], precision: str, device: str, hardware: Hardware) -> str | None:
+    """Why backend ``cls`` cannot run ``precision`` on ``device`` here, or None when it can."""
+    if not any(c.precision == precision and c.device == device for c in cls.capabilities):
+        return f"backend {cls.name!r} runs {cls.runs()}"
+    ok, why = cls.availability()
+    if not ok:
+        return why
+    if device == "cuda" and not hardware.cuda:
+        return "no CUDA device"
+    return cls.unavailable(precision, device, hardware)
+
+
+def check_precision(backend: type[BackendClass], precision: str) -> str:
+    """The canonical name of ``precision`` when ``backend`` runs it on some device, else a ValueError."""
+    name = canonical_precision(precision)
+    if name not in backend.precisions:
         raise ValueError(
             f"backend {backend.name!r} does not support precision {precision!r}; "
             f"choose one of {', '.join(backend.precisions)}"
         )
-
-
-def pool_head(
-    hidden: torch.Tensor,  # [B, L, D] final (normalized) encoder states
-    attention_mask: torch.Tensor,  # [B, L]
-    pool_start: torch.Tensor,  # [B] first pooled position (instruction length)
-    dense_weight: torch.Tensor | None,  # [out_dim, D]
-    normalize: bool,
-) -> torch.Tensor:  # [B, out_dim] float32
-    """Mean over positions ``pool_start..`` that are not padding, then Dense, then L2 normalize."""
-    hidden = hidden.float()
-    positions = torch.arange(hidden.shape[1], device=hidden.device)
-    mask = (attention_mask.bool() & (positions[None, :] >= pool_start[:, None])).to(hidden.dtype)  # [B, L]
-    pooled = torch.einsum("bld,bl->bd", hidden, mask) / mask.sum(1, keepdim=True).clamp_min(1e-9)
-    if dense_weight is not None:
-        pooled = pooled @ dense_weight.t()
-    if normalize:
-        pooled = F.normalize(pooled, p=2, dim=1)  # eps 1e-12, as sentence-transformers' Normalize
-    return pooled
+    return name

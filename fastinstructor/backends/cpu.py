@@ -1,6 +1,6 @@
 """The project's own T5 encoder in PyTorch, for the CPU: float32, bfloat16 or int8.
 
-Differences from ``transformers.T5EncoderModel`` (the maths is the same, DESIGN section 5):
+Differences from ``transformers.T5EncoderModel`` (the maths is the same, docs/design.md section 5):
 
 - q, k and v are one fused projection ``[3 * heads * d_kv, d_model]``;
 - attention is ``scaled_dot_product_attention`` with ``scale=1.0`` (T5 has no 1/sqrt(d_kv)) and the
@@ -18,7 +18,6 @@ Differences from ``transformers.T5EncoderModel`` (the maths is the same, DESIGN 
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import ClassVar
 
@@ -27,29 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import Checkpoint, EncoderConfig
-from .base import check_precision, pool_head
-
-
-def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
-    """T5's bidirectional buckets: half per direction, exact below num_buckets/4, log-spaced up to max_distance."""
-    num_buckets //= 2
-    buckets = (relative_position > 0).long() * num_buckets
-    distance = relative_position.abs()
-    max_exact = num_buckets // 2
-    large = (
-        max_exact
-        + (
-            torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-        ).long()
-    )
-    large = large.clamp(max=num_buckets - 1)
-    return buckets + torch.where(distance < max_exact, distance, large)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """T5LayerNorm: no mean subtraction, no bias, variance in float32."""
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return weight * (x.float() * torch.rsqrt(variance + eps))
+from ..hardware import Hardware
+from ..t5 import pool_head, relative_position_bucket, rms_norm
+from .base import BackendClass, Capability
 
 
 class T5Block(nn.Module):
@@ -133,18 +112,27 @@ class T5Encoder(nn.Module):
         return rms_norm(x, self.ln_final, self.config.layer_norm_epsilon)
 
 
-class CpuBackend:
+class CpuBackend(BackendClass):
     name: ClassVar[str] = "cpu"
-    precisions: ClassVar[tuple[str, ...]] = ("float32", "bfloat16", "int8")
+    capabilities: ClassVar[tuple[Capability, ...]] = (
+        Capability("float32", "cpu", 50),
+        Capability("bfloat16", "cpu", 40),
+        Capability("int8", "cpu", 30),
+    )
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         return True, f"PyTorch {torch.__version__} on the CPU"
 
+    @classmethod
+    def unavailable(cls, precision: str, device: str, hardware: Hardware) -> str | None:
+        if precision == "bfloat16" and not ({"avx512_bf16", "amx_bf16"} & hardware.cpu_flags):
+            return "the CPU has no native bfloat16 (avx512_bf16 or AMX): slower than float32"
+        return None
+
     def __init__(self, checkpoint: Checkpoint, precision: str = "float32", device: str = "cpu") -> None:
-        check_precision(type(self), precision)
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"the cpu backend runs on the CPU only, got device={device!r}; use backend='reference'")
+        self.precision = precision = self.check_supported(precision, device)
+        self.device = torch.device(device)
         encoder = T5Encoder(checkpoint.config, checkpoint.weights).eval()
         if precision == "bfloat16":
             encoder.blocks.to(torch.bfloat16)

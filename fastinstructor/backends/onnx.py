@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
+from ..hardware import Hardware
 from ..locking import hold
-from .base import check_precision
+from .base import BackendClass, Capability
 
 __all__ = ["OnnxBackend", "cuda_available", "onnx_cache_dir"]
 
@@ -81,16 +82,24 @@ def _cached_export(checkpoint: Checkpoint, precision: str) -> tuple[Path, dict]:
             if folder.exists():  # not a first use: say why the entry is not used
                 task = f"the cached ONNX graph {folder} cannot be trusted ({err}); exporting it again"
                 log.warning("%s", task)
+            else:
+                log.info("%s", task)
         try:
-            metadata = onnx_export.export_onnx(checkpoint, folder, precision=precision, optimize=True, parity=False)
+            metadata = onnx_export.export_onnx(checkpoint, folder, precision=precision, optimize=True)
         except Exception as err:  # whatever failed (torch, onnx, onnxruntime, the disk), it is named here
             raise RuntimeError(f"{task} failed: {type(err).__name__}: {err}") from err
     return folder, metadata
 
 
-class OnnxBackend:
+class OnnxBackend(BackendClass):
     name: ClassVar[str] = "onnx"
-    precisions: ClassVar[tuple[str, ...]] = ("float32", "float16", "int8")
+    # float16 graphs need the CUDA provider; int8 (dynamic quantization) is ONNX Runtime's CPU path.
+    capabilities: ClassVar[tuple[Capability, ...]] = (
+        Capability("int8", "cpu", 10),
+        Capability("float32", "cpu", 20),
+        Capability("float16", "cuda", 30),
+        Capability("float32", "cuda"),
+    )
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -101,6 +110,12 @@ class OnnxBackend:
 
         return True, f"onnxruntime {onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
 
+    @classmethod
+    def unavailable(cls, precision: str, device: str, hardware: Hardware) -> str | None:
+        if device == "cuda" and "CUDAExecutionProvider" not in hardware.onnx_providers:
+            return "onnxruntime has no CUDA provider (install onnxruntime-gpu instead of onnxruntime)"
+        return None
+
     def __init__(
         self,
         checkpoint: Checkpoint,
@@ -110,7 +125,7 @@ class OnnxBackend:
         onnx_dir: str | os.PathLike | None = None,
         threads: int | None = None,
     ) -> None:
-        check_precision(type(self), precision)
+        self.precision = precision = self.check_supported(precision, device)
         ok, why = self.availability()
         if not ok:
             raise ImportError(f"the onnx backend needs {why}")
@@ -119,18 +134,12 @@ class OnnxBackend:
         from ..export.onnx_export import MODEL_FILE
 
         self.device = torch.device(device)
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"the onnx backend runs on 'cpu' or 'cuda', got device={device!r}")
         on_cuda = self.device.type == "cuda"
         if on_cuda and not cuda_available():
             raise ValueError(
                 f"device='cuda' needs onnxruntime-gpu and a GPU; providers here: "
                 f"{onnxruntime.get_available_providers()}"
             )
-        if precision == "float16" and not on_cuda:
-            raise ValueError("float16 ONNX graphs run on the CUDA provider; on the CPU use float32 or int8")
-        if precision == "int8" and on_cuda:
-            raise ValueError("int8 ONNX graphs (dynamic quantization) run on the CPU; on CUDA use float16")
 
         if onnx_dir is None:
             folder, metadata = _cached_export(checkpoint, precision)

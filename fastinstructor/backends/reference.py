@@ -8,12 +8,17 @@ from typing import ClassVar
 import torch
 
 from ..checkpoint import Checkpoint
-from .base import check_precision, pool_head
+from ..t5 import hf_encoder, pool_head
+from .base import BackendClass, Capability
 
 
-class ReferenceBackend:
+class ReferenceBackend(BackendClass):
     name: ClassVar[str] = "reference"
-    precisions: ClassVar[tuple[str, ...]] = ("float32",)
+    # The yardstick: last in auto's order, and never itself checked for parity.
+    capabilities: ClassVar[tuple[Capability, ...]] = (
+        Capability("float32", "cpu", 90),
+        Capability("float32", "cuda", 90),
+    )
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -22,19 +27,8 @@ class ReferenceBackend:
         return True, "transformers T5EncoderModel, float32 eager"
 
     def __init__(self, checkpoint: Checkpoint, precision: str = "float32", device: str = "cpu") -> None:
-        check_precision(type(self), precision)
-        from transformers import T5Config, T5EncoderModel
-
-        config = T5Config.from_dict(checkpoint.hf_config)
-        config._attn_implementation = "eager"
-        with torch.device("meta"):  # no random initialization: every tensor comes from the checkpoint
-            model = T5EncoderModel(config)
-        model.load_state_dict(checkpoint.weights, strict=False, assign=True)
-        model.tie_weights()
-        leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-        if leftovers:
-            raise RuntimeError(f"reference backend: tensors not loaded from the checkpoint: {leftovers}")
-        self.model = model.to(device).eval()
+        self.precision = self.check_supported(precision, device)
+        self.model = hf_encoder(checkpoint, device)
         self.device = torch.device(device)
         self.dense_weight = None if checkpoint.dense_weight is None else checkpoint.dense_weight.to(device)
         self.normalize = checkpoint.normalize

@@ -5,7 +5,7 @@ with ``cu_seqlens``: the projections and the FFN never touch padding, attention 
 relative position bias computed in the kernel (``kernels.attention``), RMSNorm is fused with the residual add
 (``kernels.rms_norm``), and pooling reads the packed states (``kernels.pooling``). Weights are loaded once
 into the fused layouts (q, k, v concatenated). The residual stream stays float32 (T5 overflows float16 there,
-DESIGN section 5); the matrix products (``kernels.matmul``) run in the compute dtype with float32
+docs/design.md section 5); the matrix products (``kernels.matmul``) run in the compute dtype with float32
 accumulation, the FFN's ReLU in their epilogue and its output projection written in float32. ``int8``
 quantizes the weights per output channel once and the activations per token at run time (int32 accumulation).
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import Checkpoint
-from .base import check_precision
+from .base import BackendClass, Capability
 
 __all__ = ["TritonBackend"]
 
@@ -33,9 +33,14 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-class TritonBackend:
+class TritonBackend(BackendClass):
     name: ClassVar[str] = "triton"
-    precisions: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32", "int8")
+    capabilities: ClassVar[tuple[Capability, ...]] = (
+        Capability("bfloat16", "cuda", 10),
+        Capability("float16", "cuda", 20),
+        Capability("float32", "cuda"),
+        Capability("int8", "cuda"),
+    )
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -48,13 +53,13 @@ class TritonBackend:
         return True, f"Triton on {torch.cuda.get_device_name(0)}"
 
     def __init__(self, checkpoint: Checkpoint, precision: str = "bfloat16", device: str = "cuda") -> None:
-        check_precision(type(self), precision)
+        # The interpreter runs the CUDA path on the CPU, for the tests.
+        precision = self.check_supported(precision, "cuda" if _interpreted() else device)
         ok, why = self.availability()
         if not ok:
             raise ImportError(f"the triton backend is not available: {why}")
         self.device = torch.device(device)
-        if self.device.type != "cuda" and not _interpreted():
-            raise ValueError(f"the triton backend runs on CUDA, got device={device!r}")
+        self.precision = precision
         from ..kernels.attention import t5_attention
         from ..kernels.matmul import linear, linear_int8, quantize_rows
         from ..kernels.pooling import masked_mean_pool

@@ -1,0 +1,83 @@
+"""What this machine has: a CUDA device, CPU features, and the packages the backends need.
+
+One probe, shared by the dispatcher (which backends can run here) and the benchmark (the machine it
+describes in its report).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["Hardware", "probe", "cpu_model"]
+
+# The packages that decide which backends run here; their versions key cached parity results.
+PACKAGES = ("fastinstructor", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "triton")
+# The CPU features the backends' speed depends on, as /proc/cpuinfo names them.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda_device: str | None  # name of GPU 0, or None
+    cuda_capability: tuple[int, int] | None
+    cpu_flags: frozenset[str]
+    packages: dict[str, str | None]  # installed versions of PACKAGES
+    onnx_providers: tuple[str, ...]
+
+    @property
+    def cuda(self) -> bool:
+        return self.cuda_device is not None
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return ("cuda", "cpu") if self.cuda else ("cpu",)
+
+    def describe(self) -> dict:
+        return {
+            "cuda_device": self.cuda_device,
+            "cuda_capability": self.cuda_capability,
+            "cpu_flags": {f: f in self.cpu_flags for f in CPU_FLAGS},
+            "packages": self.packages,
+            "onnx_providers": list(self.onnx_providers),
+        }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpuinfo(field: str) -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return ""
+    line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith(field)), "")
+    return line.partition(":")[2].strip()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (every figure is recorded with it)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def probe() -> Hardware:
+    """This machine's CUDA device, CPU flags, backend packages and ONNX Runtime providers."""
+    cuda_device = capability = None
+    if torch.cuda.is_available():
+        cuda_device = torch.cuda.get_device_name(0)
+        capability = torch.cuda.get_device_capability(0)
+    providers: tuple[str, ...] = ()
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        providers = tuple(onnxruntime.get_available_providers())
+    flags = frozenset(_cpuinfo("flags").split())
+    return Hardware(cuda_device, capability, flags, {p: _version(p) for p in PACKAGES}, providers)
