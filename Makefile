@@ -22,7 +22,7 @@ endif
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py constraints-cpu.txt
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet $(CONSTRAINTS) -e '.[dev,onnx,server,bench]'
@@ -42,7 +42,7 @@ bench: $(VENV)/.installed $(DEMO_MODEL)/modules.json
 	$(PY) -m fastinstructor bench --model $(DEMO_MODEL)
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) .models $(DEMO_OUT) build dist *.egg-info
