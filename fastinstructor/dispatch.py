@@ -165,16 +165,15 @@ def choose(
     hardware = hardware or probe()
     precision = canonical_precision(precision, allow_auto=True)
     skipped: list[dict] = []
+    here = torch.device(device).type if device else ("cuda" if hardware.cuda else "cpu")
     if backend != "auto" and precision != "auto":  # fully explicit: exactly this, even off the preference order
-        here = "cuda" if hardware.cuda else "cpu"
-        wanted = [Candidate(backend, precision, torch.device(device).type if device else here)]
-    else:
+        wanted = [Candidate(backend, precision, here)]
+    else:  # the preference order of the device asked for (a CUDA machine's CPU too)
         wanted = [
             c
-            for c in candidates(hardware)
+            for c in _ranked(here)
             if backend in ("auto", c.backend)
             and precision in ("auto", c.precision)
-            and (device is None or torch.device(device).type == c.device)
             and (allow_int8 or c.precision != "int8" or precision == "int8")
         ]
     reference = None
@@ -225,9 +224,7 @@ def choose(
         if not allow_fallback:
             break
     tried = "; ".join(f"{s['candidate']}: {s['why']}" for s in skipped) or (
-        "nothing: no candidate of this machine matches (its order: "
-        + ", ".join(str(c) for c in candidates(hardware))
-        + ")"
+        f"nothing: no candidate of the {here} order matches (it is: {', '.join(str(c) for c in _ranked(here))})"
     )
     raise NoBackendError(
         f"no backend for backend={backend!r}, precision={precision!r}"

@@ -86,3 +86,15 @@ def test_the_cli_refuses_an_unknown_precision_naming_the_choices(tiny_model, cap
         cli_main(["embed", "--model", str(tiny_model), "--precision", "fp8", "--input", "x", "--output", "y"])
     assert exit_.value.code == 2
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_device_cpu_on_a_cuda_machine_walks_the_cpu_order(tiny_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTINSTRUCTOR_CACHE", str(tmp_path / "cache"))
+    from fastinstructor.dispatch import choose
+    from fastinstructor.tokenization import PairTokenizer, load_tokenizer
+
+    gpu = dataclasses.replace(probe(), cuda_device="Fake GPU")
+    checkpoint = load_checkpoint(tiny_model)
+    tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), checkpoint.max_seq_length)
+    _, candidate, report = choose(checkpoint, tokenizer, backend="cpu", device="cpu", hardware=gpu)
+    assert str(candidate) == "cpu/int8/cpu" and report["parity"]["passed"]
