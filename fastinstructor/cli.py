@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-tokens",
         type=int,
         default=SERVER_BATCHES.max_tokens,
-        help="padded tokens per batch (default %(default)s)",
+        help="tokens per batch: padded (rows x longest), real tokens on the triton backend (default %(default)s)",
     )
     serve.add_argument(
         "--max-batch-rows",

@@ -1,21 +1,24 @@
 """``fastinstructor.load`` and ``Instructor.encode``: the pipeline of docs/design.md section 3.
 
-tokenize -> plan batches (sorted by length, token budget) -> backend.embed -> back to input order.
+tokenize -> plan batches (sorted by length, token budget) -> pad or pack (a background thread, ahead of the
+backend) -> backend.embed / embed_packed -> back to input order.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import closing
 
 import torch
 import torch.nn.functional as F
 
 from .backends import get_backend_class
 from .backends.base import Backend, check_precision
-from .batching import DEFAULT_ENCODE_POLICY, BatchPolicy, pad_batch
+from .batching import DEFAULT_ENCODE_POLICY, BatchPolicy, default_policy, pack_batch, pad_batch
 from .checkpoint import Checkpoint, load_checkpoint
 from .precisions import canonical_precision
+from .prefetch import prefetch
 from .tokenization import PairTokenizer, load_tokenizer
 
 __all__ = ["Instructor", "load"]
@@ -55,14 +58,14 @@ class Instructor:
     def encode(
         self,
         sentences: Sequence | str,
-        batch_size: int = DEFAULT_ENCODE_POLICY.max_rows,
+        batch_size: int | None = None,
         show_progress_bar: bool | None = None,
         output_value: str = "sentence_embedding",
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
         device: str | None = None,
         normalize_embeddings: bool = True,
-        max_batch_tokens: int | None = DEFAULT_ENCODE_POLICY.max_tokens,
+        max_batch_tokens: int | None = None,
     ):
         """Embed ``[instruction, text]`` pairs (or plain strings) and return them in input order.
 
@@ -70,6 +73,12 @@ class Instructor:
         ``[N, dim]`` by default, a stacked tensor with ``convert_to_tensor``, a list of tensors with
         ``convert_to_numpy=False``, and a single vector for a single string.
         ``max_batch_tokens`` additionally bounds each batch by padded tokens (rows x longest row).
+
+        When neither ``batch_size`` nor ``max_batch_tokens`` is given, the backend decides: 32 rows per batch and no
+        token budget (the authors' default) on every backend but one that takes packed batches (``packed_input``:
+        the triton backend), which gets ``DEFAULT_PACKED_POLICY`` (up to 1,024 rows and 65,536 real tokens per
+        batch; padding costs it nothing). Either argument given: ``batch_size`` rows (default 32) and
+        ``max_batch_tokens`` padded tokens, on every backend. The batches change only speed, not the embeddings.
         """
         if output_value != "sentence_embedding":
             raise ValueError(f"output_value {output_value!r} is not supported; only 'sentence_embedding' is")
@@ -78,7 +87,10 @@ class Instructor:
                 f"this model runs on {self.backend.device}; pass device= to fastinstructor.load "
                 f"instead of encode (got device={device!r})"
             )
-        policy = BatchPolicy(batch_size, max_batch_tokens)  # checked before any work
+        if batch_size is None and max_batch_tokens is None:
+            policy = default_policy(_packed_input(self.backend))
+        else:  # checked before any work
+            policy = BatchPolicy(DEFAULT_ENCODE_POLICY.max_rows if batch_size is None else batch_size, max_batch_tokens)
         single = isinstance(sentences, str)  # as the authors' encode: only a bare string is one input
         if single:
             sentences = [sentences]
@@ -100,20 +112,54 @@ class Instructor:
         self,
         ids: list[list[int]],
         pool_start: list[int],
-        policy: BatchPolicy = DEFAULT_ENCODE_POLICY,
+        policy: BatchPolicy | None = None,
         on_batch: Callable[[int], object] | None = None,
     ) -> torch.Tensor:  # [N, dim] float32, input order
-        """The pipeline after tokenization: batches cut by ``policy`` (sorted by length) through the backend, back
-        in input order. ``on_batch(rows)`` is called after each batch (progress reporting).
+        """The pipeline after tokenization: batches cut by ``policy`` (sorted by length; default: ``encode``'s for
+        this backend) through the backend, back in input order. ``on_batch(rows)`` is called after each batch
+        (progress reporting).
+
+        A background thread (``prefetch``) builds the next batches' tensors while the backend runs the current
+        one: ``pack_batch`` for a backend that takes packed batches (``packed_input``), else ``pad_batch``; in
+        pinned memory when the backend runs on CUDA. Each batch's result is copied back to the host after the
+        next batch has been handed to the backend, so that a GPU has the next batch queued while the host waits.
         """
+        backend = self.backend
+        packed = _packed_input(backend)
+        policy = default_policy(packed) if policy is None else policy
+        pin = backend.device.type == "cuda"
+        plan = policy.plan([len(row) for row in ids])
+
+        def make(rows: list[int]):
+            batch_ids, starts = [ids[i] for i in rows], [pool_start[i] for i in rows]
+            return pack_batch(batch_ids, starts, pin) if packed else pad_batch(batch_ids, starts, pin_memory=pin)
+
         out = torch.empty((len(ids), self.dim), dtype=torch.float32)
-        for rows in policy.plan([len(row) for row in ids]):
-            out[rows] = (
-                self.backend.embed(*pad_batch([ids[i] for i in rows], [pool_start[i] for i in rows])).float().cpu()
-            )
+
+        def collect(rows: list[int], result: torch.Tensor) -> None:
+            out[rows] = result.float().cpu()
             if on_batch is not None:
                 on_batch(len(rows))
+
+        running: list = []  # the device batch handed to the backend last, copied back after the next is queued
+        batches = prefetch(make, plan) if len(plan) > 1 else (make(rows) for rows in plan)  # 1 batch: no thread
+        with closing(batches):
+            for rows, batch in zip(plan, batches, strict=True):
+                result = backend.embed_packed(batch) if packed else backend.embed(*batch)
+                if running:
+                    collect(*running.pop())
+                if result.device.type == "cpu":
+                    collect(rows, result)
+                else:
+                    running.append((rows, result))
+        if running:
+            collect(*running.pop())
         return out
+
+
+def _packed_input(backend) -> bool:
+    """Whether ``backend`` takes ``PackedBatch`` inputs (``embed_packed``); a stand-in without the flag does not."""
+    return bool(getattr(backend, "packed_input", False))
 
 
 class _NoProgress:

@@ -20,7 +20,7 @@ SOURCES = {
 }
 # Lowest first: a module may import its own layer's modules and those of lower layers, never a higher layer's.
 LAYERS = [
-    ("foundation", ["version", "precisions", "locking", "hardware", "data", "batching"]),
+    ("foundation", ["version", "precisions", "locking", "hardware", "data", "batching", "prefetch"]),
     ("model files", ["checkpoint", "tokenization", "calibration", "readers"]),
     ("T5 maths", ["t5"]),
     ("kernels and export", ["kernels", "export"]),

@@ -13,11 +13,12 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from ..batching import PackedBatch
 from ..hardware import Hardware
 from ..precisions import canonical_precision
 from ..t5 import pool_head
 
-__all__ = ["Backend", "BackendClass", "Capability", "pool_head", "check_precision"]
+__all__ = ["Backend", "BackendClass", "Capability", "PackedBackend", "pool_head", "check_precision"]
 
 DEVICE_NAMES = {"cpu": "the CPU", "cuda": "CUDA"}
 
@@ -35,16 +36,26 @@ class Backend(Protocol):
     """A forward pass: token ids in, one embedding per row out.
 
     ``embed`` returns ``[B, out_dim]`` float32: instruction-masked mean pooling, the Dense projection
-    when the checkpoint has one, and L2 normalization when it has a Normalize module.
+    when the checkpoint has one, and L2 normalization when it has a Normalize module. A backend whose
+    ``packed_input`` is True also has ``embed_packed`` (``PackedBackend``), and the pipeline calls that one.
     """
 
     name: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]]
+    packed_input: ClassVar[bool]
     device: torch.device
 
     def embed(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor
     ) -> torch.Tensor: ...
+
+
+class PackedBackend(Backend, Protocol):
+    """A backend that takes a batch without padding (``batching.PackedBatch``: token ids, ``cu_seqlens``,
+    ``pool_start`` and ``max_len``), as the pipeline builds it for it: ``embed_packed`` returns what ``embed``
+    returns for the same rows padded."""
+
+    def embed_packed(self, batch: PackedBatch) -> torch.Tensor: ...
 
 
 class BackendClass:
@@ -53,6 +64,9 @@ class BackendClass:
     name: ClassVar[str]
     capabilities: ClassVar[tuple[Capability, ...]]
     precisions: ClassVar[tuple[str, ...]]  # every precision of the table, in its order
+    # True: the class has embed_packed(PackedBatch), and the pipeline packs its batches (no padding) and plans them
+    # by real tokens when the caller names no policy (batching.DEFAULT_PACKED_POLICY).
+    packed_input: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,13 +1,15 @@
 """The triton backend: the T5 encoder on packed (unpadded) tokens with the project's Triton kernels.
 
-A batch arrives padded ``[B, L]`` (the shared pipeline's format) and is packed at once into ``[T, d_model]``
-with ``cu_seqlens``: the projections and the FFN never touch padding, attention runs per sequence with the
-relative position bias computed in the kernel (``kernels.attention``), RMSNorm is fused with the residual add
-(``kernels.rms_norm``), and pooling reads the packed states (``kernels.pooling``). Weights are loaded once
-into the fused layouts (q, k, v concatenated). The residual stream stays float32 (T5 overflows float16 there,
-docs/design.md section 5); the matrix products (``kernels.matmul``) run in the compute dtype with float32
-accumulation, the FFN's ReLU in their epilogue and its output projection written in float32. ``int8``
-quantizes the weights per output channel once and the activations per token at run time (int32 accumulation).
+A batch arrives packed (``embed_packed``: a ``batching.PackedBatch`` of token ids, ``cu_seqlens``, ``pool_start``
+and ``max_len``, built on the host by the pipeline, ``packed_input``), or padded ``[B, L]`` (``embed``, which packs
+it on the host and calls ``embed_packed``: one forward). The states are ``[T, d_model]``: the projections and the
+FFN never touch padding, attention runs per sequence with the relative position bias computed in the kernel
+(``kernels.attention``), RMSNorm is fused with the residual add (``kernels.rms_norm``), and pooling reads the
+packed states (``kernels.pooling``). Weights are loaded once into the fused layouts (q, k, v concatenated). The
+residual stream stays float32 (T5 overflows float16 there, docs/design.md section 5); the matrix products
+(``kernels.matmul``) run in the compute dtype with float32 accumulation, the FFN's ReLU in their epilogue and its
+output projection written in float32. ``int8`` quantizes the weights per output channel once and the activations
+per token at run time (int32 accumulation).
 
 Runs on CUDA. Under ``TRITON_INTERPRET=1`` it also runs on the CPU, slowly, for the tests.
 """
@@ -21,6 +23,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..batching import PackedBatch, pack_padded
 from ..checkpoint import Checkpoint
 from .base import BackendClass, Capability
 
@@ -41,6 +44,7 @@ class TritonBackend(BackendClass):
         Capability("float32", "cuda"),
         Capability("int8", "cuda"),
     )
+    packed_input: ClassVar[bool] = True
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -103,22 +107,27 @@ class TritonBackend(BackendClass):
             return self._linear_int8(xq, sx, *weight, activation, out_dtype or torch.float32)
         return self._linear(x, weight, activation, out_dtype)
 
-    @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
+        """A right-padded batch: packed where it lies (on the host for ``pad_batch``'s tensors), then
+        ``embed_packed``. Padded tensors already on the device cost one synchronization (``max_len``)."""
+        return self.embed_packed(pack_padded(input_ids, attention_mask, pool_start))
+
+    @torch.inference_mode()
+    def embed_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """``[B, out_dim]`` float32 on the device. The inputs go to the device with ``non_blocking`` copies (they
+        overlap when the batch is in pinned memory), and nothing in the forward waits for the device: ``max_len``
+        comes from the host, and the attention checks ``cu_seqlens`` on the device (``torch._assert_async``)."""
         cfg, eps = self.config, self.config.layer_norm_epsilon
-        keep = attention_mask.to(self.device).bool()
-        lengths = keep.sum(1)
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=self.device)
-        cu[1:] = lengths.cumsum(0)
-        max_len = int(lengths.max())
-        ids = input_ids.to(self.device)[keep]  # [T] real tokens only
+        ids = batch.input_ids.to(self.device, non_blocking=True)  # [T] real tokens only
+        cu = batch.cu_seqlens.to(self.device, non_blocking=True)
+        pool_start = batch.pool_start.to(self.device, non_blocking=True)
         residual = F.embedding(ids, self.embed_table)  # [T, d] float32
         tokens = residual.shape[0]
         h = self._rms_norm(residual, self.layers[0]["ln_attn"], eps)[0].to(self.dtype)
         for i, layer in enumerate(self.layers):
             qkv = self._project(h, layer["qkv"]).view(tokens, 3, cfg.num_heads, cfg.d_kv)  # [T, 3, H, d_kv]
             q, k, v = (qkv[:, j].to(self.dtype).contiguous() for j in range(3))
-            attn = self._attention(q, k, v, cu, max_len, self.bias_table, cfg.max_distance)  # [T, H, d_kv]
+            attn = self._attention(q, k, v, cu, batch.max_len, self.bias_table, cfg.max_distance)  # [T, H, d_kv]
             out = self._project(attn.reshape(tokens, -1), layer["o"])
             h, residual = self._rms_norm(out.to(self.dtype), layer["ln_ff"], eps, residual)
             inner = self._project(h, layer["wi"], "relu").to(self.dtype)
@@ -127,7 +136,7 @@ class TritonBackend(BackendClass):
             following = self.layers[i + 1]["ln_attn"] if i + 1 < len(self.layers) else self.ln_final
             h, residual = self._rms_norm(ff, following, eps, residual)
             h = h.to(self.dtype)
-        pooled = self._pool(h, cu, pool_start.to(self.device))  # [B, d] float32, final-norm states
+        pooled = self._pool(h, cu, pool_start)  # [B, d] float32, final-norm states
         if self.dense is not None:
             pooled = pooled @ self.dense.t()
         if self.normalize:

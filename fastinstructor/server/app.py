@@ -120,7 +120,7 @@ class _Api:
         self.registry, self.metrics = _metrics()
         self.batcher = Batcher(
             model,
-            settings.batch_policy,
+            settings.batch_policy_for(bool(getattr(model.backend, "packed_input", False))),
             self.metrics,
             max_wait_ms=settings.max_wait_ms,
             max_queued_rows=settings.max_queued_rows,

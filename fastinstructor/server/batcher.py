@@ -6,6 +6,8 @@ One task takes the oldest row and adds the rows behind it while ``BatchPolicy.fi
 next batch. When ``pending`` runs dry before the batch is full, the task waits for more rows until the batch's
 oldest row has waited ``max_wait_ms`` (counted from its arrival, so a row that queued behind a busy backend has
 already waited). The batch runs in a worker thread; each row's future gets its vector, or the batch's exception.
+A backend that takes packed batches (``packed_input``: the triton backend) gets a ``PackedBatch`` (``pack_batch``,
+pinned on CUDA) and ``embed_packed``; the others a padded batch (``pad_batch``) and ``embed``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..batching import BatchPolicy, pad_batch
+from ..batching import BatchPolicy, pack_batch, pad_batch
 
 __all__ = ["Batcher", "QueueFull"]
 
@@ -49,6 +51,8 @@ class Batcher:
 
     def __init__(self, model, policy: BatchPolicy, metrics: dict, *, max_wait_ms: float, max_queued_rows: int) -> None:
         self.model, self.policy, self.metrics = model, policy, metrics
+        self.packed = bool(getattr(model.backend, "packed_input", False))  # embed_packed(PackedBatch)
+        self.pin = getattr(getattr(model.backend, "device", None), "type", "cpu") == "cuda"
         self.max_wait_s = max_wait_ms / 1000
         self.max_queued_rows = max_queued_rows
         self.pending: deque[_Row] = deque()  # rows waiting for a batch, oldest first
@@ -101,15 +105,16 @@ class Batcher:
                 return []
             await self._wait_for_rows(None)
         first = self.pending.popleft()
-        batch, longest = [first], len(first.ids)
+        batch, longest, tokens = [first], len(first.ids), len(first.ids)
         deadline = first.enqueued + self.max_wait_s
         while True:
-            while self.pending and self.policy.fits(len(batch), longest, len(self.pending[0].ids)):
+            while self.pending and self.policy.fits(len(batch), longest, len(self.pending[0].ids), tokens):
                 row = self.pending.popleft()
                 batch.append(row)
                 longest = max(longest, len(row.ids))
+                tokens += len(row.ids)
             # A row left in pending does not fit, and fits(..., 0) is False once no row could: the batch is done.
-            if self.pending or self.stopping or not self.policy.fits(len(batch), longest, 0):
+            if self.pending or self.stopping or not self.policy.fits(len(batch), longest, 0, tokens):
                 return batch
             timeout = deadline - time.perf_counter()
             if timeout <= 0 or not await self._wait_for_rows(timeout):
@@ -128,7 +133,8 @@ class Batcher:
         if not live:
             return
         try:
-            inputs = pad_batch([r.ids for r in live], [r.pool_start for r in live])
+            ids, starts = [r.ids for r in live], [r.pool_start for r in live]
+            inputs = pack_batch(ids, starts, self.pin) if self.packed else pad_batch(ids, starts, pin_memory=self.pin)
             out = await asyncio.get_running_loop().run_in_executor(self.worker, self._embed, inputs)
             for row, vector in zip(live, out, strict=True):
                 if not row.future.done():
@@ -142,5 +148,7 @@ class Batcher:
         self.metrics["inference_seconds"].observe(time.perf_counter() - started)
 
     def _embed(self, inputs) -> np.ndarray:
+        backend = self.model.backend
         with torch.inference_mode():
-            return self.model.backend.embed(*inputs).float().cpu().numpy()
+            out = backend.embed_packed(inputs) if self.packed else backend.embed(*inputs)
+            return out.float().cpu().numpy()

@@ -14,7 +14,8 @@ __all__ = ["ServerSettings", "served_name"]
 class ServerSettings:
     max_inputs: int = 512  # per request
     max_body_bytes: int = 4 * 2**20
-    max_batch_tokens: int | None = DEFAULT_SERVER_POLICY.max_tokens  # padded tokens per backend call
+    # tokens per backend call: padded (rows x longest), or real tokens on a backend that takes packed batches
+    max_batch_tokens: int | None = DEFAULT_SERVER_POLICY.max_tokens
     max_batch_rows: int = DEFAULT_SERVER_POLICY.max_rows
     # 0: a batch takes what queued while the backend was busy, and a lone request never waits (measured:
     # bench/results/serve-*.md); more trades latency for fuller batches on bigger machines.
@@ -45,6 +46,11 @@ class ServerSettings:
     def batch_policy(self) -> BatchPolicy:
         """How the batcher cuts the queue into backend calls: ``max_batch_rows`` rows, ``max_batch_tokens``."""
         return BatchPolicy(self.max_batch_rows, self.max_batch_tokens)
+
+    def batch_policy_for(self, packed_input: bool) -> BatchPolicy:
+        """``batch_policy`` for a backend: on one that takes packed batches (``packed_input``, the triton backend)
+        ``max_batch_tokens`` counts real tokens, since padding costs it nothing; the numbers are the same."""
+        return BatchPolicy(self.max_batch_rows, self.max_batch_tokens, packed=packed_input)
 
 
 def served_name(model: str) -> str:
