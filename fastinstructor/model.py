@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .backends import get_backend_class
-from .backends.base import Backend, check_precision
-from .batching import DEFAULT_ENCODE_POLICY, BatchPolicy, default_policy, pack_batch, pad_batch
+from .backends.base import Backend, batch_inputs, check_precision, embed_inputs, takes_packed
+from .batching import DEFAULT_ENCODE_POLICY, BatchPolicy, default_policy
 from .checkpoint import Checkpoint, load_checkpoint
 from .precisions import canonical_precision
 from .prefetch import prefetch
@@ -88,7 +88,7 @@ class Instructor:
                 f"instead of encode (got device={device!r})"
             )
         if batch_size is None and max_batch_tokens is None:
-            policy = default_policy(_packed_input(self.backend))
+            policy = default_policy(takes_packed(self.backend))
         else:  # checked before any work
             policy = BatchPolicy(DEFAULT_ENCODE_POLICY.max_rows if batch_size is None else batch_size, max_batch_tokens)
         single = isinstance(sentences, str)  # as the authors' encode: only a bare string is one input
@@ -125,14 +125,11 @@ class Instructor:
         next batch has been handed to the backend, so that a GPU has the next batch queued while the host waits.
         """
         backend = self.backend
-        packed = _packed_input(backend)
-        policy = default_policy(packed) if policy is None else policy
-        pin = backend.device.type == "cuda"
+        policy = default_policy(takes_packed(backend)) if policy is None else policy
         plan = policy.plan([len(row) for row in ids])
 
         def make(rows: list[int]):
-            batch_ids, starts = [ids[i] for i in rows], [pool_start[i] for i in rows]
-            return pack_batch(batch_ids, starts, pin) if packed else pad_batch(batch_ids, starts, pin_memory=pin)
+            return batch_inputs(backend, [ids[i] for i in rows], [pool_start[i] for i in rows])
 
         out = torch.empty((len(ids), self.dim), dtype=torch.float32)
 
@@ -145,7 +142,7 @@ class Instructor:
         batches = prefetch(make, plan) if len(plan) > 1 else (make(rows) for rows in plan)  # 1 batch: no thread
         with closing(batches):
             for rows, batch in zip(plan, batches, strict=True):
-                result = backend.embed_packed(batch) if packed else backend.embed(*batch)
+                result = embed_inputs(backend, batch)
                 if running:
                     collect(*running.pop())
                 if result.device.type == "cpu":
@@ -155,11 +152,6 @@ class Instructor:
         if running:
             collect(*running.pop())
         return out
-
-
-def _packed_input(backend) -> bool:
-    """Whether ``backend`` takes ``PackedBatch`` inputs (``embed_packed``); a stand-in without the flag does not."""
-    return bool(getattr(backend, "packed_input", False))
 
 
 class _NoProgress:

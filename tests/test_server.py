@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 
 import fastinstructor
 
@@ -297,13 +298,13 @@ def test_rows_wait_at_most_the_max_wait_plus_one_batch(tiny_model, model):
 class _Recorder:
     """A backend that records the real lengths of each batch's rows; a row of length ``fail_on`` fails its batch."""
 
+    device = torch.device("cpu")
+
     def __init__(self, fail_on: int | None = None) -> None:
         self.batches: list[list[int]] = []
         self.fail_on = fail_on
 
     def embed(self, input_ids, attention_mask, pool_start):
-        import torch
-
         lengths = attention_mask.sum(1).tolist()
         self.batches.append(lengths)
         if self.fail_on in lengths:

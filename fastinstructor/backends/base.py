@@ -13,12 +13,22 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from ..batching import PackedBatch
+from ..batching import PackedBatch, pack_batch, pad_batch
 from ..hardware import Hardware
 from ..precisions import canonical_precision
 from ..t5 import pool_head
 
-__all__ = ["Backend", "BackendClass", "Capability", "PackedBackend", "pool_head", "check_precision"]
+__all__ = [
+    "Backend",
+    "BackendClass",
+    "Capability",
+    "PackedBackend",
+    "batch_inputs",
+    "check_precision",
+    "embed_inputs",
+    "pool_head",
+    "takes_packed",
+]
 
 DEVICE_NAMES = {"cpu": "the CPU", "cuda": "CUDA"}
 
@@ -111,6 +121,23 @@ def why_not(cls: type[BackendClass], precision: str, device: str, hardware: Hard
     if device == "cuda" and not hardware.cuda:
         return "no CUDA device"
     return cls.unavailable(precision, device, hardware)
+
+
+def takes_packed(backend: Backend) -> bool:
+    """Whether ``backend`` takes ``PackedBatch`` inputs (``embed_packed``); a stand-in without the flag does not."""
+    return bool(getattr(backend, "packed_input", False))
+
+
+def batch_inputs(backend: Backend, ids: list[list[int]], pool_start: list[int]) -> PackedBatch | tuple:
+    """The rows as ``backend`` takes them: packed for a ``packed_input`` backend, else padded; in page-locked memory
+    when it runs on CUDA, so that its copies to the device overlap."""
+    pin = backend.device.type == "cuda"
+    return pack_batch(ids, pool_start, pin) if takes_packed(backend) else pad_batch(ids, pool_start, pin_memory=pin)
+
+
+def embed_inputs(backend: Backend, inputs: PackedBatch | tuple) -> torch.Tensor:
+    """``backend``'s embeddings of what ``batch_inputs`` built for it."""
+    return backend.embed_packed(inputs) if takes_packed(backend) else backend.embed(*inputs)
 
 
 def check_precision(backend: type[BackendClass], precision: str) -> str:

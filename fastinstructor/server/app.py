@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..backends.base import takes_packed
 from ..model import Instructor
 from ..tokenization import lone_surrogate
 from ..version import __version__
@@ -120,7 +121,7 @@ class _Api:
         self.registry, self.metrics = _metrics()
         self.batcher = Batcher(
             model,
-            settings.batch_policy_for(bool(getattr(model.backend, "packed_input", False))),
+            settings.batch_policy_for(takes_packed(model.backend)),
             self.metrics,
             max_wait_ms=settings.max_wait_ms,
             max_queued_rows=settings.max_queued_rows,

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..batching import BatchPolicy, pack_batch, pad_batch
+from ..backends.base import batch_inputs, embed_inputs
+from ..batching import BatchPolicy
 
 __all__ = ["Batcher", "QueueFull"]
 
@@ -51,8 +52,6 @@ class Batcher:
 
     def __init__(self, model, policy: BatchPolicy, metrics: dict, *, max_wait_ms: float, max_queued_rows: int) -> None:
         self.model, self.policy, self.metrics = model, policy, metrics
-        self.packed = bool(getattr(model.backend, "packed_input", False))  # embed_packed(PackedBatch)
-        self.pin = getattr(getattr(model.backend, "device", None), "type", "cpu") == "cuda"
         self.max_wait_s = max_wait_ms / 1000
         self.max_queued_rows = max_queued_rows
         self.pending: deque[_Row] = deque()  # rows waiting for a batch, oldest first
@@ -133,8 +132,7 @@ class Batcher:
         if not live:
             return
         try:
-            ids, starts = [r.ids for r in live], [r.pool_start for r in live]
-            inputs = pack_batch(ids, starts, self.pin) if self.packed else pad_batch(ids, starts, pin_memory=self.pin)
+            inputs = batch_inputs(self.model.backend, [r.ids for r in live], [r.pool_start for r in live])
             out = await asyncio.get_running_loop().run_in_executor(self.worker, self._embed, inputs)
             for row, vector in zip(live, out, strict=True):
                 if not row.future.done():
@@ -148,7 +146,5 @@ class Batcher:
         self.metrics["inference_seconds"].observe(time.perf_counter() - started)
 
     def _embed(self, inputs) -> np.ndarray:
-        backend = self.model.backend
         with torch.inference_mode():
-            out = backend.embed_packed(inputs) if self.packed else backend.embed(*inputs)
-            return out.float().cpu().numpy()
+            return embed_inputs(self.model.backend, inputs).float().cpu().numpy()

@@ -45,7 +45,7 @@ class ServerSettings:
     @property
     def batch_policy(self) -> BatchPolicy:
         """How the batcher cuts the queue into backend calls: ``max_batch_rows`` rows, ``max_batch_tokens``."""
-        return BatchPolicy(self.max_batch_rows, self.max_batch_tokens)
+        return self.batch_policy_for(packed_input=False)
 
     def batch_policy_for(self, packed_input: bool) -> BatchPolicy:
         """``batch_policy`` for a backend: on one that takes packed batches (``packed_input``, the triton backend)
