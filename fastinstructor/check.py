@@ -13,7 +13,7 @@ from .backends import BACKENDS
 from .backends.base import why_not
 from .backends.onnx import OnnxBackend
 from .checkpoint import Checkpoint
-from .dispatch import Candidate, Hardware, all_candidates, check_parity, probe, unavailable_reason
+from .dispatch import Candidate, Hardware, all_candidates, check_parity, probe, start_backend
 from .parity import ParityResult, calibration_batches, measure
 from .tokenization import PairTokenizer, load_tokenizer
 
@@ -44,17 +44,6 @@ HEADER = (
 )
 
 
-def _start(checkpoint: Checkpoint, candidate: Candidate, hardware: Hardware):
-    """``(instance, None)``, or ``(None, why not)`` when the candidate cannot run or start here."""
-    why = unavailable_reason(candidate, hardware)
-    if why is not None:
-        return None, why
-    try:
-        return BACKENDS[candidate.backend](checkpoint, precision=candidate.precision, device=candidate.device), None
-    except (ImportError, ValueError, RuntimeError, OSError) as err:
-        return None, f"failed to start: {err}"
-
-
 def check_backends(
     checkpoint: Checkpoint,
     *,
@@ -73,7 +62,7 @@ def check_backends(
     for candidate in all_candidates(hardware):
         if backend not in (None, candidate.backend) or precision not in (None, candidate.precision):
             continue
-        instance, why = _start(checkpoint, candidate, hardware)
+        instance, why = start_backend(checkpoint, candidate, hardware)
         if instance is None:
             rows.append(CheckRow(candidate, why))
             continue

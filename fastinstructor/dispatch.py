@@ -36,6 +36,7 @@ __all__ = [
     "candidates",
     "all_candidates",
     "unavailable_reason",
+    "start_backend",
     "check_parity",
     "choose",
     "clear_cache",
@@ -90,6 +91,20 @@ def unavailable_reason(candidate: Candidate, hardware: Hardware) -> str | None:
     if candidate.backend not in BACKENDS:
         return f"backend {candidate.backend!r} is not part of this build"
     return why_not(BACKENDS[candidate.backend], candidate.precision, candidate.device, hardware)
+
+
+def start_backend(
+    checkpoint: Checkpoint, candidate: Candidate, hardware: Hardware, **options
+) -> tuple[Backend | None, str | None]:
+    """``(the candidate's backend, None)``, or ``(None, why not)`` when it cannot run or fails to start here."""
+    why = unavailable_reason(candidate, hardware)
+    if why is not None:
+        return None, why
+    cls = BACKENDS[candidate.backend]
+    try:
+        return cls(checkpoint, precision=candidate.precision, device=candidate.device, **options), None
+    except (ImportError, ValueError, RuntimeError, OSError) as err:
+        return None, f"failed to start: {err}"
 
 
 def _cache_root() -> Path:
@@ -178,15 +193,9 @@ def choose(
         ]
     reference = None
     for candidate in wanted:
-        why = unavailable_reason(candidate, hardware)
-        if why is None:
-            options = (backend_options or {}) if candidate.backend == "onnx" else {}  # onnx_dir, threads
-            try:
-                cls = BACKENDS[candidate.backend]
-                instance = cls(checkpoint, precision=candidate.precision, device=candidate.device, **options)
-            except (ImportError, ValueError, RuntimeError, OSError) as err:
-                why = f"failed to start: {err}"
-        if why is not None:
+        options = (backend_options or {}) if candidate.backend == "onnx" else {}  # onnx_dir, threads
+        instance, why = start_backend(checkpoint, candidate, hardware, **options)
+        if instance is None:
             log.info("skipping %s: %s", candidate, why)
             skipped.append({"candidate": str(candidate), "why": why})
             continue
