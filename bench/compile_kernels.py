@@ -15,11 +15,12 @@ Exit status 1 when a variant fails to compile or needs more shared memory than t
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 import torch
 import triton
-from fastinstructor.kernels import attention, matmul, pooling, rms_norm
+from fastinstructor.kernels import attention, matmul, pooling, quantize, rms_norm
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
@@ -53,6 +54,82 @@ class StandInDriver:
         return torch.cuda
 
 
+def _matmul_launches():
+    for tile in matmul.TILE_CANDIDATES:
+        for m, n, k in [(4096, 2304, 768), (70, 300, 96)]:
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+                for activation in ("none", "relu"):
+                    for out_dtype in (None, torch.float32):
+                        yield (
+                            f"linear {dtype} {tile}",
+                            lambda x=x, w=w, a=activation, o=out_dtype, t=tile: matmul.linear(x, w, a, o, tile=t),
+                        )
+
+
+def _int8_launches():
+    for tile in matmul.INT8_TILE_CANDIDATES:
+        for m, n, k in [(4096, 2304, 768), (70, 300, 96)]:
+            (xq, sx), (wq, sw) = (quantize.quantize_rows_ref(torch.randn(rows, k)) for rows in (m, n))
+            for activation in ("none", "relu"):
+                for out_dtype in (torch.bfloat16, torch.float32):
+                    yield (
+                        f"linear_int8 {tile}",
+                        lambda xq=xq, sx=sx, wq=wq, sw=sw, a=activation, o=out_dtype, t=tile: matmul.linear_int8(
+                            xq, sx, wq, sw, a, o, tile=t
+                        ),
+                    )
+
+
+def _quantize_launches(arch: int):
+    # float8 runs only where FP8 tensor cores are (compute capability 8.9 on): the triton backend's table says so.
+    for quant in [q for q in quantize.QUANT_DTYPES if q == torch.int8 or arch >= 89]:
+        for d in (64, 768, 1024, 2048, 4096, 5120):
+            x, weight = torch.randn(7, d).bfloat16(), torch.randn(d)
+            for relu in (False, True):
+                yield (f"quantize_rows {quant} d={d}", lambda x=x, q=quant, r=relu: quantize.quantize_rows(x, q, r))
+            yield (
+                f"rms_norm_quantized {quant} d={d}",
+                lambda x=x, w=weight, q=quant: rms_norm.rms_norm_quantized(x, w, 1e-6, torch.randn(7, x.shape[1]), q),
+            )
+
+
+def _attention_launches():
+    for tile in attention.TILE_CANDIDATES:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for head_dim in (16, 32, 64, 128):
+                # q, k, v as the backend passes them: views of the fused projection's [T, 3, H, D] output
+                q, k, v = torch.randn(130, 3, 2, head_dim).to(dtype).unbind(1)
+                cu, table = torch.tensor([0, 64, 130], dtype=torch.int32), torch.randn(32, 2)
+                yield (
+                    f"t5_attention {dtype} d={head_dim} {tile}",
+                    lambda q=q, k=k, v=v, cu=cu, table=table, t=tile: attention.t5_attention(
+                        q, k, v, cu, table, tile=t
+                    ),
+                )
+
+
+def _norm_and_pool_launches():
+    for d in (64, 100, 768, 1024, 2048):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            x, weight = torch.randn(7, d).to(dtype), torch.randn(d)
+            same = weight.to(dtype)
+            yield (f"rms_norm {dtype} d={d}", lambda x=x, w=same: rms_norm.rms_norm(x, w, 1e-6))
+            yield (
+                f"rms_norm {dtype} -> bfloat16 d={d}",
+                lambda x=x, w=weight: rms_norm.rms_norm(x, w, 1e-6, torch.randn(7, x.shape[1]), torch.bfloat16),
+            )
+            yield (
+                f"rms_norm+residual {dtype} d={d}",
+                lambda x=x, w=weight: rms_norm.rms_norm(x, w, 1e-6, torch.randn(7, x.shape[1])),
+            )
+            cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+            yield (
+                f"masked_mean_pool {dtype} d={d}",
+                lambda x=x, cu=cu: pooling.masked_mean_pool(x, cu, torch.tensor([1, 0])),
+            )
+
+
 def compile_everything(arch: int) -> list[dict]:
     """Launch every variant with launches turned into compile-only warm-ups; one row per compiled variant."""
     compiled: dict[tuple, dict] = {}
@@ -68,55 +145,13 @@ def compile_everything(arch: int) -> list[dict]:
     driver.set_active(StandInDriver(arch))
     JITFunction.run = compile_only
     failures = []
-
-    def attempt(label: str, launch) -> None:
-        try:
-            launch()
-        except Exception as err:  # the compiler's errors have several types; report every one
-            failures.append({"kernel": label, "error": f"{type(err).__name__}: {err}"[:2000]})
-
+    launches = [_matmul_launches(), _int8_launches(), _quantize_launches(arch), _attention_launches()]
     try:
-        for tile in matmul.TILE_CANDIDATES:
-            for m, n, k in [(4096, 2304, 768), (70, 300, 96)]:
-                for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                    x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
-                    for activation in ("none", "relu"):
-                        for out_dtype in (None, torch.float32):
-                            attempt(
-                                f"linear {dtype} {tile}",
-                                lambda x=x, w=w, a=activation, o=out_dtype, t=tile: matmul.linear(x, w, a, o, tile=t),
-                            )
-                (xq, sx), (wq, sw) = matmul.quantize_rows(torch.randn(m, k)), matmul.quantize_rows(torch.randn(n, k))
-                for activation in ("none", "relu"):
-                    attempt(
-                        f"linear_int8 {tile}",
-                        lambda xq=xq, sx=sx, wq=wq, sw=sw, a=activation, t=tile: matmul.linear_int8(
-                            xq, sx, wq, sw, a, tile=t
-                        ),
-                    )
-        for tile in attention.TILE_CANDIDATES:
-            for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                for head_dim in (16, 32, 64, 128):
-                    q = torch.randn(130, 2, head_dim).to(dtype)
-                    cu, table = torch.tensor([0, 64, 130], dtype=torch.int32), torch.randn(32, 2)
-                    attempt(
-                        f"t5_attention {dtype} d={head_dim} {tile}",
-                        lambda q=q, cu=cu, table=table, t=tile: attention.t5_attention(q, q, q, cu, 66, table, tile=t),
-                    )
-        for d in (64, 100, 768, 1024, 2048):
-            for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                x, weight = torch.randn(7, d).to(dtype), torch.randn(d)
-                same = weight.to(dtype)
-                attempt(f"rms_norm {dtype} d={d}", lambda x=x, w=same: rms_norm.rms_norm(x, w, 1e-6))
-                attempt(
-                    f"rms_norm+residual {dtype} d={d}",
-                    lambda x=x, w=weight: rms_norm.rms_norm(x, w, 1e-6, torch.randn(7, x.shape[1])),
-                )
-                cu = torch.tensor([0, 3, 7], dtype=torch.int32)
-                attempt(
-                    f"masked_mean_pool {dtype} d={d}",
-                    lambda x=x, cu=cu: pooling.masked_mean_pool(x, cu, torch.tensor([1, 0])),
-                )
+        for label, launch in itertools.chain(*launches, _norm_and_pool_launches()):
+            try:
+                launch()
+            except Exception as err:  # the compiler's errors have several types; report every one
+                failures.append({"kernel": label, "error": f"{type(err).__name__}: {err}"[:2000]})
     finally:
         JITFunction.run = run  # the stand-in driver stays: there is no real one to go back to
     return list(compiled.values()) + failures

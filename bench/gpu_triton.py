@@ -1,17 +1,20 @@
 """GPU check for the Triton path (issue 5), one run: the attention kernel against PyTorch SDPA with a
 materialized bias and against FlexAttention with a T5 ``score_mod``, at L = 64, 128, 512; then the whole
-``triton`` backend against transformers' T5 (the reference) in float32, float16 and bfloat16 and ONNX Runtime's
-CUDA backend (when onnxruntime-gpu is installed), for the base and large presets on the shipped evidence text:
-tokens/s, achieved TFLOP/s, the fraction of the GPU's bf16 matmul peak measured in the same run, and parity
-against the float32 reference; last, a sweep of the matmul and attention kernels' candidate tiles
-(``TILE_CANDIDATES``; the matmul beside cuBLAS) and the pooling head at the first preset's shapes, to choose
-their defaults from. Writes ``gpu-triton-<date>-<host>.{json,md}`` after each step.
+``triton`` backend (bfloat16, float16, int8 and, on a GPU with FP8, float8) against transformers' T5 (the
+reference) in float32, float16 and bfloat16 and ONNX Runtime's CUDA backend (when onnxruntime-gpu is installed),
+for the base and large presets on the shipped evidence text: tokens/s, achieved TFLOP/s, the fraction of the
+GPU's bf16 matmul peak measured in the same run, and parity against the float32 reference; last, a sweep of
+each projection's implementations (cuBLAS, each Triton tile, int8 and float8) and the attention kernel's tiles
+and the pooling head at the first preset's shapes: the measurements ``kernels.tuning``'s table is filled from.
+Writes ``gpu-triton-<date>-<host>.{json,md}`` after each step.
 
-Backends are timed on their forward pass over batches tokenized, padded and moved to the GPU beforehand
-(at most 64 rows and 32768 padded tokens per batch, planned as ``encode`` plans them, sorted by length; larger
-than ``encode``'s default of 32 rows without a token budget, to fill a GPU): the tokenizer runs on the CPU at the
-same speed for every backend and would hide the GPU's work. ``fastinstructor bench --device cuda`` (the last
-step of ``gpu_triton.sh``) gives the end-to-end ``encode`` figures.
+Backends are timed on their forward pass over batches tokenized, built and moved to the GPU beforehand, of
+65,536 tokens (issue 15's forward targets): padded for transformers' T5 (up to 4,096 rows and 65,536 padded
+tokens), packed for the triton backend (``DEFAULT_PACKED_POLICY``: 65,536 real tokens, what ``encode`` gives it),
+both sorted by length as ``encode`` plans them. The tokenizer runs on the CPU at the same speed for every
+backend and would hide the GPU's work; ``bench/gpu_e2e.py`` (a later step of ``gpu_triton.sh``) gives the
+end-to-end ``encode`` figures. A triton contender's ``load_s`` is its load: the tuner's choices (measured where
+``kernels.tuning``'s table has none for this GPU) and the warm-up that compiles every kernel specialization.
 
 ``--smoke`` runs every step on the CPU under ``TRITON_INTERPRET=1`` at toy sizes, so that a GPU run cannot fail
 on the script itself (``tests/test_gpu_triton_script.py``); its timings mean nothing.
@@ -30,15 +33,17 @@ from pathlib import Path
 from harness import DEFAULT_OUT, ROOT, command, ensure_model, machine, write_results
 
 INSTRUCTION = "Represent the Wikipedia document for retrieval:"
-# Rows and padded tokens per batch: encode(batch_size=64, max_batch_tokens=32768) would plan the same batches
-# (its defaults are 32 rows and no token budget); the budget fits any preset here.
-BATCH_ROWS, BATCH_TOKENS = 64, 32768
+# 65,536-token batches (issue 15's forward targets): padded tokens for transformers (up to 4,096 rows), real tokens
+# for the triton backend, which takes packed batches (DEFAULT_PACKED_POLICY, what encode gives it).
+PADDED_ROWS, PADDED_TOKENS = 4096, 65_536
+HEAD_ROWS = 64  # sequences in the pooling head's batch
 CUBLAS = "cuBLAS (torch)"
+FLEX_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 32, "num_stages": 2, "num_warps": 4}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--texts", type=int, default=2048, help="evidence sentences per preset (default 2048)")
+    parser.add_argument("--texts", type=int, default=4096, help="evidence sentences per preset (default 4096)")
     parser.add_argument("--presets", default="base,large", help="test-model presets (default base,large)")
     parser.add_argument("--lengths", default="64,128,512", help="attention sequence lengths (default 64,128,512)")
     parser.add_argument(
@@ -141,10 +146,9 @@ def _attention_impls(length: int, batch: int, table, head_dim: int, flex, device
         "sdpa_materialized_bias": lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, scale=1.0
         ),
-        "flex_attention": lambda: flex(q, k, v, score_mod=score_mod, scale=1.0),
-        "triton_kernel": lambda: (
-            t5_attention(*packed, cu, length, table).view(batch, length, heads, head_dim).transpose(1, 2)
-        ),
+        # Its default tile asked 245,760 B of shared memory on the H200 (limit 232,448) at L >= 128: a smaller one.
+        "flex_attention": lambda: flex(q, k, v, score_mod=score_mod, scale=1.0, kernel_options=FLEX_OPTIONS),
+        "triton_kernel": lambda: t5_attention(*packed, cu, table).view(batch, length, heads, head_dim).transpose(1, 2),
     }
 
 
@@ -169,18 +173,22 @@ def tile_rows(preset: str, rows_m: int, attention_tokens: int, lengths, device: 
     return rows + _head_rows(rows_m, cfg, device, repeat)
 
 
-def _tile_row(op, shape, dtype, tile, run, expected, flops, device, repeat) -> dict:
+def _tile_row(op, shape, dtype, tile, run, expected, flops, device, repeat, choice=None) -> dict:
     """``run()`` timed, with its largest error relative to the float32 ``expected``. ``tile``: a kernel's tile
-    settings, or the name of what runs (cuBLAS, a torch op)."""
-    from fastinstructor.kernels import attention, matmul
+    settings, or the name of what runs (cuBLAS, a torch op); ``choice``: what ``kernels.tuning`` calls it
+    (``"cublas"`` or the tile), to mark the row its table holds for this GPU (large batches)."""
+    from fastinstructor.kernels import tuning
 
+    choice = tile if choice is None else choice
+    op_name = {"bfloat16": "linear", "int8": "linear_int8"}.get(dtype, "") if op == "matmul" else op
+    table = tuning.TABLE.get(tuning.architecture(), {}).get((op_name, dtype, "large"))
     ms = kernel_ms(run, device, repeat)
     return {
         "op": op,
         "shape": shape,
         "dtype": dtype,
         "tile": tile if isinstance(tile, str) else " ".join(f"{k}={v}" for k, v in tile.items()),
-        "default": tile is matmul.DEFAULT_TILE or tile is attention.DEFAULT_TILE,
+        "chosen": table is not None and table == choice,
         "ms": ms,
         "tflops": flops / ms / 1e9,
         "relative_error": float((run().float() - expected).abs().max() / expected.abs().max()),
@@ -188,30 +196,45 @@ def _tile_row(op, shape, dtype, tile, run, expected, flops, device, repeat) -> d
 
 
 def _matmul_tiles(shape: str, m: int, n: int, k: int, activation: str, device: str, repeat: int) -> list[dict]:
+    """bfloat16: cuBLAS (the ReLU in cuBLASLt's epilogue) and each tile; int8: cuBLAS (torch._int_mm) and each
+    tile; float8: torch._scaled_mm, where the GPU has FP8. Each as the backend runs it (``Projection.run``)."""
     import torch
-    from fastinstructor.kernels import matmul
+    from fastinstructor.kernels import matmul, quantize
+    from fastinstructor.kernels.projection import CUBLAS as CUBLAS_CHOICE
+    from fastinstructor.kernels.projection import Projection
 
     g = torch.Generator(device=device).manual_seed(m + n + k)
     x, w = torch.randn(m, k, device=device, generator=g), torch.randn(n, k, device=device, generator=g) / k**0.5
-    (xq, sx), (wq, sw) = matmul.quantize_rows(x), matmul.quantize_rows(w)
-    xb, wb = x.bfloat16(), w.bfloat16()
-    exact = {"bfloat16": matmul.linear_ref(xb, wb, activation, torch.float32)}
-    exact["int8"] = matmul.linear_int8_ref(xq, sx, wq, sw, activation)
-    # cuBLAS computes no ReLU: on wi its error shows the ReLU missing, not a fault.
-    runs = {
-        "bfloat16": (lambda: xb @ wb.t(), lambda t: matmul.linear(xb, wb, activation, tile=t)),
+    relu = activation == "relu"
+    exact = matmul.linear_ref(x, w, activation, torch.float32)
+    xb = x.bfloat16()
+    plans = {
+        "bfloat16": (Projection.prepare(w.bfloat16(), relu, torch.bfloat16, None), xb, matmul.TILE_CANDIDATES),
         "int8": (
-            lambda: torch._int_mm(xq, wq.t()) * sx[:, None] * sw,  # the transposed view: cuBLAS's fast layout
-            lambda t: matmul.linear_int8(xq, sx, wq, sw, activation, tile=t),
+            Projection.prepare(w, relu, torch.bfloat16, torch.int8),
+            quantize.quantize_rows(xb, torch.int8),
+            matmul.INT8_TILE_CANDIDATES,
         ),
     }
+    if _has_fp8(device):
+        proj = Projection.prepare(w, relu, torch.bfloat16, torch.float8_e4m3fn)
+        plans["float8"] = (proj, quantize.quantize_rows(xb, torch.float8_e4m3fn), [])
     rows = []
-    for dtype, (cublas, kernel) in runs.items():
-        args = (exact[dtype], 2 * m * n * k, device, repeat)
-        rows.append(_tile_row("matmul", shape, dtype, CUBLAS, cublas, *args))
-        for tile in matmul.TILE_CANDIDATES:
-            rows.append(_tile_row("matmul", shape, dtype, tile, functools.partial(kernel, tile), *args))
+    for dtype, (proj, inputs, tiles) in plans.items():
+        args = (exact, 2 * m * n * k, device, repeat)
+        name = CUBLAS if dtype != "float8" else "cuBLASLt (torch._scaled_mm)"
+        cublas = functools.partial(proj.run, CUBLAS_CHOICE, inputs)
+        rows.append(_tile_row("matmul", shape, dtype, name, cublas, *args, choice=CUBLAS_CHOICE))
+        for tile in tiles:
+            rows.append(_tile_row("matmul", shape, dtype, tile, functools.partial(proj.run, tile, inputs), *args))
     return rows
+
+
+def _has_fp8(device: str) -> bool:
+    """FP8 tensor cores (compute capability 8.9 on); the CPU's torch._scaled_mm for a smoke run."""
+    import torch
+
+    return device == "cpu" or torch.cuda.get_device_capability() >= (8, 9)
 
 
 def _attention_tiles(length: int, batch: int, cfg, device: str, repeat: int) -> list[dict]:
@@ -227,7 +250,7 @@ def _attention_tiles(length: int, batch: int, cfg, device: str, repeat: int) -> 
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
 
     def run(tile):
-        return attention.t5_attention(qb, kb, vb, cu, length, table, tile=tile)
+        return attention.t5_attention(qb, kb, vb, cu, table, tile=tile)
 
     shape, flops = f"L={length} batch={batch} heads={heads}x{d}", 4 * batch * heads * length * length * d
     return [
@@ -244,15 +267,15 @@ def _head_rows(tokens: int, cfg, device: str, repeat: int) -> list[dict]:
     from fastinstructor.kernels.pooling import masked_mean_pool, masked_mean_pool_ref
 
     g = torch.Generator(device=device).manual_seed(tokens)
-    lengths = torch.full((BATCH_ROWS,), max(2, tokens // BATCH_ROWS), device=device)
-    cu = torch.zeros(BATCH_ROWS + 1, dtype=torch.int32, device=device)
+    lengths = torch.full((HEAD_ROWS,), max(2, tokens // HEAD_ROWS), device=device)
+    cu = torch.zeros(HEAD_ROWS + 1, dtype=torch.int32, device=device)
     cu[1:] = lengths.cumsum(0)
     hidden = torch.randn(int(cu[-1]), cfg.d_model, device=device, generator=g)
     pool_start = lengths // 3  # an instruction of a third of the tokens
     dense = torch.randn(cfg.dense_out, cfg.d_model, device=device, generator=g) / cfg.d_model**0.5
     pooled = masked_mean_pool_ref(hidden, cu, pool_start)
     hb = hidden.bfloat16()
-    shape = f"{BATCH_ROWS} sequences, {int(cu[-1])} tokens, {cfg.d_model} -> {cfg.dense_out}"
+    shape = f"{HEAD_ROWS} sequences, {int(cu[-1])} tokens, {cfg.d_model} -> {cfg.dense_out}"
     args = (device, repeat)
     return [
         _tile_row(
@@ -262,9 +285,17 @@ def _head_rows(tokens: int, cfg, device: str, repeat: int) -> list[dict]:
         _tile_row(
             "head", shape, "float32", "dense + normalize (torch)",
             lambda: F.normalize(pooled @ dense.t(), dim=1), F.normalize(pooled.double() @ dense.double().t(), dim=1),
-            2 * BATCH_ROWS * cfg.d_model * cfg.dense_out, *args,
+            2 * HEAD_ROWS * cfg.d_model * cfg.dense_out, *args,
         ),
     ]  # fmt: skip
+
+
+def _to_device(batch, device: str):
+    """A PackedBatch with its tensors on ``device``."""
+    import dataclasses
+
+    tensors = ("input_ids", "cu_seqlens", "pool_start")
+    return dataclasses.replace(batch, **{name: getattr(batch, name).to(device) for name in tensors})
 
 
 def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args, device: str) -> tuple[list, list]:
@@ -273,7 +304,7 @@ def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args,
 
     import fastinstructor
     from fastinstructor.backends import ReferenceBackend, TritonBackend
-    from fastinstructor.batching import pad_batch, plan_batches
+    from fastinstructor.batching import DEFAULT_PACKED_POLICY, BatchPolicy, pack_batch, pad_batch
     from fastinstructor.benchmark import encoder_flops
     from fastinstructor.checkpoint import load_checkpoint
     from fastinstructor.dispatch import probe
@@ -286,12 +317,16 @@ def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args,
     tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), checkpoint.max_seq_length)
     tokenized = tokenizer([[INSTRUCTION, t] for t in texts])
     lengths = [len(ids) for ids in tokenized.ids]
-    batches = [
-        tuple(
-            t.to(device) for t in pad_batch([tokenized.ids[i] for i in rows], [tokenized.pool_start[i] for i in rows])
-        )
-        for rows in plan_batches(lengths, BATCH_ROWS, BATCH_TOKENS)
-    ]
+
+    def prepared(policy, build):
+        """(the plan, each batch built and on the device): the forward alone is timed."""
+        plan = policy.plan(lengths)
+        return plan, [build([tokenized.ids[i] for i in rows], [tokenized.pool_start[i] for i in rows]) for rows in plan]
+
+    padded = prepared(
+        BatchPolicy(PADDED_ROWS, PADDED_TOKENS), lambda ids, starts: tuple(t.to(device) for t in pad_batch(ids, starts))
+    )
+    packed = prepared(DEFAULT_PACKED_POLICY, lambda ids, starts: _to_device(pack_batch(ids, starts), device))
     dense_out = checkpoint.out_dim if checkpoint.dense_weight is not None else None
     flops = encoder_flops(checkpoint.config, lengths, dense_out)  # useful work: real tokens, attention included
 
@@ -300,13 +335,19 @@ def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args,
         backend.model.to(dtype)  # transformers' T5 as users run it in half precision; the pooling head stays float32
         return backend
 
+    triton = ["bfloat16", "float16", "int8"]
+    skipped = []
+    why = TritonBackend.unavailable("float8", "cuda", probe())
+    if why is None:
+        triton.append("float8")
+    else:
+        skipped.append({"preset": preset, "contender": "triton float8", "reason": why})
     contenders = {
         "reference float32": lambda: ReferenceBackend(checkpoint, "float32", device),
         "reference bfloat16": lambda: reference(torch.bfloat16),
         "reference float16": lambda: reference(torch.float16),
-        **{f"triton {p}": lambda p=p: TritonBackend(checkpoint, p, device) for p in ("bfloat16", "float16", "int8")},
+        **{f"triton {p}": lambda p=p: TritonBackend(checkpoint, p, device) for p in triton},
     }
-    skipped = []
     if "CUDAExecutionProvider" in probe().onnx_providers:
         contenders["onnx float16"] = lambda: (
             fastinstructor.load(model_dir, backend="onnx", precision="float16", device=device).backend
@@ -316,10 +357,18 @@ def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args,
 
     expected, rows = None, []
     for name, make in contenders.items():
+        started = time.perf_counter()
         backend = make()
+        load_s = time.perf_counter() - started
+        takes_packed = getattr(backend, "packed_input", False)
+        plan, batches = packed if takes_packed else padded
 
-        def forward(backend=backend):
-            return torch.cat([backend.embed(*batch) for batch in batches]).float().cpu().numpy()
+        def forward(backend=backend, batches=batches, plan=plan, takes_packed=takes_packed):
+            run = backend.embed_packed if takes_packed else (lambda batch: backend.embed(*batch))
+            out = torch.cat([run(batch) for batch in batches]).float().cpu()
+            in_order = torch.empty_like(out)
+            in_order[[i for rows in plan for i in rows]] = out
+            return in_order.numpy()
 
         ms, out = median_ms(forward, device, args.repeat)
         expected = out if expected is None else expected  # the float32 reference runs first
@@ -333,6 +382,8 @@ def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args,
                 "contender": name,
                 "ms": ms,
                 "batches": len(batches),
+                "layout": "packed" if takes_packed else "padded",
+                "load_s": load_s,
                 "tokens_per_s": sum(lengths) / (ms / 1000),
                 "tflops": tflops,
                 "fraction_of_bf16_peak": None if not peak_tflops else tflops / peak_tflops,
@@ -346,6 +397,27 @@ def backend_rows(preset: str, texts: list[str], peak_tflops: float | None, args,
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows, skipped
+
+
+def proposed_table(tiles: list[dict]) -> dict[str, str]:
+    """For each op and dtype of the sweep, the implementation with the least total time over its shapes, written
+    as a ``kernels.tuning.TABLE`` entry for this GPU's large shape class."""
+    totals: dict[tuple[str, str], dict[str, float]] = {}
+    for row in tiles:
+        if row["op"] in ("matmul", "attention") and row["dtype"] != "float8":  # float8 has one implementation
+            op = {"bfloat16": "linear", "int8": "linear_int8"}[row["dtype"]] if row["op"] == "matmul" else "attention"
+            by_tile = totals.setdefault((op, row["dtype"]), {})
+            by_tile[row["tile"]] = by_tile.get(row["tile"], 0.0) + row["ms"]
+    proposed = {}
+    for (op, dtype), by_tile in totals.items():
+        best = min(by_tile, key=by_tile.get)
+        choice = (
+            "CUBLAS"
+            if best == CUBLAS
+            else "{" + ", ".join(f'"{k}": {v}' for k, v in (item.split("=") for item in best.split())) + "}"
+        )
+        proposed[f'("{op}", "{dtype}", "large")'] = choice
+    return proposed
 
 
 def markdown(result: dict) -> str:
@@ -387,18 +459,20 @@ def markdown(result: dict) -> str:
             ],
         ),
         "",
-        "## Tile sweep and pooling head (* marks a kernel's current default; cuBLAS computes no ReLU, hence its "
-        "error on wi)",
+        "## Tile sweep and pooling head (* marks what kernels.tuning's table runs on this GPU for large batches; "
+        "errors are relative to the float32 product)",
         "",
         markdown_table(
             ["op", "shape", "dtype", "tile", "ms", "TFLOP/s", "relative error"],
             [
-                [r["op"], r["shape"], r["dtype"], r["tile"] + (" *" if r["default"] else "")]
+                [r["op"], r["shape"], r["dtype"], r["tile"] + (" *" if r["chosen"] else "")]
                 + [f"{r['ms']:.3f}", f"{r['tflops']:.1f}", f"{r['relative_error']:.1e}"]
                 for r in result["tiles"]
             ],
         ),
     ]
+    lines += ["", "## The sweep's choice for kernels.tuning.TABLE (least total time over the shapes swept)", ""]
+    lines += [f"    {key}: {choice}," for key, choice in proposed_table(result["tiles"]).items()]
     lines += ["", *(f"Skipped: {s['contender']} on {s['preset']}: {s['reason']}" for s in result["skipped"])]
     if result["smoke"]:
         lines += [

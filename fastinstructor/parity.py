@@ -51,6 +51,7 @@ TOLERANCES: dict[str, Tolerance] = {
     "bfloat16": Tolerance(min_cos=0.999),
     "float16": Tolerance(min_cos=0.999),
     "int8": Tolerance(min_cos=0.99, mean_cos=0.995),
+    "float8": Tolerance(min_cos=0.99, mean_cos=0.995),  # as int8 (issue 15): 8-bit weights and activations
 }
 
 

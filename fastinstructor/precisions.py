@@ -1,11 +1,12 @@
-"""Precision names: the canonical four and their short aliases, accepted everywhere a precision is taken."""
+"""Precision names: the canonical five and their short aliases, accepted everywhere a precision is taken."""
 
 from __future__ import annotations
 
 __all__ = ["PRECISIONS", "ALIASES", "canonical_precision"]
 
-PRECISIONS = ("float32", "bfloat16", "float16", "int8")
-ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# float8: e4m3 weights and activations, on GPUs with FP8 tensor cores (the triton backend).
+PRECISIONS = ("float32", "bfloat16", "float16", "int8", "float8")
+ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "float8"}
 
 
 def canonical_precision(precision: str, allow_auto: bool = False) -> str:

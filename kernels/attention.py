@@ -13,8 +13,12 @@ default 32 buckets / 128; PyTorch's float32 arithmetic lands exactly on those in
 
 Layouts: ``q``, ``k``, ``v``, ``o``: ``[T, H, D]`` packed tokens; ``cu_seqlens [B + 1]`` (cumulative lengths);
 ``bias_table [num_buckets, H]``. float32, float16 or bfloat16 inputs, float32 accumulation and online
-softmax; head dims up to 128 (instructor-xl). Grid: (query blocks of the longest sequence, B, H); each
-program streams its sequence's keys ``BLOCK_N`` at a time. ``t5_attention_padded`` is the ``[B, H, L, D]``
+softmax; head dims up to 128 (instructor-xl). Grid: (query blocks, H), with no program for a block past a
+short sequence's end: sequence ``b`` owns the blocks from ``cu[b] // BLOCK_M + b`` on (at least its
+``cdiv(length, BLOCK_M)`` blocks, at most one to spare; ``T // BLOCK_M + B`` in all), and a program finds its
+sequence by binary search over ``cu_seqlens``. Each program streams its sequence's keys ``BLOCK_N`` at a time.
+A grid of (blocks of the longest sequence, B, H) would launch mostly empty programs on a batch of mixed
+lengths. ``t5_attention_padded`` is the ``[B, H, L, D]``
 entry point with a key padding mask, for comparison with padded implementations.
 """
 
@@ -50,6 +54,8 @@ def _t5_attention_kernel(
     stride_oh,
     stride_tb,
     LOG_RATIO,  # log(max_distance / max_exact), float32
+    NUM_SEQS,  # B
+    SEARCH_STEPS,  # ceil(log2(B)) + 1: the binary search's steps
     HALF_BUCKETS: tl.constexpr,  # num_buckets // 2: buckets per direction
     MAX_EXACT: tl.constexpr,  # HALF_BUCKETS // 2: distances below this have their own bucket
     HEAD_DIM: tl.constexpr,
@@ -58,13 +64,22 @@ def _t5_attention_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), "tf32" otherwise (ignored for halves)
 ):
-    block_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
+    block = tl.program_id(0)
+    head = tl.program_id(1)
+    # The sequence that owns this block: the last b with first_block(b) = cu[b] // BLOCK_M + b <= block.
+    lo = 0
+    hi = NUM_SEQS
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        owns = tl.load(CU + mid) // BLOCK_M + mid <= block
+        lo = tl.where(owns, mid, lo)
+        hi = tl.where(owns, hi, mid)
+    seq = lo
     start = tl.load(CU + seq).to(tl.int64)
     length = (tl.load(CU + seq + 1) - tl.load(CU + seq)).to(tl.int32)
+    block_m = block - (tl.load(CU + seq) // BLOCK_M + seq)
     if block_m * BLOCK_M >= length:
-        return
+        return  # the sequence's spare block, or past the last sequence
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions within the sequence
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -131,7 +146,6 @@ def t5_attention(
     k: torch.Tensor,  # [T, H, D]
     v: torch.Tensor,  # [T, H, D]
     cu_seqlens: torch.Tensor,  # [B + 1]
-    max_seqlen: int,
     bias_table: torch.Tensor,  # [num_buckets, H]
     max_distance: int = 128,
     tile: dict | None = None,
@@ -169,7 +183,7 @@ def t5_attention(
     if tokens == 0 or batch == 0:
         return out
     tile = resolve_tile(tile, DEFAULT_TILE)
-    grid = (triton.cdiv(max(max_seqlen, 1), tile["BLOCK_M"]), batch, heads)
+    grid = (tokens // tile["BLOCK_M"] + batch, heads)
     _t5_attention_kernel[grid](
         q,
         k,
@@ -187,6 +201,8 @@ def t5_attention(
         out.stride(1),
         bias_table.stride(0),
         math.log(max_distance / max_exact),
+        batch,
+        batch.bit_length() + 1,
         HALF_BUCKETS=half,
         MAX_EXACT=max_exact,
         HEAD_DIM=head_dim,
@@ -214,7 +230,7 @@ def t5_attention_padded(
     def pack(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(1, 2)[keep].contiguous()  # [T, H, D]
 
-    packed = t5_attention(pack(q), pack(k), pack(v), cu, int(lengths.max()), bias_table, max_distance)
+    packed = t5_attention(pack(q), pack(k), pack(v), cu, bias_table, max_distance)
     out = torch.zeros_like(q.transpose(1, 2))
     out[keep] = packed
     return out.transpose(1, 2)

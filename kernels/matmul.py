@@ -8,10 +8,11 @@ Maths::
 
 Layouts: ``x [M, K]`` (tokens x features), ``w [N, K]`` (PyTorch's Linear layout, no transpose copy);
 int8: ``xq [M, K]`` int8 with one scale per token ``sx [M]``, ``wq [N, K]`` int8 with one scale per output
-channel ``sw [N]`` (symmetric; ``quantize_rows`` makes both). ``act`` is ``"none"`` or ``"relu"`` (T5's FFN).
+channel ``sw [N]`` (symmetric; ``kernels.quantize`` makes both). ``act`` is ``"none"`` or ``"relu"`` (T5's FFN).
 The output dtype is chosen by the caller: float32 for T5's ``wo`` under float16 (its output overflows
 float16 on trained weights, docs/design.md section 5), the compute dtype otherwise. Grid: one program per
-``BLOCK_M x BLOCK_N`` output tile, walking K in ``BLOCK_K`` steps.
+``BLOCK_M x BLOCK_N`` output tile, walking K in ``BLOCK_K`` steps. Whether a product runs here or in cuBLAS,
+and with which tile, is ``kernels.tuning``'s choice.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["linear", "linear_ref", "linear_int8", "linear_int8_ref", "quantize_rows", "DEFAULT_TILE", "TILE_CANDIDATES"]
+__all__ = [
+    "linear",
+    "linear_ref",
+    "linear_int8",
+    "linear_int8_ref",
+    "DEFAULT_TILE",
+    "TILE_CANDIDATES",
+    "INT8_TILE_CANDIDATES",
+]
 
 
 @triton.jit
@@ -75,8 +84,8 @@ def _linear_kernel(
     )
 
 
-# The tile each program computes and its launch shape. Untuned: the sizes the interpreter tests run; on a GPU,
-# bench/gpu_triton.py sweeps TILE_CANDIDATES against cuBLAS so that the default can be chosen by measurement.
+# The tile each program computes and its launch shape: DEFAULT_TILE where nothing else is said (the sizes the
+# interpreter tests run); on a GPU, kernels.tuning chooses among the candidates (and cuBLAS) by measurement.
 DEFAULT_TILE = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
 TILE_CANDIDATES = [
     DEFAULT_TILE,
@@ -85,6 +94,12 @@ TILE_CANDIDATES = [
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+]
+# int8's: the same and larger K steps, which int8's doubled tensor-core rate may need to stay fed.
+INT8_TILE_CANDIDATES = [
+    *TILE_CANDIDATES,
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
 ]
 
 
@@ -162,12 +177,6 @@ def linear_int8(
     ):
         raise ValueError("linear_int8: scales must be float32, one per row of xq and of wq")
     return _launch(xq, wq, sx, sw, activation, out_dtype, int8=True, tile=tile)
-
-
-def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: ``(q, scale)`` with ``t ~= q * scale[:, None]``."""
-    scale = t.float().abs().amax(dim=1).clamp_min(1e-8) / 127.0
-    return torch.round(t.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def linear_ref(x: torch.Tensor, w: torch.Tensor, activation: str = "none", out_dtype: torch.dtype | None = None):

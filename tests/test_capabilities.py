@@ -59,11 +59,11 @@ def test_constructors_refuse_what_their_table_does_not_have(tiny_model):
 
 
 def test_aliases_name_the_canonical_precisions():
-    assert {canonical_precision(a) for a in ALIASES} == {"float32", "bfloat16", "float16"}
+    assert {canonical_precision(a) for a in ALIASES} == {"float32", "bfloat16", "float16", "float8"}
     assert all(canonical_precision(p) == p for p in PRECISIONS)
     assert canonical_precision("auto", allow_auto=True) == "auto"
-    with pytest.raises(ValueError, match="unknown precision 'fp8'; choose one of: float32, .*fp16"):
-        canonical_precision("fp8")
+    with pytest.raises(ValueError, match="unknown precision 'int4'; choose one of: float32, .*float8, .*fp8"):
+        canonical_precision("int4")
     with pytest.raises(ValueError, match="unknown precision 'auto'"):
         canonical_precision("auto")
 
@@ -83,9 +83,16 @@ def test_load_and_the_cli_take_the_aliases(tiny_model, tmp_path, alias):
 
 def test_the_cli_refuses_an_unknown_precision_naming_the_choices(tiny_model, capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli_main(["embed", "--model", str(tiny_model), "--precision", "fp8", "--input", "x", "--output", "y"])
+        cli_main(["embed", "--model", str(tiny_model), "--precision", "int4", "--input", "x", "--output", "y"])
     assert exit_.value.code == 2
-    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_float8_is_refused_off_the_triton_backend_naming_what_runs(tiny_model):
+    with pytest.raises(
+        ValueError, match="backend 'cpu' does not support precision 'float8'; choose one of float32, bfloat16, int8"
+    ):
+        fastinstructor.load(tiny_model, backend="cpu", precision="fp8")
 
 
 def test_device_cpu_on_a_cuda_machine_walks_the_cpu_order(tiny_model, monkeypatch, tmp_path):

@@ -45,25 +45,31 @@ def test_every_step_runs_and_agrees(tmp_path):
     for row in result["attention"]:
         assert row["ms"] > 0 and row["max_abs_diff"] < 2e-2, row  # bfloat16 against SDPA on the same inputs
 
-    tiles = result["tiles"]  # 3 matmul shapes x (bfloat16, int8) x (cuBLAS + 6 tiles), 4 tiles per length, head
-    assert [r["op"] for r in tiles] == ["matmul"] * 42 + ["attention"] * 8 + ["head"] * 2
-    assert sum(r["default"] for r in tiles) == 6 + 2 and sum(r["tile"] == "cuBLAS (torch)" for r in tiles) == 6
+    # 3 matmul shapes x (bfloat16: cuBLAS + 6 tiles, int8: cuBLAS + 8 tiles, float8: cuBLASLt), 4 attention tiles per
+    # length, the pooling head's two rows.
+    tiles = result["tiles"]
+    assert [r["op"] for r in tiles] == ["matmul"] * 51 + ["attention"] * 8 + ["head"] * 2
+    assert [r["dtype"] for r in tiles[:17]] == ["bfloat16"] * 7 + ["int8"] * 9 + ["float8"]
+    assert sum(r["tile"] == "cuBLAS (torch)" for r in tiles) == 6
+    assert not any(r["chosen"] for r in tiles)  # the interpreter has no table entry: nothing is marked
     for row in tiles:
-        limit = {"bfloat16": 2e-2, "int8": 1e-5, "float32": 1e-5}[row["dtype"]]
-        if row["tile"] == "cuBLAS (torch)" and row["shape"].startswith("wi"):
-            limit = 10.0  # no ReLU
+        limit = {"bfloat16": 2e-2, "int8": 3e-2, "float8": 0.1, "float32": 1e-5}[row["dtype"]]  # against float32
         assert row["ms"] > 0 and row["relative_error"] < limit, row
 
     contenders = [r["contender"] for r in result["backends"]]
     assert contenders == [
         "reference float32", "reference bfloat16", "reference float16",
-        "triton bfloat16", "triton float16", "triton int8",
+        "triton bfloat16", "triton float16", "triton int8", "triton float8",
     ]  # fmt: skip
     for row in result["backends"]:
         assert row["passed"] and row["tokens_per_s"] > 0 and 0 < row["fraction_of_bf16_peak"], row
+        assert row["layout"] == ("packed" if row["contender"].startswith("triton") else "padded") and row["load_s"] > 0
     assert [s["contender"] for s in result["skipped"]] == ["onnx float16"]  # no CUDA execution provider here
     markdown = json_path.with_suffix(".md").read_text()
     assert "| tiny | triton bfloat16 |" in markdown and "Smoke run" in markdown
+    assert (
+        '("linear", "bfloat16", "large"):' in markdown and '("attention", "bfloat16", "large"): {"BLOCK_M":' in markdown
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

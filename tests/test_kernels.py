@@ -142,9 +142,20 @@ def test_t5_attention_packed(lengths, head_dim, dtype, atol, rtol):
     from fastinstructor.kernels.attention import t5_attention, t5_attention_ref
 
     q, k, v, cu, table = attention_inputs(lengths, 2, head_dim, dtype, seed=sum(lengths) + head_dim)
-    out = t5_attention(q, k, v, cu, max(lengths), table)
+    out = t5_attention(q, k, v, cu, table)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close(out, t5_attention_ref(q, k, v, cu, table), atol, rtol)
+
+
+def test_t5_attention_finds_each_block_sequence_among_many():
+    """Many sequences around small query blocks (16): the block -> sequence search, and a sequence's spare block,
+    on lengths below, at and past multiples of the block."""
+    from fastinstructor.kernels.attention import t5_attention, t5_attention_ref
+
+    lengths = [16, 1, 15, 17, 32, 33, 2, 47, 48, 49, 3, 16, 64, 5, 31, 1, 1, 18, 100, 16, 7]
+    q, k, v, cu, table = attention_inputs(lengths, 2, 32, torch.float32, seed=11)
+    out = t5_attention(q, k, v, cu, table, tile={"BLOCK_M": 16, "BLOCK_N": 16})
+    assert_close(out, t5_attention_ref(q, k, v, cu, table), 2e-5, 2e-5)
 
 
 def test_t5_attention_beyond_512_tokens_and_every_bucket_boundary():
@@ -153,7 +164,7 @@ def test_t5_attention_beyond_512_tokens_and_every_bucket_boundary():
 
     q, k, v, cu, table = attention_inputs([600], 1, 64, torch.float32, seed=3)
     table = torch.arange(32, dtype=torch.float32, device=DEVICE)[:, None] * 3.0  # a wrong bucket shows at once
-    assert_close(t5_attention(q, k, v, cu, 600, table), t5_attention_ref(q, k, v, cu, table), 2e-5, 2e-5)
+    assert_close(t5_attention(q, k, v, cu, table), t5_attention_ref(q, k, v, cu, table), 2e-5, 2e-5)
 
 
 def test_t5_attention_padded_matches_the_materialized_bias():
@@ -185,11 +196,11 @@ def test_t5_attention_rejects_bad_input():
 
     q, k, v, cu, table = attention_inputs([4], 2, 64, torch.float32, seed=0)
     with pytest.raises(ValueError, match="share a float32/float16/bfloat16 dtype"):
-        t5_attention(q, k.half(), v, cu, 4, table)
+        t5_attention(q, k.half(), v, cu, table)
     with pytest.raises(ValueError, match=r"bias_table must be \[num_buckets, 2\]"):
-        t5_attention(q, k, v, cu, 4, table[:, :1])
+        t5_attention(q, k, v, cu, table[:, :1])
     with pytest.raises(ValueError, match="cu_seqlens must be int32/int64"):
-        t5_attention(q, k, v, torch.tensor([0, 3], dtype=torch.int32), 4, table)
+        t5_attention(q, k, v, torch.tensor([0, 3], dtype=torch.int32), table)
 
 
 def triton_embed(path, pairs, precision):
@@ -210,14 +221,36 @@ def triton_embed(path, pairs, precision):
 
 @pytest.mark.parametrize(
     "preset, precision",
-    [("tiny", "float32"), ("tiny-xl", "float32"), ("tiny", "bfloat16"), ("tiny", "float16"), ("tiny", "int8")],
+    [
+        ("tiny", "float32"),
+        ("tiny-xl", "float32"),
+        ("tiny", "bfloat16"),
+        ("tiny", "float16"),
+        ("tiny", "int8"),
+        ("tiny", "float8"),
+    ],
 )
 def test_triton_backend_matches_reference(make_model, real_pairs, preset, precision):
     """The whole packed encoder with the kernels (interpreter on the CPU) against the float32 reference, in
-    bfloat16 (the GPU default), float16, int8 and float32, and with tiny-xl's heads x d_kv != d_model."""
+    bfloat16 (the GPU default), float16, int8, float8 and float32, and with tiny-xl's heads x d_kv != d_model."""
     from conftest import assert_parity
 
     actual, expected = triton_embed(make_model(preset), real_pairs[:24], precision)
+    assert_parity(actual, expected, precision)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_triton_backend_with_every_product_in_triton(make_model, real_pairs, monkeypatch, precision):
+    """The same with the Triton matmul kernel for every projection, where the interpreter's tuner would run
+    cuBLAS (its first candidate): both implementations a GPU may choose give the reference's embeddings."""
+    from conftest import assert_parity
+    from fastinstructor.kernels import tuning
+
+    candidates = tuning.Site.candidates
+    monkeypatch.setattr(
+        tuning.Site, "candidates", lambda self, klass: [c for c in candidates(self, klass) if c != "cublas"]
+    )
+    actual, expected = triton_embed(make_model("tiny"), real_pairs[:16], precision)
     assert_parity(actual, expected, precision)
 
 
@@ -268,7 +301,8 @@ def test_linear(m, n, k, dtype, atol, rtol, activation):
 @pytest.mark.parametrize("m, n, k", [(1, 64, 32), (7, 100, 48), (123, 130, 200)])
 @pytest.mark.parametrize("activation", ["none", "relu"])
 def test_linear_int8(m, n, k, activation):
-    from fastinstructor.kernels.matmul import linear_int8, linear_int8_ref, linear_ref, quantize_rows
+    from fastinstructor.kernels.matmul import linear_int8, linear_int8_ref, linear_ref
+    from fastinstructor.kernels.quantize import quantize_rows_ref as quantize_rows
 
     g = torch.Generator().manual_seed(m + n * k)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
@@ -317,14 +351,15 @@ def test_t5_attention_every_tile_candidate(index):
 
     tile = TILE_CANDIDATES[index]
     q, k, v, cu, table = attention_inputs([1, 130, 33], 2, 64, torch.bfloat16, seed=index)
-    out = t5_attention(q, k, v, cu, 130, table, tile=tile)
+    out = t5_attention(q, k, v, cu, table, tile=tile)
     assert_close(out, t5_attention_ref(q, k, v, cu, table), 3e-2, 3e-2)
 
 
 @pytest.mark.parametrize("index", range(6))
 def test_linear_every_tile_candidate(index):
     """Each matmul tile the GPU script sweeps, in bfloat16 with the ReLU and in int8, on sizes off its blocks."""
-    from fastinstructor.kernels.matmul import TILE_CANDIDATES, linear, linear_int8, linear_int8_ref, quantize_rows
+    from fastinstructor.kernels.matmul import TILE_CANDIDATES, linear, linear_int8, linear_int8_ref
+    from fastinstructor.kernels.quantize import quantize_rows_ref as quantize_rows
 
     tile = TILE_CANDIDATES[index]
     g = torch.Generator().manual_seed(index)

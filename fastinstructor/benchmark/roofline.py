@@ -39,7 +39,8 @@ def matmul_ceilings(precisions: Sequence[str], device: str = "cpu", size: int = 
 
     Each library the backends use is measured and the fastest counts, so that no backend can beat its ceiling
     by using a faster GEMM than the one measured: torch (``a @ a``; int8 is ``torch._int_mm``, int8 x int8 ->
-    int32, what VNNI / AMX / tensor cores run) and, on the CPU, oneDNN with a prepacked weight (the cpu
+    int32, what VNNI / AMX / tensor cores run; float8 is ``torch._scaled_mm`` on e4m3) and, on the CPU, oneDNN
+    with a prepacked weight (the cpu
     backend's ``PackedLinear``) and ONNX Runtime (``MatMul``; int8 is ``MatMulInteger`` on uint8 x int8, as its
     dynamically quantized graphs run). A precision nothing here can
     multiply in is recorded with the reason instead of a figure.
@@ -80,6 +81,10 @@ def _torch_matmul(precision: str, device: str, size: int):
             a, b = (torch.randint(-128, 128, (size, size), dtype=torch.int8, device=device) for _ in range(2))
             # b transposed, as a Linear's [N, K] weight: the layout cuBLAS and oneDNN's int8 GEMMs are fast in.
             return lambda: torch._int_mm(a, b.t())
+        if precision == "float8":  # e4m3 x e4m3 -> bfloat16, what the triton backend's float8 runs (cuBLASLt)
+            a, b = (torch.randn(size, size, device=device).to(torch.float8_e4m3fn) for _ in range(2))
+            one = torch.ones((), device=device)
+            return lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
         a = torch.randn(size, size, device=device).to(_CEILING_DTYPES[precision])
         return lambda: a @ a
 
