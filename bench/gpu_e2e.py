@@ -213,8 +213,53 @@ def latency_step(run: Run, preset: str, model_dir: Path, state: dict) -> None:
     row["distinct_lengths"] = len(set(lengths))
     row |= {"first_call_ms": first_ms, **{f"p{q}_ms": percentile(ms, q) for q in (50, 90, 99)}, "max_ms": max(ms)}
     row |= {"p99_over_p50": row["p99_ms"] / row["p50_ms"], "ms": ms}
+    row |= graph_latency(model, pairs[0], len(ms)) if run.device == "cuda" else {"graph": "needs CUDA"}
     run.result["latency"].append(row)
     log({k: v for k, v in row.items() if k != "ms"})
+
+
+def graph_latency(model, pair, calls: int) -> dict:
+    """Issue 15 keeps CUDA graphs only if they cut batch-1 p50: one pair's forward (``embed_packed`` on a batch
+    already on the GPU), eager against the replay of a CUDA graph captured from it, median of ``calls`` each."""
+    import dataclasses
+    import statistics
+
+    import torch
+
+    from fastinstructor.batching import pack_batch
+
+    tokenized = model.tokenizer([pair])
+    batch = pack_batch(tokenized.ids, tokenized.pool_start)
+    on_gpu = dataclasses.replace(
+        batch, **{n: getattr(batch, n).cuda() for n in ("input_ids", "cu_seqlens", "pool_start")}
+    )
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times)
+
+    try:
+        eager = model.backend.embed_packed
+        side = torch.cuda.Stream()  # capture needs warmed-up kernels, on a side stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            eager(on_gpu)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = eager(on_gpu)
+        graph.replay()
+        same = float((captured - eager(on_gpu)).abs().max())
+        return {"graph": "measured", "forward_eager_ms": timed(lambda: eager(on_gpu)),
+                "forward_graph_ms": timed(graph.replay), "graph_max_abs_diff": same}  # fmt: skip
+    except Exception as err:  # capture fails on an op that syncs with the host: say which
+        return {"graph": f"{type(err).__name__}: {err}"[:300]}
 
 
 def reference_step(run: Run, preset: str, model_dir: Path, state: dict) -> None:
@@ -418,6 +463,14 @@ def markdown(result: dict) -> str:
         ),
         "",
         *sorted({f"Load: {r['load_note']}." for r in result["latency"]}),
+        "",
+        *(
+            f"Batch-1 forward on {r['preset']}: eager {r['forward_eager_ms']:.3f} ms, CUDA graph replay "
+            f"{r['forward_graph_ms']:.3f} ms (max abs diff {r['graph_max_abs_diff']:.1e})."
+            if r.get("graph") == "measured"
+            else f"CUDA graph on {r['preset']}: {r.get('graph')}."
+            for r in result["latency"]
+        ),
         "",
         "## Host pipeline alone (tokenize + packed batches into a null backend) beside the GPU forward pass",
         "",

@@ -69,12 +69,17 @@ def test_targets_rules_on_made_up_figures(bench_modules):
             {"preset": "base", "ratio_to_gpu_forward": 1.5, "tokens_per_s": 3.0, "gpu_forward_tokens_per_s": 2.0}
             | {"cpu_count": 16}
         ],
-        "latency": [{"preset": "base", "p99_over_p50": 2.5, "p50_ms": 4.0, "p99_ms": 10.0, "load_s": 3.0}],
+        "latency": [
+            {"preset": "base", "p99_over_p50": 2.5, "p50_ms": 4.0, "p99_ms": 10.0, "load_s": 3.0}
+            | {"graph": "measured", "forward_eager_ms": 4.0, "forward_graph_ms": 3.0}
+        ],
         "errors": [{"preset": "large", "step": "load and batch-1 latency", "error": "RuntimeError: out of memory"}],
     }
     rows = targets.judge(made_up_triton(), e2e, ["base", "large"])
     status = {(r["preset"], r["target"].split(" >= ")[0].split(" <= ")[0]): r for r in rows}
-    assert len(rows) == 12 and not any(r["smoke"] for r in rows)
+    assert len(rows) == 14 and not any(r["smoke"] for r in rows)
+    graph = status[("base", "CUDA graph replay < eager batch-1 forward (keep graphs only if met)")]
+    assert graph["status"] == "met" and graph["value"] == pytest.approx(0.75)
     expected = {
         ("base", "forward bf16"): "met",  # 45 % >= 40 % (base's target) ...
         ("large", "forward bf16"): "not met",  # ... < 50 % (large's); and 1.5x < 2x
@@ -157,7 +162,9 @@ def test_e2e_smoke_runs_every_step_and_the_targets_read_it(tmp_path, tiny_model)
     assert done.returncode == 0, done.stderr[-4000:]
     (targets_path,) = out.glob("gpu-targets-*.json")
     rows = {(r["preset"], r["target"]): r for r in json.loads(targets_path.read_text())["targets"]}
-    assert len(rows) == 12 and all(r["smoke"] for r in rows.values())
+    assert len(rows) == 14 and all(r["smoke"] for r in rows.values())
+    graph = rows[("tiny", "CUDA graph replay < eager batch-1 forward (keep graphs only if met)")]
+    assert graph["status"] == "not measured" and graph["measured"] == "needs CUDA" == latency["graph"]
     tiny = {target.split(" ")[0]: r for (preset, target), r in rows.items() if preset == "tiny"}
     assert tiny["end"]["value"] == pytest.approx(ratio["ratio"]) and tiny["end"]["status"] == "not met"
     assert tiny["host"]["value"] == pytest.approx(host["ratio_to_gpu_forward"])
