@@ -31,7 +31,7 @@ import torch
 from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, write_results
 
 import fastinstructor
-from fastinstructor.batching import pad_batch, plan_batches
+from fastinstructor.batching import pad_batch
 from fastinstructor.benchmark import interleaved, load_sentence_transformers, markdown_table, record
 from fastinstructor.corpus import EmbedSettings
 from fastinstructor.data import read_jsonl_texts, shared_data_dir
@@ -82,8 +82,8 @@ def main() -> None:
     embed_options = {
         k: v for k, v in (("batch_size", args.batch_size), ("max_batch_tokens", args.max_batch_tokens)) if v is not None
     }
-    defaults = EmbedSettings(**embed_options)
-    embed_batches = plan_batches(lengths, defaults.batch_size, defaults.max_batch_tokens)
+    defaults = EmbedSettings(**embed_options).batch_policy  # the cpu backend's: padded
+    embed_batches = defaults.plan(lengths)
     fixed_batches = [list(range(i, min(i + FIXED_BATCH, len(rows)))) for i in range(0, len(rows), FIXED_BATCH)]
     # sentence-transformers' own order: longest text (in characters) first, then batches of 32.
     st_order = np.argsort([-len(t) for t in texts])
@@ -187,8 +187,8 @@ def main() -> None:
         rows=len(rows),
         real_tokens=real,
         precision=args.precision,
-        embed_batch_size=defaults.batch_size,
-        embed_max_batch_tokens=defaults.max_batch_tokens,
+        embed_batch_size=defaults.max_rows,
+        embed_max_batch_tokens=defaults.max_tokens,
         fixed_batch=FIXED_BATCH,
         repeat=args.repeat,
         results=table_rows,
@@ -197,8 +197,8 @@ def main() -> None:
     summary = (
         f"{len(rows)} rows ({n_articles} climate-fever articles and {len(rows) - n_articles} evidence sentences, "
         f"alternating), {real} real tokens after truncation to 512; instruction {INSTRUCTION!r}; cpu backend "
-        f"({args.precision} for fixed); embed batches: at most {defaults.batch_size} rows and "
-        f"{defaults.max_batch_tokens} padded tokens; median of {args.repeat} interleaved passes; max 1-minute load "
+        f"({args.precision} for fixed); embed batches: at most {defaults.max_rows} rows and "
+        f"{defaults.max_tokens} padded tokens; median of {args.repeat} interleaved passes; max 1-minute load "
         f"average after a pass {max(max(v) for v in loadavg.values()):.1f}. Random-weight base checkpoint (speed "
         "carries over, the embeddings mean nothing). Parity column: against sentence-transformers (float32) with the "
         "tolerance of the row's precision (docs/design.md section 5)."

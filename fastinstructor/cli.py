@@ -348,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     from .batching import DEFAULT_EMBED_POLICY as EMBED_BATCHES
+    from .batching import DEFAULT_PACKED_POLICY as PACKED_BATCHES
     from .batching import DEFAULT_SERVER_POLICY as SERVER_BATCHES
 
     serve = commands.add_parser("serve", help="HTTP server: OpenAI- and TEI-compatible embeddings")
@@ -439,14 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", type=_precision, choices=["auto", *precisions], default="auto", help=f"default: auto {aliases}"
     )
     embed.add_argument("--pooling-rule", choices=POOLING_RULES, default="instructor")
-    embed.add_argument(
-        "--batch-size", type=int, default=EMBED_BATCHES.max_rows, help="rows per batch at most (default %(default)s)"
-    )
+    packed = f"{PACKED_BATCHES.max_rows} rows and {PACKED_BATCHES.max_tokens} real tokens on the triton backend"
+    embed.add_argument("--batch-size", type=int, help=f"rows per batch at most (default {EMBED_BATCHES.max_rows})")
     embed.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=EMBED_BATCHES.max_tokens,
-        help="padded tokens per batch at most (default %(default)s)",
+        help=f"padded tokens per batch at most (default {EMBED_BATCHES.max_tokens}; neither flag: {packed})",
     )
     embed.add_argument("--shard-rows", type=int, default=10_000, help="input rows per shard (default 10000)")
     embed.add_argument("--limit", type=int, help="embed only the first N input rows")

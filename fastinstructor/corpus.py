@@ -2,14 +2,18 @@
 
 Streaming and bounded: the input is read one shard of rows at a time (``shard_rows``); within a shard the
 rows are sorted by length and cut into token-budget batches (``Instructor.embed_tokens``), and the shard is
-written in input order. Memory is bounded by one shard, whatever the corpus size.
+written in input order. Memory is bounded by one shard, whatever the corpus size. Unless the caller sets
+``batch_size`` or ``max_batch_tokens``, the backend decides the batches: ``DEFAULT_EMBED_POLICY`` (32 rows, 16,384
+padded tokens), or ``DEFAULT_PACKED_POLICY`` (real tokens) on a backend that takes packed batches (triton).
 
 Resumable: the manifest is written before the first shard; each shard is written to a temporary file and
 renamed into place, then recorded in ``manifest.json`` (itself replaced atomically), so a kill at any step
 leaves finished shards and a manifest that lists exactly them (a shard file it does not list is removed on
 the next run). A re-run of the same command skips the input rows that finished shards consumed and
 continues; a shard's content depends only on its rows and the settings, so the result is identical to an
-uninterrupted run. A re-run with other settings is refused unless ``overwrite``.
+uninterrupted run. A re-run with other settings is refused unless ``overwrite``. The manifest records the batches
+the job cuts (``batch_size``, ``max_batch_tokens``, and ``packed_batches`` when the budget counts real tokens); a
+re-run that does not set them continues with those, whatever the default is now.
 
 Never silently wrong: the manifest records the input's size and modification time and, per shard, a rolling
 sha256 of every row consumed so far; a resume re-reads the consumed rows anyway (to skip them) and refuses
@@ -38,7 +42,8 @@ import numpy as np
 import torch
 
 from . import shards
-from .batching import DEFAULT_EMBED_POLICY, BatchPolicy
+from .backends.base import takes_packed
+from .batching import DEFAULT_EMBED_POLICY, BatchPolicy, default_policy
 from .locking import LockHeld, hold
 from .model import Instructor, load
 from .readers import CorpusReader, InputSpec, Row
@@ -54,15 +59,19 @@ _MAX_LISTED_SKIPS = 1000  # per shard; the count is always exact
 
 @dataclass(frozen=True)
 class EmbedSettings:
-    """Everything that decides the output; a re-run into the same folder must match it exactly."""
+    """Everything that decides the output; a re-run into the same folder must match it exactly.
+
+    ``batch_size`` and ``max_batch_tokens`` left ``None`` (both): the backend's default (``batch_policy_for``). The
+    manifest records the policy the job runs with, not these fields.
+    """
 
     instruction: str | None = None
     output_format: str = "parquet"
     dtype: str = "float32"
     normalize: bool = True
     shard_rows: int = 10_000
-    batch_size: int = DEFAULT_EMBED_POLICY.max_rows
-    max_batch_tokens: int | None = DEFAULT_EMBED_POLICY.max_tokens
+    batch_size: int | None = None
+    max_batch_tokens: int | None = None
     limit: int | None = None
 
     def __post_init__(self) -> None:
@@ -71,8 +80,10 @@ class EmbedSettings:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         policy = self.batch_policy  # batch_size and max_batch_tokens are checked there, as plain ints (a numpy
-        object.__setattr__(self, "batch_size", policy.max_rows)  # integer would not go into the manifest's JSON)
-        object.__setattr__(self, "max_batch_tokens", policy.max_tokens)
+        if self.batch_size is not None:  # integer would not go into the manifest's JSON)
+            object.__setattr__(self, "batch_size", policy.max_rows)
+        if self.max_batch_tokens is not None:
+            object.__setattr__(self, "max_batch_tokens", policy.max_tokens)
         for name in ("shard_rows", "limit"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -80,7 +91,19 @@ class EmbedSettings:
 
     @property
     def batch_policy(self) -> BatchPolicy:
-        return BatchPolicy(self.batch_size, self.max_batch_tokens)
+        """``batch_policy_for`` a backend that takes padded batches."""
+        return self.batch_policy_for(packed_input=False)
+
+    def batch_policy_for(self, packed_input: bool) -> BatchPolicy:
+        """Neither ``batch_size`` nor ``max_batch_tokens`` set: ``DEFAULT_PACKED_POLICY`` (real tokens) for a backend
+        that takes packed batches, else ``DEFAULT_EMBED_POLICY``. Either set: ``batch_size`` rows (default 32) and
+        ``max_batch_tokens`` padded tokens (default 16,384), on every backend."""
+        if self.batch_size is None and self.max_batch_tokens is None and packed_input:
+            return default_policy(packed_input)
+        return BatchPolicy(
+            DEFAULT_EMBED_POLICY.max_rows if self.batch_size is None else self.batch_size,
+            DEFAULT_EMBED_POLICY.max_tokens if self.max_batch_tokens is None else self.max_batch_tokens,
+        )
 
 
 class _Progress:
@@ -225,8 +248,8 @@ def embed_corpus(
     dtype: str = "float32",
     normalize: bool = True,
     shard_rows: int = 10_000,
-    batch_size: int = DEFAULT_EMBED_POLICY.max_rows,
-    max_batch_tokens: int | None = DEFAULT_EMBED_POLICY.max_tokens,
+    batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
     limit: int | None = None,
     on_error: str = "fail",
     on_duplicate_id: str = "warn",
@@ -244,7 +267,9 @@ def embed_corpus(
     for one per row, or neither for plain texts. ``on_error="fail"`` stops at the first bad row (file, row
     number, reason), keeping finished shards; ``"skip"`` skips, counts and lists bad rows in the manifest.
     ``on_duplicate_id``: ``"warn"`` (count them in the manifest and say so), ``"error"`` (stop at the first
-    repeated id) or ``"keep"`` (neither: ids are not tracked).
+    repeated id) or ``"keep"`` (neither: ids are not tracked). ``batch_size`` rows and ``max_batch_tokens`` padded
+    tokens per batch at most; neither set: 32 rows and 16,384 padded tokens, or ``DEFAULT_PACKED_POLICY`` (1,024 rows,
+    65,536 real tokens) on a backend that takes packed batches, or, resuming a job, the batches it started with.
     """
     if instruction is not None and instruction_field is not None:
         raise ValueError("pass either instruction (one for all rows) or instruction_field (one per row), not both")
@@ -292,6 +317,7 @@ class _Job:
     quiet: bool
     # Set by run():
     model: Instructor = field(init=False)
+    policy: BatchPolicy = field(init=False)
     manifest: dict = field(init=False)
     progress: _Progress = field(init=False)
     ids: _IdSet | None = field(init=False)  # None: --on-duplicate-id keep
@@ -302,6 +328,7 @@ class _Job:
             model = load(model, **load_options)
             _say(quiet, _describe_choice(model))
         self.model = model
+        self.policy = self._batch_policy(overwrite)
         identity = {
             "model_fingerprint": model.checkpoint.fingerprint,
             "backend": model.backend_name,
@@ -314,8 +341,11 @@ class _Job:
             "id_field": spec.id_field,
             "instruction_field": spec.instruction_field,
             **asdict(settings),
+            **shards.policy_identity(self.policy),  # the policy, not the settings' None for "the backend's default"
         }
         self.manifest = manifest = shards.open_output(output, identity, spec.path == "-", overwrite)
+        if self.policy != (default := settings.batch_policy_for(takes_packed(model.backend))):
+            _say(quiet, f"embed: continuing with the batches the job started with, {self.policy} (default {default})")
         stat = _input_stat(spec)
         rows: Iterator[Row] = iter(self.reader)
         if manifest["complete"]:
@@ -361,6 +391,16 @@ class _Job:
         shards.write_json(output / MANIFEST, manifest)
         return manifest
 
+    def _batch_policy(self, overwrite: bool) -> BatchPolicy:
+        """The settings' policy for this backend; but when they leave it to the backend and the folder holds a job
+        to resume, the policy that job recorded, so that a changed default neither refuses nor alters the resume."""
+        settings = self.settings
+        policy = settings.batch_policy_for(takes_packed(self.model.backend))
+        if settings.batch_size is not None or settings.max_batch_tokens is not None or overwrite:
+            return policy
+        recorded = shards.recorded_policy(self.output)
+        return policy if recorded is None else recorded
+
     def _kept(self) -> str:
         return (
             f"the {len(self.manifest['shards'])} finished shard(s) in {self.output} are kept and a re-run "
@@ -389,7 +429,7 @@ class _Job:
         embeddings = self.model.embed_tokens(
             tokenized.ids,
             tokenized.pool_start,
-            settings.batch_policy,
+            self.policy,
             lambda n: self.progress.update(n, 0),
         )
         if settings.normalize:

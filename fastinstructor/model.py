@@ -1,7 +1,8 @@
 """``fastinstructor.load`` and ``Instructor.encode``: the pipeline of docs/design.md section 3.
 
-tokenize -> plan batches (sorted by length, token budget) -> pad or pack (a background thread, ahead of the
-backend) -> backend.embed / embed_packed -> back to input order.
+tokenize (for a backend off the CPU, a large input in chunks, the next chunk in a background thread) -> plan batches
+(sorted by length within a chunk, token budget) -> pad or pack (a background thread, ahead of the backend) ->
+backend.embed / embed_packed -> back to input order.
 """
 
 from __future__ import annotations
@@ -19,9 +20,31 @@ from .batching import DEFAULT_ENCODE_POLICY, BatchPolicy, default_policy
 from .checkpoint import Checkpoint, load_checkpoint
 from .precisions import canonical_precision
 from .prefetch import prefetch
-from .tokenization import PairTokenizer, load_tokenizer
+from .tokenization import PairTokenizer, check_sentences, load_tokenizer
 
-__all__ = ["Instructor", "load"]
+__all__ = ["Instructor", "load", "tokenize_chunk_rows"]
+
+# encode tokenizes a large input in chunks when its backend runs on another device than the host's CPU (a GPU): the
+# next chunk in a background thread while the backend runs the current chunk's batches, so that the host tokenizes
+# while the device computes. A backend on the CPU keeps the cores busy itself: tokenizing beside it would save nothing
+# (tokenization is under 1% of its time: 0.4-0.6M tokens/s against the cpu and onnx backends' 1.6-4.3k on 2 cores,
+# docs/design.md section 6), and planning each chunk alone pads more, so encode tokenizes all at once there.
+# The size: each chunk is planned alone (sorted by length within it), so each ends in one batch that may be partly
+# full, and sorting fewer texts pads more. 8,192 texts hold 256 of encode's default 32-row batches and pad them 0.9%
+# more than planning the whole input does (4,096 texts: 2.2%; bench/results/host-pipeline-chunked-2026-12-01-vm.md);
+# at least 8 batches of the policy's max_rows keep the partly full batch to about 1/8 of a chunk's batches for the
+# packed policy's 1,024 rows (48 batches instead of 45 there). Larger would start the device later: nothing overlaps
+# the first chunk's tokenization (about 1 s for 8,192 mixed texts on 2 cores).
+TOKENIZE_CHUNK_ROWS = 8192
+TOKENIZE_CHUNK_BATCHES = 8
+
+
+def tokenize_chunk_rows(policy: BatchPolicy, device: torch.device) -> int | None:
+    """How many texts ``encode`` tokenizes at a time under ``policy`` for a backend on ``device``; None (all at once)
+    on the CPU (see ``TOKENIZE_CHUNK_ROWS``)."""
+    if device.type == "cpu":
+        return None
+    return max(TOKENIZE_CHUNK_ROWS, TOKENIZE_CHUNK_BATCHES * policy.max_rows)
 
 
 class Instructor:
@@ -79,6 +102,10 @@ class Instructor:
         the triton backend), which gets ``DEFAULT_PACKED_POLICY`` (up to 1,024 rows and 65,536 real tokens per
         batch; padding costs it nothing). Either argument given: ``batch_size`` rows (default 32) and
         ``max_batch_tokens`` padded tokens, on every backend. The batches change only speed, not the embeddings.
+
+        On a backend that runs off the CPU (a GPU), an input of more than ``tokenize_chunk_rows`` texts (8,192, or 8
+        batches of the policy's rows) is tokenized a chunk at a time, the next chunk in a background thread while the
+        backend embeds the current one; batches are then planned within each chunk.
         """
         if output_value != "sentence_embedding":
             raise ValueError(f"output_value {output_value!r} is not supported; only 'sentence_embedding' is")
@@ -94,10 +121,12 @@ class Instructor:
         single = isinstance(sentences, str)  # as the authors' encode: only a bare string is one input
         if single:
             sentences = [sentences]
-        tokenized = self.tokenizer(sentences)
+        check_sentences(sentences)  # every input, before any work (a chunk is tokenized only when its turn comes)
         progress = _progress(len(sentences), show_progress_bar)
-        out = self.embed_tokens(tokenized.ids, tokenized.pool_start, policy, progress.update)
-        progress.close()
+        try:
+            out = self._tokenize_and_embed(sentences, policy, progress.update)
+        finally:
+            progress.close()
         if normalize_embeddings:
             out = F.normalize(out, p=2, dim=1)
         if convert_to_tensor:
@@ -107,6 +136,28 @@ class Instructor:
         else:
             result = list(out)
         return result[0] if single else result
+
+    def _tokenize_and_embed(
+        self, sentences: Sequence, policy: BatchPolicy, on_batch: Callable[[int], object]
+    ) -> torch.Tensor:  # [N, dim] float32, input order
+        """``embed_tokens`` of the tokenized ``sentences``. For a backend off the CPU, more than
+        ``tokenize_chunk_rows`` of them are tokenized a chunk at a time, the next chunk in a background thread
+        (``prefetch``, one chunk ahead: the fast tokenizer releases the GIL) while the backend runs the current chunk's
+        batches; one chunk takes no thread."""
+        size = tokenize_chunk_rows(policy, self.backend.device)
+        if size is None or len(sentences) <= size:
+            tokenized = self.tokenizer(sentences)
+            return self.embed_tokens(tokenized.ids, tokenized.pool_start, policy, on_batch)
+        sentences = list(sentences)  # any Sequence: sliced below
+        starts = range(0, len(sentences), size)
+        out = torch.empty((len(sentences), self.dim), dtype=torch.float32)
+        with closing(
+            prefetch(lambda start: self.tokenizer(sentences[start : start + size]), starts, depth=1)
+        ) as chunks:
+            for start, tokenized in zip(starts, chunks, strict=True):
+                rows = slice(start, start + len(tokenized.ids))
+                out[rows] = self.embed_tokens(tokenized.ids, tokenized.pool_start, policy, on_batch)
+        return out
 
     def embed_tokens(
         self,

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .batching import BatchPolicy
+
 __all__ = [
     "CorpusError",
     "DTYPES",
@@ -33,7 +35,9 @@ __all__ = [
     "is_ours",
     "load_manifest",
     "open_output",
+    "policy_identity",
     "read_embeddings",
+    "recorded_policy",
     "remove_temporaries",
     "shard_ids",
     "write_atomic",
@@ -207,6 +211,28 @@ def open_output(output: Path, identity: dict, from_stdin: bool, overwrite: bool)
         if path.name not in listed:
             path.unlink()
     return manifest
+
+
+def policy_identity(policy: BatchPolicy) -> dict:
+    """How a job cuts its batches, as its manifest's identity records it. ``packed_batches`` only when the budget
+    counts real tokens: a manifest without it (every manifest written before it existed) counted padded tokens."""
+    return {
+        "batch_size": policy.max_rows,
+        "max_batch_tokens": policy.max_tokens,
+        **({"packed_batches": True} if policy.packed else {}),
+    }
+
+
+def recorded_policy(output: Path) -> BatchPolicy | None:
+    """The batch policy the manifest in ``output`` records; None without a manifest or with none it can give."""
+    path = output / MANIFEST
+    if not path.is_file():
+        return None
+    identity = load_manifest(path)["identity"]
+    try:
+        return BatchPolicy(identity["batch_size"], identity["max_batch_tokens"], identity.get("packed_batches", False))
+    except (KeyError, ValueError):  # not a job's identity: open_output says what the folder holds
+        return None
 
 
 def read_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:

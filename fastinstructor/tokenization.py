@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["POOLING_RULES", "PairTokenizer", "Tokenized", "load_tokenizer", "lone_surrogate"]
+__all__ = ["POOLING_RULES", "PairTokenizer", "Tokenized", "check_sentences", "load_tokenizer", "lone_surrogate"]
 
 POOLING_RULES = ("instructor", "sentence-transformers")
 
@@ -41,7 +41,8 @@ def lone_surrogate(text: str) -> int | None:
     return None
 
 
-def _check_sentences(sentences: Sequence) -> None:
+def check_sentences(sentences: Sequence) -> None:
+    """A TypeError or ValueError naming the first item that is neither a string nor an [instruction, text] pair."""
     if isinstance(sentences, (str, bytes)) or not isinstance(sentences, Sequence):
         raise TypeError(
             f"sentences must be a list of [instruction, text] pairs or of strings, got {type(sentences).__name__}"
@@ -123,7 +124,7 @@ class PairTokenizer:
 
     def __call__(self, sentences: Sequence) -> Tokenized:
         """Token ids per sentence, the position where pooling starts, and which were truncated; input order."""
-        _check_sentences(sentences)
+        check_sentences(sentences)
         joined = [s.strip() if isinstance(s, str) else (s[0] + s[1].strip()).strip() for s in sentences]
         ids, truncated = self._ids(joined) if joined else ([], [])
         starts = [0 if isinstance(s, str) else self.instruction_length(s[0]) for s in sentences]

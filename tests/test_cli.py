@@ -72,7 +72,7 @@ _ON_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machi
     "command, expected",
     [
         (["embed", "--threads", "0"], "argument --threads: expected a whole number of at least 1, got '0'"),
-        (["check", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8' (choose from 'float32'"),
+        (["check", "--precision", "int4"], "argument --precision: invalid choice: 'int4' (choose from 'float32'"),
         pytest.param(
             ["embed", "--backend", "onnx", "--precision", "float16"],
             "no backend for backend='onnx', precision='float16' on this machine. Tried: onnx/float16/cpu: backend "

@@ -5,6 +5,8 @@ Triton interpreter) the triton backend."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import json
 import random
 import threading
 import time
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from fastinstructor.batching import (
+    DEFAULT_EMBED_POLICY,
     DEFAULT_ENCODE_POLICY,
     DEFAULT_PACKED_POLICY,
     BatchPolicy,
@@ -317,6 +320,7 @@ def test_encode_through_the_pipeline_equals_the_old_path_on_the_cpu_backend(cpu_
 class _PackedStandIn:
     """A backend that takes packed batches: unpacks each into the cpu backend's padded call, and records them."""
 
+    name = "packed-stand-in"
     packed_input = True
 
     def __init__(self, inner) -> None:
@@ -352,12 +356,244 @@ def test_a_packed_backend_gets_packed_batches_and_the_packed_policy(cpu_model, r
     np.testing.assert_allclose(torch.nn.functional.normalize(out, dim=1).numpy(), expected, atol=1e-5)
 
 
-def test_the_server_batcher_packs_for_a_packed_backend(cpu_model):
+# encode's tokenization in chunks, the next chunk in a background thread.
+
+
+class _RecordingTokenizer:
+    """The model's tokenizer, recording each call (its thread and size); ``fail_at``: the call that raises."""
+
+    def __init__(self, inner, fail_at: int | None = None) -> None:
+        self.inner, self.fail_at, self.calls = inner, fail_at, []
+        self.max_length = inner.max_length
+        self.second_started = threading.Event()
+
+    def __call__(self, sentences):
+        self.calls.append((threading.current_thread(), len(sentences)))
+        if len(self.calls) == 2:
+            self.second_started.set()
+        if len(self.calls) - 1 == self.fail_at:
+            raise ValueError(f"chunk {self.fail_at} is broken")
+        return self.inner(sentences)
+
+
+class _WaitingBackend:
+    """The cpu backend, saying it runs off the CPU (``device``: "meta", where a GPU backend says "cuda"), whose first
+    call waits until the tokenizer has started on the second chunk: it returns only if tokenization runs beside the
+    backend (sequentially, the wait would time out). Records each batch's rows."""
+
+    packed_input = False
+
+    def __init__(self, inner, tokenizer: _RecordingTokenizer, device: str = "meta") -> None:
+        self.inner, self.device, self.tokenizer = inner, torch.device(device), tokenizer
+        self.rows: list[int] = []
+        self.overlapped: bool | None = None
+
+    def embed(self, input_ids, attention_mask, pool_start) -> torch.Tensor:
+        if self.overlapped is None:
+            self.overlapped = self.tokenizer.second_started.wait(30)
+        self.rows.append(input_ids.shape[0])
+        return self.inner.embed(input_ids, attention_mask, pool_start)
+
+
+def _chunked(cpu_model, monkeypatch, rows: int, fail_at: int | None = None, device: str = "meta"):
+    """An Instructor over the cpu backend whose tokenizer and backend record, tokenizing ``rows`` texts a chunk
+    (unless the backend says it runs on the CPU)."""
+    import fastinstructor.model
+    from fastinstructor.model import Instructor
+
+    monkeypatch.setattr(fastinstructor.model, "TOKENIZE_CHUNK_ROWS", rows)
+    monkeypatch.setattr(fastinstructor.model, "TOKENIZE_CHUNK_BATCHES", 1)
+    tokenizer = _RecordingTokenizer(cpu_model.tokenizer, fail_at)
+    backend = _WaitingBackend(cpu_model.backend, tokenizer, device)
+    return Instructor(cpu_model.checkpoint, backend, tokenizer, "float32", {}), tokenizer, backend
+
+
+def _mixed(real_pairs) -> list:
+    sentences = [*real_pairs, *EDGE_CASES] * 2
+    random.Random(1).shuffle(sentences)
+    return sentences
+
+
+def test_encode_tokenizes_in_chunks_beside_the_backend_in_input_order(cpu_model, real_pairs, monkeypatch):
+    import fastinstructor.model
+
+    sentences = _mixed(real_pairs)  # 122 rows: 18 chunks of 7
+    expected = cpu_model.encode(sentences, batch_size=4)  # on the CPU: every row planned together, no thread
+    assert fastinstructor.model.tokenize_chunk_rows(BatchPolicy(4), cpu_model.backend.device) is None
+    assert fastinstructor.model.tokenize_chunk_rows(BatchPolicy(4), torch.device("cuda")) == 8192
+    assert fastinstructor.model.tokenize_chunk_rows(DEFAULT_PACKED_POLICY, torch.device("cuda")) == 8 * 1024
+    model, tokenizer, backend = _chunked(cpu_model, monkeypatch, 7)
+    bars: list[_Bar] = []
+    monkeypatch.setattr(fastinstructor.model, "_progress", lambda total, show: bars.append(_Bar(total)) or bars[-1])
+    got = _within(120, lambda: model.encode(sentences, batch_size=4, show_progress_bar=True))
+    assert backend.overlapped, "the next chunk was not tokenized while the backend ran"
+    assert [n for _, n in tokenizer.calls] == [7] * (len(sentences) // 7) + [len(sentences) % 7]
+    assert all(thread.name == "fastinstructor-prefetch" for thread, _ in tokenizer.calls)
+    assert not _prefetch_threads()
+    assert max(backend.rows) <= 4 and sum(backend.rows) == len(sentences)
+    assert len(bars) == 1 and bars[0].closed and bars[0].total == sum(bars[0].updates) == len(sentences)
+    # The same embeddings, in input order, though each chunk was planned (sorted by length) on its own.
+    assert got.dtype == np.float32 and np.abs(got - expected).max() <= 1e-6
+    assert np.abs(got[1:] - expected[:-1]).max() > 0.1  # rows differ: a shuffled order would fail the line above
+
+
+class _Bar:
+    """``encode``'s progress bar, recording its updates."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.updates, self.closed = total, [], False
+
+    def update(self, n: int) -> None:
+        self.updates.append(n)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("case", ["one chunk", "a backend on the CPU"])
+def test_one_chunk_or_a_cpu_backend_tokenizes_on_the_calling_thread(cpu_model, real_pairs, monkeypatch, case):
+    sentences = _mixed(real_pairs)
+    if case == "one chunk":
+        model, tokenizer, backend = _chunked(cpu_model, monkeypatch, len(sentences))
+    else:  # chunks of 7, but the backend takes the cores tokenizing would run on: all at once
+        model, tokenizer, backend = _chunked(cpu_model, monkeypatch, 7, device="cpu")
+    backend.overlapped = True  # nothing to wait for
+    threads_before = threading.active_count()
+    model.encode(sentences, batch_size=len(sentences))  # one tokenizer call, one batch: no thread at all
+    assert [(thread, n) for thread, n in tokenizer.calls] == [(threading.current_thread(), len(sentences))]
+    assert threading.active_count() == threads_before and backend.rows == [len(sentences)]
+
+
+@pytest.mark.parametrize("failure", ["raised", "lone surrogate"])
+def test_an_exception_while_tokenizing_a_chunk_reaches_the_caller(cpu_model, real_pairs, monkeypatch, failure):
+    sentences = _mixed(real_pairs)
+    if failure == "raised":
+        model, tokenizer, backend = _chunked(cpu_model, monkeypatch, 7, fail_at=3)
+        error, message = ValueError, "chunk 3 is broken"
+    else:  # not a string the tokenizer takes: found only when chunk 3 is tokenized
+        model, tokenizer, backend = _chunked(cpu_model, monkeypatch, 7)
+        sentences[3 * 7 + 2] = ["Represent the claim:", "a lone surrogate \ud800 here"]
+        error, message = TypeError, "TextEncodeInput"
+
+    def encode():
+        with pytest.raises(error, match=message):
+            model.encode(sentences, batch_size=4)
+
+    _within(120, encode)  # raised in the caller, no hang
+    assert not _prefetch_threads()  # and the thread is gone
+    assert len(tokenizer.calls) == 4 and sum(backend.rows) == 3 * 7  # the chunks before it ran; nothing after
+
+
+# The embed job's batches on a packed backend.
+
+
+def _corpus(tmp_path, real_texts) -> tuple:
+    rows = [(f"doc-{i}", text) for i, text in enumerate([*real_texts, *real_texts])]  # 96 rows
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows), encoding="utf-8")
+    return path, rows
+
+
+class _FailingStandIn(_PackedStandIn):
+    """A packed stand-in whose ``fail_at``-th call (counting from 0) raises, as a job killed midway."""
+
+    def __init__(self, inner, fail_at: int) -> None:
+        super().__init__(inner)
+        self.fail_at = fail_at
+
+    def embed_packed(self, batch: PackedBatch) -> torch.Tensor:
+        if len(self.batches) == self.fail_at:
+            self.batches.append(batch)
+            raise RuntimeError("killed")
+        return super().embed_packed(batch)
+
+
+def _packed_model(cpu_model, backend):
+    from fastinstructor.model import Instructor
+
+    return Instructor(cpu_model.checkpoint, backend, cpu_model.tokenizer, "float32", cpu_model.backend_report)
+
+
+def test_the_embed_job_plans_real_tokens_on_a_packed_backend_unless_told(cpu_model, real_texts, tmp_path):
+    from fastinstructor import embed_corpus, read_embeddings
+
+    path, rows = _corpus(tmp_path, real_texts)
+    expected = cpu_model.encode([["Represent the claim:", t] for _, t in rows])
+    stand_in = _PackedStandIn(cpu_model.backend)
+    model = _packed_model(cpu_model, stand_in)
+    options = {"instruction": "Represent the claim:", "shard_rows": 50, "quiet": True}
+    lengths = [len(ids) for ids in cpu_model.tokenizer([["Represent the claim:", t] for _, t in rows]).ids]
+    shards = [lengths[:50], lengths[50:]]
+    manifest = embed_corpus(model, path, tmp_path / "packed", **options)
+    identity = manifest["identity"]
+    assert (identity["batch_size"], identity["max_batch_tokens"], identity["packed_batches"]) == (1024, 65_536, True)
+    assert [b.rows for b in stand_in.batches] == [50, 46]  # a shard a batch: over the padded default's 32 rows
+    np.testing.assert_allclose(read_embeddings(tmp_path / "packed")[1], expected, rtol=0, atol=1e-5)
+    # Values the caller sets are kept, and count padded tokens, on this backend too.
+    for n, (given, policy) in enumerate(
+        [
+            ({"batch_size": 8}, BatchPolicy(8, DEFAULT_EMBED_POLICY.max_tokens)),
+            ({"max_batch_tokens": 200}, BatchPolicy(DEFAULT_EMBED_POLICY.max_rows, 200)),
+            ({"batch_size": 1024, "max_batch_tokens": 65_536}, BatchPolicy(1024, 65_536)),
+        ]
+    ):
+        stand_in.batches.clear()
+        manifest = embed_corpus(model, path, tmp_path / f"given-{n}", **options, **given)
+        identity = manifest["identity"]
+        assert (identity["batch_size"], identity["max_batch_tokens"]) == (policy.max_rows, policy.max_tokens)
+        assert "packed_batches" not in identity  # padded, as every manifest before packed budgets
+        got = [sorted(b - a for a, b in itertools.pairwise(batch.cu_seqlens.tolist())) for batch in stand_in.batches]
+        assert got == [sorted(shard[i] for i in batch) for shard in shards for batch in policy.plan(shard)]
+        np.testing.assert_allclose(read_embeddings(tmp_path / f"given-{n}")[1], expected, rtol=0, atol=1e-5)
+    # A padded backend keeps DEFAULT_EMBED_POLICY.
+    identity = embed_corpus(cpu_model, path, tmp_path / "cpu", **options)["identity"]
+    assert (identity["batch_size"], identity["max_batch_tokens"]) == (32, 16_384) and "packed_batches" not in identity
+
+
+@pytest.mark.parametrize("started_with", ["padded default", "packed default"])
+def test_a_resumed_embed_job_keeps_the_batches_it_started_with(cpu_model, real_texts, tmp_path, started_with):
+    from fastinstructor import CorpusError, embed_corpus, read_embeddings
+
+    path, rows = _corpus(tmp_path, real_texts)
+    expected = cpu_model.encode([["Represent the claim:", t] for _, t in rows])
+    options = {"instruction": "Represent the claim:", "shard_rows": 40, "quiet": True}
+    # "padded default": what the job wrote before the packed default existed (the same identity, key for key).
+    first = {"batch_size": 32, "max_batch_tokens": 16_384} if started_with == "padded default" else {}
+    killed = _FailingStandIn(cpu_model.backend, fail_at=3 if first else 1)  # in the second shard
+    with pytest.raises(RuntimeError, match="killed"):
+        embed_corpus(_packed_model(cpu_model, killed), path, tmp_path / "out", **options, **first)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 1 and not manifest["complete"]
+    assert ("packed_batches" in manifest["identity"]) == (started_with == "packed default")
+    resumed = _PackedStandIn(cpu_model.backend)
+    model = _packed_model(cpu_model, resumed)
+    with pytest.raises(CorpusError, match="differs in: batch_size"):  # a value the caller sets must match
+        embed_corpus(model, path, tmp_path / "out", **options, batch_size=16)
+    manifest = embed_corpus(model, path, tmp_path / "out", **options)  # the default: the job's own batches
+    assert manifest["complete"] and len(manifest["shards"]) == 3 and manifest["totals"]["rows"] == len(rows)
+    # Shards 2 and 3 (40 and 16 rows), cut as the job began: 32 rows at most, or packed whole.
+    assert [b.rows for b in resumed.batches] == ([32, 8, 16] if first else [40, 16])
+    np.testing.assert_allclose(read_embeddings(tmp_path / "out")[1], expected, rtol=0, atol=1e-5)
+
+
+def test_the_server_batcher_packs_for_a_packed_backend_in_its_worker_thread(cpu_model, monkeypatch):
     import asyncio
     from collections import defaultdict
     from types import SimpleNamespace
 
+    import fastinstructor.server.batcher
+    from fastinstructor.backends.base import batch_inputs
     from fastinstructor.server import Batcher, ServerSettings
+
+    built_in: list[str] = []  # the thread each batch's tensors were built in
+
+    def recording_batch_inputs(backend, ids, starts):
+        built_in.append(threading.current_thread().name)
+        if any(len(row) == 1 for row in ids):
+            raise ValueError("no batch holds a 1-token row here")
+        return batch_inputs(backend, ids, starts)
+
+    monkeypatch.setattr(fastinstructor.server.batcher, "batch_inputs", recording_batch_inputs)
 
     class Instrument:
         def inc(self, *args) -> None:
@@ -379,10 +615,15 @@ def test_the_server_batcher_packs_for_a_packed_backend(cpu_model):
         futures = batcher.submit(rows, [0] * len(rows))
         batcher.start()
         vectors = await asyncio.gather(*futures)
+        failing = batcher.submit([[7, 1], [1]], [0, 0])  # building this batch fails: its rows get the error
+        failed = await asyncio.gather(*failing, return_exceptions=True)
+        assert threading.current_thread().name not in built_in  # the event loop built none of them
         await batcher.stop()
-        return vectors
+        return vectors, failed
 
-    vectors = asyncio.run(scenario())
+    vectors, failed = asyncio.run(scenario())
+    assert built_in and all(name.startswith("fastinstructor-backend") for name in built_in), built_in
+    assert [type(error) for error in failed] == [ValueError, ValueError] and "1-token row" in str(failed[0])
     expected = cpu_model.backend.embed(*pad_batch(rows, [0] * len(rows))).numpy()
     np.testing.assert_allclose(np.stack(vectors), expected, atol=1e-5)
     assert sum(b.rows for b in stand_in.batches) == len(rows)

@@ -5,9 +5,10 @@ One task takes the oldest row and adds the rows behind it while ``BatchPolicy.fi
 (the rule the offline planner uses); a row that does not fit stays at the head of ``pending`` and starts the
 next batch. When ``pending`` runs dry before the batch is full, the task waits for more rows until the batch's
 oldest row has waited ``max_wait_ms`` (counted from its arrival, so a row that queued behind a busy backend has
-already waited). The batch runs in a worker thread; each row's future gets its vector, or the batch's exception.
-A backend that takes packed batches (``packed_input``: the triton backend) gets a ``PackedBatch`` (``pack_batch``,
-pinned on CUDA) and ``embed_packed``; the others a padded batch (``pad_batch``) and ``embed``.
+already waited). The event loop only gathers the rows: building the batch's tensors and the backend call both run
+in a worker thread, so the loop goes on serving requests meanwhile; each row's future gets its vector, or the batch's
+exception. A backend that takes packed batches (``packed_input``: the triton backend) gets a ``PackedBatch``
+(``pack_batch``, pinned on CUDA) and ``embed_packed``; the others a padded batch (``pad_batch``) and ``embed``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class _Row:
 
 
 class Batcher:
-    """One queue, one task: batches by ``policy`` with a short wait, the backend in a worker thread.
+    """One queue, one task: batches by ``policy`` with a short wait; tensors and backend in a worker thread.
 
     ``metrics`` holds the server's ``rejected``, ``queue_depth``, ``queue_seconds``, ``batch_rows`` and
     ``inference_seconds`` instruments.
@@ -132,8 +133,8 @@ class Batcher:
         if not live:
             return
         try:
-            inputs = batch_inputs(self.model.backend, [r.ids for r in live], [r.pool_start for r in live])
-            out = await asyncio.get_running_loop().run_in_executor(self.worker, self._embed, inputs)
+            ids, starts = [r.ids for r in live], [r.pool_start for r in live]
+            out = await asyncio.get_running_loop().run_in_executor(self.worker, self._embed, ids, starts)
             for row, vector in zip(live, out, strict=True):
                 if not row.future.done():
                     row.future.set_result(vector)
@@ -145,6 +146,10 @@ class Batcher:
         self.metrics["batch_rows"].observe(len(live))
         self.metrics["inference_seconds"].observe(time.perf_counter() - started)
 
-    def _embed(self, inputs) -> np.ndarray:
+    def _embed(self, ids: list[list[int]], starts: list[int]) -> np.ndarray:
+        """In the worker thread: the batch's tensors (padded or packed, as the backend takes them), then its
+        embeddings on the host. A failure in either fails the batch."""
+        backend = self.model.backend
+        inputs = batch_inputs(backend, ids, starts)
         with torch.inference_mode():
-            return embed_inputs(self.model.backend, inputs).float().cpu().numpy()
+            return embed_inputs(backend, inputs).float().cpu().numpy()
