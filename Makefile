@@ -22,10 +22,13 @@ endif
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+# --no-build-isolation: setup.py builds the native CPU ops (csrc/, CMakeLists.txt) against the torch installed first;
+# an isolated build would fetch a torch of its own. cmake and ninja come from PyPI; a C++17 compiler from the system
+# (without one the install still succeeds, with a one-line notice, and the PyTorch fallback runs).
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet $(CONSTRAINTS) -e '.[dev,onnx,server,bench]'
+	$(PIP) install --quiet $(TORCH) "setuptools>=70.1" wheel cmake ninja
+	$(PIP) install --quiet --no-build-isolation $(CONSTRAINTS) -e '.[dev,onnx,server,bench]'
 	touch $@
 
 $(DEMO_MODEL)/modules.json: | $(VENV)/.installed
@@ -45,4 +48,4 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(VENV) .models $(DEMO_OUT) build dist *.egg-info
+	rm -rf $(VENV) .models $(DEMO_OUT) build dist *.egg-info fastinstructor/_native*

@@ -129,7 +129,7 @@ def _attention_impls(length: int, batch: int, table, head_dim: int, flex, device
     import torch
     from fastinstructor.kernels.attention import t5_attention
 
-    from fastinstructor.backends.cpu import relative_position_bucket
+    from fastinstructor.t5 import relative_position_bucket
 
     heads = table.shape[1]
     q, k, v = (torch.randn(batch, heads, length, head_dim, device=device).mul(0.3).to(torch.bfloat16) for _ in range(3))

@@ -19,9 +19,13 @@ are close to the real models' for this text). What each group measures:
 - ``pool-head``: ``fastinstructor.backends.base.pool_head``, the function the cpu backend calls after the
   encoder: instruction-masked mean pooling + Dense + L2 normalize, on base shapes (batch 32 x length 128 x
   d_model 768, Dense 768 -> 768), float32, under ``torch.inference_mode`` as in ``CpuBackend.embed``.
-- ``triton``: the project has no compiled native ops; its Triton kernels (kernels/, imported as
-  ``fastinstructor.kernels``) need CUDA, and the CPU interpreter's timings are meaningless, so this group is
-  skipped unless ``torch.cuda.is_available()`` and triton imports. Then it times the fused residual add +
+- ``attention-cpu``: packed attention at L = 64, 128 and 512 (base's 12 heads x 64, 4,096 tokens per call, float32):
+  the native op (``fastinstructor.native``, csrc/varlen_attention.cpp; skipped with the reason when it is not
+  built), its PyTorch fallback (``t5.varlen_attention_ref``, one sequence at a time), and the padded cpu
+  backend's attention on the same sequences (SDPA with the bias + padding mask ``[B, H, L, L]``).
+- ``triton``: the Triton kernels (kernels/, imported as ``fastinstructor.kernels``) need CUDA, and the CPU
+  interpreter's timings are meaningless, so this group is skipped unless ``torch.cuda.is_available()`` and
+  triton imports. Then it times the fused residual add +
   RMSNorm and the packed masked mean pooling on small CUDA tensors, synchronizing after each call.
 
 The timings are per call of the function named in each test. On a shared machine whose load average is at or
@@ -51,10 +55,7 @@ def _triton_imports() -> bool:
     return True
 
 
-NATIVE_SKIP_REASON = (
-    "this project has no compiled native ops; its Triton kernels need CUDA (the CPU interpreter's timings are "
-    "meaningless)"
-)
+NATIVE_SKIP_REASON = "the Triton kernels need CUDA (the CPU interpreter's timings are meaningless)"
 HAVE_CUDA_TRITON = torch.cuda.is_available() and _triton_imports() and not os.environ.get("TRITON_INTERPRET")
 
 
@@ -223,3 +224,55 @@ def test_triton_masked_mean_pool(benchmark):
 
     out = benchmark(run)
     torch.testing.assert_close(out, masked_mean_pool_ref(hidden, cu_seqlens, pool_start), rtol=1e-4, atol=1e-4)
+
+
+# --- attention-cpu ----------------------------------------------------------------------------------------------
+
+ATTENTION_LENGTHS = [64, 128, 512]
+
+
+def _packed_attention_inputs(length: int):
+    from fastinstructor.t5 import position_bias_matrix
+
+    gen = torch.Generator().manual_seed(length)
+    batch, heads, head_dim = 4096 // length, 12, 64
+    q, k, v = (torch.randn(batch * length, heads, head_dim, generator=gen).mul(0.3) for _ in range(3))
+    cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
+    bias = position_bias_matrix(torch.randn(32, heads, generator=gen), length, 128)
+    return q, k, v, cu_seqlens, bias
+
+
+@pytest.mark.parametrize("length", ATTENTION_LENGTHS)
+@pytest.mark.benchmark(group="attention-cpu")
+def test_attention_native(benchmark, length):
+    from fastinstructor import native
+    from fastinstructor.t5 import varlen_attention_ref
+
+    if not native.availability()[0]:
+        pytest.skip(native.availability()[1])
+    inputs = _packed_attention_inputs(length)
+    with torch.inference_mode():
+        out = benchmark(torch.ops.fastinstructor.varlen_attention, *inputs)
+        torch.testing.assert_close(out, varlen_attention_ref(*inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", ATTENTION_LENGTHS)
+@pytest.mark.benchmark(group="attention-cpu")
+def test_attention_fallback(benchmark, length):
+    from fastinstructor.t5 import varlen_attention_ref
+
+    inputs = _packed_attention_inputs(length)
+    with torch.inference_mode():
+        benchmark(varlen_attention_ref, *inputs)
+
+
+@pytest.mark.parametrize("length", ATTENTION_LENGTHS)
+@pytest.mark.benchmark(group="attention-cpu")
+def test_attention_padded_sdpa(benchmark, length):
+    """What the padded cpu backend runs on the same sequences: [B, H, L, D] and a [B, H, L, L] additive mask."""
+    q, k, v, _, bias = _packed_attention_inputs(length)
+    batch = q.shape[0] // length
+    qp, kp, vp = (t.view(batch, length, 12, 64).transpose(1, 2) for t in (q, k, v))
+    mask = bias[None].expand(batch, -1, -1, -1)
+    with torch.inference_mode():
+        benchmark(torch.nn.functional.scaled_dot_product_attention, qp, kp, vp, attn_mask=mask, scale=1.0)

@@ -1,8 +1,11 @@
 """T5 encoder maths shared by the backends, the kernels' references and the ONNX export.
 
-The relative position buckets, RMSNorm, the INSTRUCTOR pooling head, and transformers' ``T5EncoderModel``
-loaded from a checkpoint (the float32 reference, and what the export traces). This module imports nothing
-from the backends, so the kernels and the export can use it without depending on them.
+The relative position buckets and bias, packed (varlen) attention, RMSNorm, the INSTRUCTOR
+pooling head (padded and packed), and transformers' ``T5EncoderModel`` loaded from a checkpoint (the float32
+reference, and what the export traces). ``varlen_attention_ref`` is the reference of both packed attentions,
+the Triton kernel (``kernels.attention``) and the native CPU op (``csrc/varlen_attention.cpp``, through
+``fastinstructor.native``). This module imports nothing from the backends, so the kernels and the export can use
+it without depending on them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,16 @@ import torch.nn.functional as F
 
 from .checkpoint import Checkpoint
 
-__all__ = ["relative_position_bucket", "rms_norm", "pool_head", "hf_encoder"]
+__all__ = [
+    "relative_position_bucket",
+    "position_bias_matrix",
+    "varlen_attention_ref",
+    "rms_norm",
+    "pool_head",
+    "packed_mean_pool",
+    "dense_and_normalize",
+    "hf_encoder",
+]
 
 
 def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -31,6 +43,35 @@ def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, 
     )
     large = large.clamp(max=num_buckets - 1)
     return buckets + torch.where(distance < max_exact, distance, large)
+
+
+def position_bias_matrix(bias_table: torch.Tensor, max_len: int, max_distance: int) -> torch.Tensor:
+    """``[H, max_len, max_len]`` float32: T5's relative position bias of a sequence of ``max_len`` tokens (query
+    ``i``, key ``j``), from the ``[num_buckets, H]`` table through its buckets. It depends only on ``j - i``, so a
+    shorter sequence's bias is its top-left block: one matrix serves a whole packed batch and every layer."""
+    positions = torch.arange(max_len, device=bias_table.device)
+    buckets = relative_position_bucket(positions[None, :] - positions[:, None], bias_table.shape[0], max_distance)
+    return bias_table.float()[buckets].permute(2, 0, 1).contiguous()
+
+
+def varlen_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, position_bias: torch.Tensor
+) -> torch.Tensor:
+    """T5 self-attention over packed sequences, in float32, one sequence at a time::
+
+        o[i] = sum_j softmax_j(q[i] . k[j] + position_bias[h, i, j]) v[j]       over the tokens j of i's sequence
+
+    ``q``, ``k``, ``v``: ``[T, H, D]``; ``cu_seqlens [B + 1]``; ``position_bias [H, Lmax, Lmax]``
+    (``position_bias_matrix``; a sequence of ``L`` tokens reads its top-left ``[L, L]`` block). No 1/sqrt(d)
+    scaling (docs/design.md section 5). Returns ``q``'s dtype."""
+    out = torch.empty_like(q)
+    for b in range(cu_seqlens.shape[0] - 1):
+        lo, hi = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
+        bias = position_bias[:, : hi - lo, : hi - lo].float()  # [H, L, L]
+        qs, ks, vs = (t[lo:hi].float().transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        weights = torch.softmax(qs @ ks.transpose(1, 2) + bias, dim=-1)
+        out[lo:hi] = (weights @ vs).transpose(0, 1).to(q.dtype)
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,6 +92,27 @@ def pool_head(
     positions = torch.arange(hidden.shape[1], device=hidden.device)
     mask = (attention_mask.bool() & (positions[None, :] >= pool_start[:, None])).to(hidden.dtype)  # [B, L]
     pooled = torch.einsum("bld,bl->bd", hidden, mask) / mask.sum(1, keepdim=True).clamp_min(1e-9)
+    return dense_and_normalize(pooled, dense_weight, normalize)
+
+
+def packed_mean_pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
+    """``pool_head``'s mean over packed states: ``hidden [T, D]``, sequence ``b`` its tokens
+    ``cu_seqlens[b]:cu_seqlens[b + 1]``, pooled from ``pool_start[b]`` on; ``[B, D]`` float32 (0 where nothing is
+    pooled). The reference of ``kernels.pooling``, and the cpu backend's packed pooling."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    batch = lengths.shape[0]
+    sequence = torch.repeat_interleave(torch.arange(batch, device=hidden.device), lengths)  # [T]
+    position = torch.arange(hidden.shape[0], device=hidden.device) - cu[:-1][sequence]
+    keep = position >= pool_start.long()[sequence]
+    sums = hidden.new_zeros((batch, hidden.shape[1]), dtype=torch.float32)
+    sums.index_add_(0, sequence[keep], hidden[keep].float())
+    counts = torch.bincount(sequence[keep], minlength=batch).float().clamp_min(1e-9)
+    return sums / counts[:, None]
+
+
+def dense_and_normalize(pooled: torch.Tensor, dense_weight: torch.Tensor | None, normalize: bool) -> torch.Tensor:
+    """The pooling head after the mean: Dense (no bias), then L2 normalize."""
     if dense_weight is not None:
         pooled = pooled @ dense_weight.t()
     if normalize:

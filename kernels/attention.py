@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..t5 import relative_position_bucket  # the reference bucket function (transformers' arithmetic)
+from ..t5 import position_bias_matrix, varlen_attention_ref  # the reference maths (transformers' arithmetic)
 from .matmul import resolve_tile
 
 __all__ = ["t5_attention", "t5_attention_padded", "t5_attention_ref", "DEFAULT_TILE", "TILE_CANDIDATES"]
@@ -244,14 +244,7 @@ def t5_attention_ref(
     bias_table: torch.Tensor,
     max_distance: int = 128,
 ) -> torch.Tensor:
-    """Per sequence, in float32 with the bias materialized: softmax(q k^T + bias) v."""
-    out = torch.empty_like(q)
-    for b in range(cu_seqlens.shape[0] - 1):
-        lo, hi = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
-        positions = torch.arange(hi - lo, device=q.device)
-        buckets = relative_position_bucket(positions[None, :] - positions[:, None], bias_table.shape[0], max_distance)
-        bias = bias_table.float()[buckets].permute(2, 0, 1)  # [H, L, L]
-        qs, ks, vs = (t[lo:hi].float().transpose(0, 1) for t in (q, k, v))  # [H, L, D]
-        weights = torch.softmax(qs @ ks.transpose(1, 2) + bias, dim=-1)
-        out[lo:hi] = (weights @ vs).transpose(0, 1).to(q.dtype)
-    return out
+    """``t5.varlen_attention_ref`` (float32, the bias materialized per sequence) from the bucket table."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    max_len = max(int(lengths.max()) if len(lengths) else 1, 1)
+    return varlen_attention_ref(q, k, v, cu_seqlens, position_bias_matrix(bias_table, max_len, max_distance))

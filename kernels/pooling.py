@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..t5 import packed_mean_pool
+
 __all__ = ["masked_mean_pool", "masked_mean_pool_ref"]
 
 
@@ -71,10 +73,5 @@ def masked_mean_pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_start:
 
 
 def masked_mean_pool_ref(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
-    """The same in plain PyTorch."""
-    out = []
-    for b in range(pool_start.shape[0]):
-        begin, end = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
-        rows = hidden[min(begin + int(pool_start[b]), end) : end].float()
-        out.append(rows.sum(0) / max(rows.shape[0], 1e-9))
-    return torch.stack(out) if out else hidden.new_zeros((0, hidden.shape[1]), dtype=torch.float32)
+    """The same in plain PyTorch: ``t5.packed_mean_pool``."""
+    return packed_mean_pool(hidden, cu_seqlens, pool_start)

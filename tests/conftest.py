@@ -41,7 +41,16 @@ def built_wheel(tmp_path_factory) -> Path:
         REPO,
         root / "src",
         ignore=shutil.ignore_patterns(
-            ".venv", ".git", ".models", "demo-output", "build", "dist", "*.egg-info", "__pycache__", ".*cache"
+            ".venv",
+            ".git",
+            ".models",
+            "demo-output",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".*cache",
+            "_native*",
         ),
     )
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w"]

@@ -23,7 +23,7 @@ LAYERS = [
     ("foundation", ["version", "precisions", "locking", "hardware", "data", "batching", "prefetch"]),
     ("model files", ["checkpoint", "tokenization", "calibration", "readers"]),
     ("T5 maths", ["t5"]),
-    ("kernels and export", ["kernels", "export"]),
+    ("kernels and export", ["kernels", "native", "export"]),
     ("backends", ["backends"]),
     ("parity", ["parity"]),
     ("dispatch", ["dispatch"]),

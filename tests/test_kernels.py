@@ -172,7 +172,7 @@ def test_t5_attention_padded_matches_the_materialized_bias():
     cpu backend runs it."""
     from fastinstructor.kernels.attention import t5_attention_padded
 
-    from fastinstructor.backends.cpu import relative_position_bucket
+    from fastinstructor.t5 import relative_position_bucket
 
     lengths, heads, head_dim, max_len = [5, 40, 1], 2, 64, 40
     g = torch.Generator().manual_seed(11)

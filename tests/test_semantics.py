@@ -130,6 +130,7 @@ def test_load_with_sentence_transformers_rule(tiny_model, real_texts, one_token)
 
 def test_instruction_lengths_are_cached(tiny_model):
     model = fastinstructor.load(tiny_model, backend="cpu")
+    model.tokenizer.instruction_length.cache_clear()  # the parity check at load may have filled it
     model.encode([[INSTRUCTIONS[0], f"text number {i}"] for i in range(50)])
     info = model.tokenizer.instruction_length.cache_info()
     assert info.misses == 1 and info.hits == 49

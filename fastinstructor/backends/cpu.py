@@ -25,9 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batching import PackedBatch
 from ..checkpoint import Checkpoint, EncoderConfig
 from ..hardware import Hardware
-from ..t5 import pool_head, relative_position_bucket, rms_norm
+from ..native import varlen_attention
+from ..t5 import (
+    dense_and_normalize,
+    packed_mean_pool,
+    pool_head,
+    position_bias_matrix,
+    rms_norm,
+)
 from .base import BackendClass, Capability
 
 
@@ -55,6 +63,18 @@ class T5Block(nn.Module):
         q, k, v = self.qkv(h).view(b, length, 3, self.heads, self.d_kv).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, d_kv]
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # [B, H, L, d_kv]
         x = x + self.o(attn.transpose(1, 2).reshape(b, length, -1)).float()
+        h = rms_norm(x, self.ln_ff, self.eps).to(dtype)
+        return x + self.wo(self.wi(h)).float()
+
+    def forward_packed(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor, position_bias: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        # x: [T, D] float32 residual stream of packed sequences; position_bias: [H, max_len, max_len]
+        tokens = x.shape[0]
+        h = rms_norm(x, self.ln_attn, self.eps).to(dtype)
+        q, k, v = self.qkv(h).view(tokens, 3, self.heads, self.d_kv).unbind(1)  # views [T, H, d_kv]
+        attn = varlen_attention(q, k, v, cu_seqlens, position_bias)  # [T, H, d_kv]
+        x = x + self.o(attn.reshape(tokens, -1)).float()
         h = rms_norm(x, self.ln_ff, self.eps).to(dtype)
         return x + self.wo(self.wi(h)).float()
 
@@ -95,12 +115,7 @@ class T5Encoder(nn.Module):
 
     def attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Relative position bias ``[1, H, L, L]`` plus key padding ``[B, 1, 1, L]``, computed once per batch."""
-        length = attention_mask.shape[1]
-        positions = torch.arange(length)
-        buckets = relative_position_bucket(
-            positions[None, :] - positions[:, None], self.config.num_buckets, self.config.max_distance
-        )  # [L, L] (key - query)
-        bias = self.bias_table[buckets].permute(2, 0, 1)[None]  # [1, H, L, L]
+        bias = position_bias_matrix(self.bias_table, attention_mask.shape[1], self.config.max_distance)[None]
         padding = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
         return (bias + padding).to(self.compute_dtype)
 
@@ -109,6 +124,14 @@ class T5Encoder(nn.Module):
         mask = self.attention_mask(attention_mask)
         for block in self.blocks:
             x = block(x, mask, self.compute_dtype)
+        return rms_norm(x, self.ln_final, self.config.layer_norm_epsilon)
+
+    def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Packed tokens ``[T]`` -> final states ``[T, D]`` float32; attention per sequence (``native``)."""
+        x = F.embedding(input_ids, self.embed)  # [T, D] float32
+        position_bias = position_bias_matrix(self.bias_table, max(max_len, 1), self.config.max_distance)
+        for block in self.blocks:
+            x = block.forward_packed(x, cu_seqlens, position_bias, self.compute_dtype)
         return rms_norm(x, self.ln_final, self.config.layer_norm_epsilon)
 
 
@@ -149,6 +172,14 @@ class CpuBackend(BackendClass):
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids, attention_mask)
         return pool_head(hidden, attention_mask, pool_start, self.dense_weight, self.normalize)
+
+    @torch.inference_mode()
+    def embed_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """The same on a packed batch: no padded token is computed; attention runs per sequence, on the native
+        op where it is built (``fastinstructor.native``)."""
+        hidden = self.encoder.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_len)
+        pooled = packed_mean_pool(hidden, batch.cu_seqlens, batch.pool_start)
+        return dense_and_normalize(pooled, self.dense_weight, self.normalize)
 
 
 def _pack_linears(encoder: T5Encoder) -> None:

@@ -1,0 +1,165 @@
+"""The native CPU op (csrc/varlen_attention.cpp, issue 16) against its reference, its PyTorch fallback, the build
+that setup.py drives, and the cpu backend's packed forward that uses it."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastinstructor
+from fastinstructor import native
+from fastinstructor.batching import BatchPolicy, pack_batch, pad_batch
+from fastinstructor.t5 import position_bias_matrix, varlen_attention_ref
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILT = native.availability()[0]
+needs_native = pytest.mark.skipif(not BUILT, reason=f"the native op is not here: {native.availability()[1]}")
+
+
+def packed_inputs(lengths: list[int], heads: int, head_dim: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    tokens = int(cu[-1])
+    q, k, v = (torch.randn(tokens, heads, head_dim, generator=g).mul(0.3).to(dtype) for _ in range(3))
+    table = torch.randn(32, heads, generator=g).mul(2)
+    return q, k, v, cu, position_bias_matrix(table, max(lengths), 128)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "lengths", [[1], [7], [600], [1, 7, 33, 128, 600, 70, 2], [5] * 40 + [300], list(range(1, 30))]
+)
+@pytest.mark.parametrize("heads, head_dim", [(4, 48), (3, 20), (2, 64)])
+def test_the_native_op_equals_the_reference_in_float32(lengths, heads, head_dim):
+    q, k, v, cu, bias = packed_inputs(lengths, heads, head_dim, torch.float32, seed=len(lengths) + head_dim)
+    out = torch.ops.fastinstructor.varlen_attention(q, k, v, cu, bias)
+    torch.testing.assert_close(out, varlen_attention_ref(q, k, v, cu, bias), atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+def test_the_native_op_in_bfloat16_and_on_views():
+    """bfloat16 in and out (float32 inside), on q, k, v as the backend passes them: views of one [T, 3, H, D]."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [3, 64, 200, 1]
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int64)
+    qkv = torch.randn(int(cu[-1]), 3, 4, 40, generator=g).mul(0.3).bfloat16()
+    q, k, v = qkv.unbind(1)
+    bias = position_bias_matrix(torch.randn(32, 4, generator=g), 200, 128)
+    out = native.varlen_attention(q, k, v, cu, bias)
+    assert out.dtype == torch.bfloat16
+    expected = varlen_attention_ref(q.float(), k.float(), v.float(), cu, bias)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@needs_native
+def test_the_native_op_names_bad_input():
+    q, k, v, cu, bias = packed_inputs([5, 6], 2, 16, torch.float32)
+    op = torch.ops.fastinstructor.varlen_attention
+    with pytest.raises(RuntimeError, match=r"q, k, v must be \[T, H, D\] of one shape"):
+        op(q, k[:-1], v, cu, bias)
+    with pytest.raises(RuntimeError, match="must share a float32 or bfloat16 dtype"):
+        op(q.half(), k.half(), v.half(), cu, bias)
+    with pytest.raises(RuntimeError, match="cu_seqlens must run from 0 to T = 11"):
+        op(q, k, v, torch.tensor([0, 5, 10], dtype=torch.int32), bias)
+    with pytest.raises(RuntimeError, match="sequence 0 has 11 tokens; position_bias covers 6"):
+        op(q, k, v, torch.tensor([0, 11], dtype=torch.int32), bias)
+    with pytest.raises(RuntimeError, match=r"position_bias must be \[2, Lmax, Lmax\]"):
+        op(q, k, v, cu, bias[:1])
+
+
+def test_the_fallback_runs_the_reference(monkeypatch):
+    """With the library turned off (or never built), the same call runs t5.varlen_attention_ref."""
+    monkeypatch.setenv("FASTINSTRUCTOR_NATIVE", "0")
+    native.availability.cache_clear()
+    try:
+        assert native.availability() == (False, "turned off by FASTINSTRUCTOR_NATIVE=0: PyTorch fallback")
+        q, k, v, cu, bias = packed_inputs([3, 9], 2, 16, torch.float32)
+        torch.testing.assert_close(native.varlen_attention(q, k, v, cu, bias), varlen_attention_ref(q, k, v, cu, bias))
+    finally:
+        monkeypatch.delenv("FASTINSTRUCTOR_NATIVE")
+        native.availability.cache_clear()
+
+
+@pytest.mark.skipif(
+    shutil.which("cmake") is None or not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="no CMake or C++ compiler here: the install builds no native op, and the fallback runs",
+)
+def test_the_install_built_the_native_op():
+    """`make setup` (so `make test` from a clean clone) builds the library wherever CMake and a compiler exist."""
+    assert BUILT, native.availability()[1]
+    assert native.library_path().parent == Path(native.__file__).parent
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("fastinstructor_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the build command; setup() runs only as __main__
+    return module
+
+
+def _build_command(module, tmp_path):
+    from setuptools import Distribution
+
+    dist = Distribution({"name": "fastinstructor", "ext_modules": [module.CMakeExtension("fastinstructor._native")]})
+    command = module.CMakeBuild(dist)
+    command.build_lib, command.build_temp = str(tmp_path / "lib"), str(tmp_path / "temp")
+    command.ensure_finalized()
+    return command
+
+
+def test_an_install_without_a_compiler_goes_on_with_a_notice(tmp_path, monkeypatch, capsys):
+    module = _setup_module()
+    monkeypatch.setattr(module.shutil, "which", lambda name: None)
+    assert module.CMakeBuild._missing() == "no cmake: pip install cmake"
+    command = _build_command(module, tmp_path)
+    command.run()  # no exception: the install goes on
+    assert "native CPU ops not built (no cmake: pip install cmake); the PyTorch fallback will run" in (
+        capsys.readouterr().err
+    )
+    assert command.get_outputs() == []  # nothing to install that was not built
+
+
+def test_a_failing_build_is_a_notice_not_a_failed_install(tmp_path, monkeypatch, capsys):
+    module = _setup_module()
+    monkeypatch.setattr(module.CMakeBuild, "_missing", staticmethod(lambda: None))
+
+    def fail(self, ext):
+        raise subprocess.CalledProcessError(1, ["cmake", "--build"])
+
+    monkeypatch.setattr(module.CMakeBuild, "_build", fail)
+    _build_command(module, tmp_path).run()
+    assert "native CPU ops not built (the build failed: Command '['cmake', '--build']'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+def test_the_packed_cpu_forward_equals_the_reference(tiny_model, real_pairs, precision):
+    """The cpu backend's packed forward against the float32 reference at its precision's tolerance, and against
+    its own padded forward, at batch sizes 1, 7, 32 and under a token budget, on real text and the edge cases."""
+    from conftest import assert_parity
+
+    from fastinstructor.backends.cpu import CpuBackend
+    from fastinstructor.checkpoint import load_checkpoint
+
+    reference = fastinstructor.load(tiny_model, backend="reference", precision="float32")
+    pairs = real_pairs[:40] + [["", "x"], ["Represent:", ""], ["Represent the long one:", "word " * 700], "plain"]
+    ids, starts, _ = reference.tokenizer(pairs)
+    expected = reference.encode(pairs)
+    backend = CpuBackend(load_checkpoint(tiny_model), precision=precision)
+    lengths = [len(row) for row in ids]
+    for policy in (BatchPolicy(1), BatchPolicy(7), BatchPolicy(32), BatchPolicy(64, 300, packed=True)):
+        packed, padded = np.zeros_like(expected), np.zeros_like(expected)
+        for rows in policy.plan(lengths):
+            batch = ([ids[i] for i in rows], [starts[i] for i in rows])
+            packed[rows] = backend.embed_packed(pack_batch(*batch)).numpy()
+            padded[rows] = backend.embed(*pad_batch(*batch)).numpy()
+        assert_parity(packed, expected, precision)
+        # int8's activation scale is one per batch tensor, padding included: its packed and padded batches quantize
+        # differently, and each is judged against the reference above.
+        limit = {"float32": 1e-5, "bfloat16": 5e-3}.get(precision)
+        assert limit is None or np.abs(packed - padded).max() <= limit, (policy, np.abs(packed - padded).max())
