@@ -109,10 +109,10 @@ DEFAULT_SERVER_POLICY = BatchPolicy(max_rows=128, max_tokens=16_384)  # fastinst
 DEFAULT_PACKED_POLICY = BatchPolicy(max_rows=1024, max_tokens=65_536, packed=True)
 
 
-def default_policy(packed_input: bool) -> BatchPolicy:
-    """``encode``'s policy when the caller names none: ``DEFAULT_PACKED_POLICY`` for a backend that takes packed
-    batches, else ``DEFAULT_ENCODE_POLICY``."""
-    return DEFAULT_PACKED_POLICY if packed_input else DEFAULT_ENCODE_POLICY
+def default_policy(large_batches: bool) -> BatchPolicy:
+    """``encode``'s policy when the caller names none: ``DEFAULT_PACKED_POLICY`` for a backend with
+    ``large_batches`` (the triton backend: a GPU), else ``DEFAULT_ENCODE_POLICY``."""
+    return DEFAULT_PACKED_POLICY if large_batches else DEFAULT_ENCODE_POLICY
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import shards
-from .backends.base import takes_packed
+from .backends.base import takes_large_batches
 from .batching import DEFAULT_EMBED_POLICY, BatchPolicy, default_policy
 from .locking import LockHeld, hold
 from .model import Instructor, load
@@ -92,14 +92,14 @@ class EmbedSettings:
     @property
     def batch_policy(self) -> BatchPolicy:
         """``batch_policy_for`` a backend that takes padded batches."""
-        return self.batch_policy_for(packed_input=False)
+        return self.batch_policy_for(large_batches=False)
 
-    def batch_policy_for(self, packed_input: bool) -> BatchPolicy:
+    def batch_policy_for(self, large_batches: bool) -> BatchPolicy:
         """Neither ``batch_size`` nor ``max_batch_tokens`` set: ``DEFAULT_PACKED_POLICY`` (real tokens) for a backend
-        that takes packed batches, else ``DEFAULT_EMBED_POLICY``. Either set: ``batch_size`` rows (default 32) and
-        ``max_batch_tokens`` padded tokens (default 16,384), on every backend."""
-        if self.batch_size is None and self.max_batch_tokens is None and packed_input:
-            return default_policy(packed_input)
+        with ``large_batches`` (the triton backend), else ``DEFAULT_EMBED_POLICY``. Either set: ``batch_size`` rows
+        (default 32) and ``max_batch_tokens`` padded tokens (default 16,384), on every backend."""
+        if self.batch_size is None and self.max_batch_tokens is None and large_batches:
+            return default_policy(large_batches)
         return BatchPolicy(
             DEFAULT_EMBED_POLICY.max_rows if self.batch_size is None else self.batch_size,
             DEFAULT_EMBED_POLICY.max_tokens if self.max_batch_tokens is None else self.max_batch_tokens,
@@ -344,7 +344,7 @@ class _Job:
             **shards.policy_identity(self.policy),  # the policy, not the settings' None for "the backend's default"
         }
         self.manifest = manifest = shards.open_output(output, identity, spec.path == "-", overwrite)
-        if self.policy != (default := settings.batch_policy_for(takes_packed(model.backend))):
+        if self.policy != (default := settings.batch_policy_for(takes_large_batches(model.backend))):
             _say(quiet, f"embed: continuing with the batches the job started with, {self.policy} (default {default})")
         stat = _input_stat(spec)
         rows: Iterator[Row] = iter(self.reader)
@@ -395,7 +395,7 @@ class _Job:
         """The settings' policy for this backend; but when they leave it to the backend and the folder holds a job
         to resume, the policy that job recorded, so that a changed default neither refuses nor alters the resume."""
         settings = self.settings
-        policy = settings.batch_policy_for(takes_packed(self.model.backend))
+        policy = settings.batch_policy_for(takes_large_batches(self.model.backend))
         if settings.batch_size is not None or settings.max_batch_tokens is not None or overwrite:
             return policy
         recorded = shards.recorded_policy(self.output)

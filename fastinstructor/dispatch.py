@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import native
 from .backends import BACKENDS
 from .backends.base import Backend, why_not
 from .calibration import calibration_sha256
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("fastinstructor.dispatch")
-_PARITY_VERSION = 2  # bump when the measure changes: invalidates cached results (the calibration set keys them too)
+_PARITY_VERSION = 3  # bump when the measure changes: invalidates cached results (the calibration set keys them too)
 
 
 class NoBackendError(RuntimeError):
@@ -117,7 +118,7 @@ def _cache_path(
     # A backend that runs a graph from disk (onnx) names its checksums: a result holds for the graph it measured.
     graph = getattr(backend, "graph_checksums", None)
     # The tokenizer's files are in the fingerprint; its settings decide the calibration set's ids too.
-    inputs = [calibration_sha256(), tokenizer.max_length, tokenizer.pooling_rule]
+    inputs = [calibration_sha256(), tokenizer.max_length, tokenizer.pooling_rule, native.availability()[0]]
     key = json.dumps(
         [_PARITY_VERSION, inputs, checkpoint.fingerprint, str(candidate), hardware.packages, graph], sort_keys=True
     )
@@ -222,6 +223,7 @@ def choose(
                 "device": candidate.device,
                 "parity": None if result is None else asdict(result),
                 "calibration_sha256": calibration_sha256(),
+                "native_ops": native.availability()[1],  # the cpu backend's attention: C++ or the fallback
                 "skipped": skipped,
                 "hardware": hardware.describe(),
             }

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import get_backend_class
-from .backends.base import Backend, batch_inputs, check_precision, embed_inputs, takes_packed
+from .backends.base import Backend, batch_inputs, check_precision, embed_inputs, takes_large_batches
 from .batching import DEFAULT_ENCODE_POLICY, BatchPolicy, default_policy
 from .checkpoint import Checkpoint, load_checkpoint
 from .precisions import canonical_precision
@@ -98,9 +98,9 @@ class Instructor:
         ``max_batch_tokens`` additionally bounds each batch by padded tokens (rows x longest row).
 
         When neither ``batch_size`` nor ``max_batch_tokens`` is given, the backend decides: 32 rows per batch and no
-        token budget (the authors' default) on every backend but one that takes packed batches (``packed_input``:
-        the triton backend), which gets ``DEFAULT_PACKED_POLICY`` (up to 1,024 rows and 65,536 real tokens per
-        batch; padding costs it nothing). Either argument given: ``batch_size`` rows (default 32) and
+        token budget (the authors' default) on every backend but one with ``large_batches`` (the triton backend),
+        which gets ``DEFAULT_PACKED_POLICY`` (up to 1,024 rows and 65,536 real tokens per batch, to keep a GPU busy;
+        padding costs it nothing). Either argument given: ``batch_size`` rows (default 32) and
         ``max_batch_tokens`` padded tokens, on every backend. The batches change only speed, not the embeddings.
 
         On a backend that runs off the CPU (a GPU), an input of more than ``tokenize_chunk_rows`` texts (8,192, or 8
@@ -115,7 +115,7 @@ class Instructor:
                 f"instead of encode (got device={device!r})"
             )
         if batch_size is None and max_batch_tokens is None:
-            policy = default_policy(takes_packed(self.backend))
+            policy = default_policy(takes_large_batches(self.backend))
         else:  # checked before any work
             policy = BatchPolicy(DEFAULT_ENCODE_POLICY.max_rows if batch_size is None else batch_size, max_batch_tokens)
         single = isinstance(sentences, str)  # as the authors' encode: only a bare string is one input
@@ -176,7 +176,7 @@ class Instructor:
         next batch has been handed to the backend, so that a GPU has the next batch queued while the host waits.
         """
         backend = self.backend
-        policy = default_policy(takes_packed(backend)) if policy is None else policy
+        policy = default_policy(takes_large_batches(backend)) if policy is None else policy
         plan = policy.plan([len(row) for row in ids])
 
         def make(rows: list[int]):

@@ -28,6 +28,7 @@ __all__ = [
     "embed_inputs",
     "pool_head",
     "takes_packed",
+    "takes_large_batches",
 ]
 
 DEVICE_NAMES = {"cpu": "the CPU", "cuda": "CUDA"}
@@ -74,9 +75,11 @@ class BackendClass:
     name: ClassVar[str]
     capabilities: ClassVar[tuple[Capability, ...]]
     precisions: ClassVar[tuple[str, ...]]  # every precision of the table, in its order
-    # True: the class has embed_packed(PackedBatch), and the pipeline packs its batches (no padding) and plans them
-    # by real tokens when the caller names no policy (batching.DEFAULT_PACKED_POLICY).
+    # True: the class has embed_packed(PackedBatch), and the pipeline packs its batches (no padding).
     packed_input: ClassVar[bool] = False
+    # True: when the caller names no policy, encode and the embed job give it batches of up to 1,024 rows and 65,536
+    # real tokens (batching.DEFAULT_PACKED_POLICY: what keeps a GPU busy); else their CPU defaults (32 rows).
+    large_batches: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -126,6 +129,12 @@ def why_not(cls: type[BackendClass], precision: str, device: str, hardware: Hard
 def takes_packed(backend: Backend) -> bool:
     """Whether ``backend`` takes ``PackedBatch`` inputs (``embed_packed``); a stand-in without the flag does not."""
     return bool(getattr(backend, "packed_input", False))
+
+
+def takes_large_batches(backend: Backend) -> bool:
+    """Whether the pipeline's default policy for ``backend`` is ``DEFAULT_PACKED_POLICY`` (``large_batches``); a
+    stand-in without the flag gets it when it takes packed batches."""
+    return bool(getattr(backend, "large_batches", takes_packed(backend)))
 
 
 def batch_inputs(backend: Backend, ids: list[list[int]], pool_start: list[int]) -> PackedBatch | tuple:

@@ -1,19 +1,26 @@
-"""The project's own T5 encoder in PyTorch, for the CPU: float32, bfloat16 or int8.
+"""The project's own T5 encoder in PyTorch, for the CPU, on packed tokens: float32, bfloat16 or int8.
 
-Differences from ``transformers.T5EncoderModel`` (the maths is the same, docs/design.md section 5):
+A batch arrives packed (``embed_packed``: ``batching.PackedBatch``, what the pipeline builds for it, ``packed_input``)
+or padded (``embed``, which packs it first): the states are ``[T, d_model]``, so the projections and the FFN never
+compute a padding token. Differences from ``transformers.T5EncoderModel`` (the maths is the same, docs/design.md
+section 5):
 
 - q, k and v are one fused projection ``[3 * heads * d_kv, d_model]``;
-- attention is ``scaled_dot_product_attention`` with ``scale=1.0`` (T5 has no 1/sqrt(d_kv)) and the
-  relative position bias plus the key padding mask as one additive mask, built once per batch and shared
-  by every layer;
-- bfloat16 runs the matrix products in bfloat16 while the residual stream, RMSNorm statistics and the
-  pooling head stay float32;
+- attention runs per sequence (``fastinstructor.native.varlen_attention``: the C++ op where the install built it,
+  else its PyTorch fallback), each reading its block of the batch's relative position bias ``[H, Lmax, Lmax]``,
+  built once per batch and shared by every layer; no 1/sqrt(d_kv) scaling;
+- bfloat16 runs the matrix products and attention in bfloat16 while the residual stream, RMSNorm statistics and
+  the pooling head stay float32;
 - float32 and bfloat16 linear layers run on oneDNN with each weight reordered once into its blocked layout
   and the feed-forward ReLU fused (``PackedLinear``): torch's default float32 GEMM (MKL) reaches 200 GFLOP/s
   on the project's AMD EPYC machines where oneDNN reaches 460 (``load`` then lets the checkpoint's float32
   originals go, so the packed copies replace them in memory); without oneDNN they stay ``nn.Linear``;
 - int8 is PyTorch dynamic quantization of every linear layer (int8 weights per output channel, activations
   quantized per batch at run time); attention stays float32.
+
+Packed against the padded forward this backend had before (same 32-row batches, 2-core Xeon,
+``bench/results/packed-cpu-2026-12-01-vm.md``): 1.22-1.40x on evidence sentences, 1.43-1.48x on a mix with
+articles, at each precision.
 """
 
 from __future__ import annotations
@@ -25,14 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batching import PackedBatch
+from ..batching import PackedBatch, pack_padded
 from ..checkpoint import Checkpoint, EncoderConfig
 from ..hardware import Hardware
 from ..native import varlen_attention
 from ..t5 import (
     dense_and_normalize,
     packed_mean_pool,
-    pool_head,
     position_bias_matrix,
     rms_norm,
 )
@@ -56,17 +62,7 @@ class T5Block(nn.Module):
         self.register_buffer("ln_attn", weights[prefix + "0.layer_norm.weight"].clone())  # clones: see T5Encoder
         self.register_buffer("ln_ff", weights[prefix + "1.layer_norm.weight"].clone())
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        # x: [B, L, D] float32 residual stream; mask: [B, H, L, L] additive bias + padding, in `dtype`
-        b, length, _ = x.shape
-        h = rms_norm(x, self.ln_attn, self.eps).to(dtype)
-        q, k, v = self.qkv(h).view(b, length, 3, self.heads, self.d_kv).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, d_kv]
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # [B, H, L, d_kv]
-        x = x + self.o(attn.transpose(1, 2).reshape(b, length, -1)).float()
-        h = rms_norm(x, self.ln_ff, self.eps).to(dtype)
-        return x + self.wo(self.wi(h)).float()
-
-    def forward_packed(
+    def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor, position_bias: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor:
         # x: [T, D] float32 residual stream of packed sequences; position_bias: [H, max_len, max_len]
@@ -96,7 +92,7 @@ class PackedLinear(nn.Module):
 
 
 class T5Encoder(nn.Module):
-    """Embedding, blocks and final RMSNorm; returns float32 states ``[B, L, D]``."""
+    """Embedding, blocks and final RMSNorm over packed tokens; returns float32 states ``[T, D]``."""
 
     def __init__(self, config: EncoderConfig, weights: dict[str, torch.Tensor]) -> None:
         super().__init__()
@@ -113,25 +109,12 @@ class T5Encoder(nn.Module):
         )
         self.compute_dtype = torch.float32
 
-    def attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Relative position bias ``[1, H, L, L]`` plus key padding ``[B, 1, 1, L]``, computed once per batch."""
-        bias = position_bias_matrix(self.bias_table, attention_mask.shape[1], self.config.max_distance)[None]
-        padding = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        return (bias + padding).to(self.compute_dtype)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed)  # [B, L, D] float32
-        mask = self.attention_mask(attention_mask)
-        for block in self.blocks:
-            x = block(x, mask, self.compute_dtype)
-        return rms_norm(x, self.ln_final, self.config.layer_norm_epsilon)
-
-    def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
         """Packed tokens ``[T]`` -> final states ``[T, D]`` float32; attention per sequence (``native``)."""
         x = F.embedding(input_ids, self.embed)  # [T, D] float32
         position_bias = position_bias_matrix(self.bias_table, max(max_len, 1), self.config.max_distance)
         for block in self.blocks:
-            x = block.forward_packed(x, cu_seqlens, position_bias, self.compute_dtype)
+            x = block(x, cu_seqlens, position_bias, self.compute_dtype)
         return rms_norm(x, self.ln_final, self.config.layer_norm_epsilon)
 
 
@@ -142,6 +125,7 @@ class CpuBackend(BackendClass):
         Capability("bfloat16", "cpu", 40),
         Capability("int8", "cpu", 30),
     )
+    packed_input: ClassVar[bool] = True
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -168,16 +152,13 @@ class CpuBackend(BackendClass):
         self.dense_weight = checkpoint.dense_weight
         self.normalize = checkpoint.normalize
 
-    @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids, attention_mask)
-        return pool_head(hidden, attention_mask, pool_start, self.dense_weight, self.normalize)
+        """A right-padded batch, packed first (``embed_packed``: one forward)."""
+        return self.embed_packed(pack_padded(input_ids, attention_mask, pool_start))
 
     @torch.inference_mode()
     def embed_packed(self, batch: PackedBatch) -> torch.Tensor:
-        """The same on a packed batch: no padded token is computed; attention runs per sequence, on the native
-        op where it is built (``fastinstructor.native``)."""
-        hidden = self.encoder.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_len)
+        hidden = self.encoder(batch.input_ids, batch.cu_seqlens, batch.max_len)  # [T, D] float32
         pooled = packed_mean_pool(hidden, batch.cu_seqlens, batch.pool_start)
         return dense_and_normalize(pooled, self.dense_weight, self.normalize)
 

@@ -58,6 +58,7 @@ class TritonBackend(BackendClass):
         Capability("float8", "cuda"),
     )
     packed_input: ClassVar[bool] = True
+    large_batches: ClassVar[bool] = True
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
