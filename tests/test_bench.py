@@ -128,8 +128,8 @@ def test_contenders_skip_what_this_machine_cannot_run():
 def test_contenders_take_precision_aliases():
     chosen, skipped = plan_contenders(["cpu", "cpu"], ["fp32", "int8", "float32"], "cpu")
     assert chosen == [("reference", "float32"), ("cpu", "float32"), ("cpu", "int8")] and skipped == []
-    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
-        plan_contenders(["cpu"], ["fp8"], "cpu")
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        plan_contenders(["cpu"], ["int4"], "cpu")
 
 
 def test_environment_is_the_shared_hardware_probe():
@@ -244,5 +244,5 @@ def test_bench_refuses_bad_options_with_exit_2(tiny_model, tmp_path, capsys):
     assert "neither one of claims" in capsys.readouterr().err
     assert main(["bench", "--model", str(tiny_model), "--repeat", "0", "--out", str(tmp_path)]) == 2
     assert "--repeat" in capsys.readouterr().err
-    assert main(["bench", "--model", str(tiny_model), "--precisions", "fp16,fp8", "--out", str(tmp_path)]) == 2
-    assert "unknown precision 'fp8'" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tiny_model), "--precisions", "fp16,int4", "--out", str(tmp_path)]) == 2
+    assert "unknown precision 'int4'" in capsys.readouterr().err

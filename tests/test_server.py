@@ -223,10 +223,17 @@ class _SlowBackend:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def embed(self, input_ids, attention_mask, pool_start):
-        self.batches.append(input_ids.shape[0])
+    def _wait(self, rows: int) -> None:
+        self.batches.append(rows)
         time.sleep(self.delay_s)
+
+    def embed(self, input_ids, attention_mask, pool_start):
+        self._wait(input_ids.shape[0])
         return self.inner.embed(input_ids, attention_mask, pool_start)
+
+    def embed_packed(self, batch):  # the cpu backend takes packed batches: the batcher calls this one
+        self._wait(batch.rows)
+        return self.inner.embed_packed(batch)
 
 
 @contextlib.contextmanager
@@ -654,7 +661,7 @@ def test_an_internal_error_answers_500_without_the_local_path(tiny_model):
         def fail(*args):
             raise OSError(f"cannot read {tiny_model / 'model.safetensors'}")
 
-        slow.backend.embed = fail
+        slow.backend.embed = slow.backend.embed_packed = fail
         reply = httpx.post(url + "/embed", json={"inputs": "a"}, timeout=30)
         assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error", reply.text
         assert str(tiny_model) not in reply.text and "server log" in reply.json()["error"]["message"]
