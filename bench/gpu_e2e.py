@@ -37,7 +37,7 @@ import time
 import traceback
 from pathlib import Path
 
-from harness import DEFAULT_OUT, ROOT, command, ensure_model, machine, write_results
+from harness import DEFAULT_OUT, ROOT, SMOKE_NOTE, command, ensure_model, gpu_device, machine, write_results
 
 QUANTIZED = ("int8", "float8")
 GPU_LOAD = (
@@ -487,27 +487,17 @@ def markdown(result: dict) -> str:
     lines += ["", *(f"Skipped: {s['contender']} on {s['preset']}: {s['reason']}" for s in result["skipped"])]
     lines += [f"Failed: {e['step']} on {e['preset']}: {e['error']}" for e in result["errors"]]
     if result["smoke"]:
-        lines += [
-            "",
-            "**Smoke run** (CPU, Triton interpreter, toy sizes): checks the script; the timings mean nothing.",
-        ]
+        lines += ["", SMOKE_NOTE]
     return "\n".join([*lines, "", machine(result)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels are decorated at import
+    device = gpu_device(args.smoke, "gpu_e2e")
     import torch
 
     from fastinstructor.benchmark import record
-    from fastinstructor.data import shared_data_dir
 
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("gpu_e2e: no CUDA device (--smoke checks the script on the CPU)")
-    if shared_data_dir() is None and not args.smoke:
-        sys.exit("gpu_e2e: the shared data was not found; point FASTINSTRUCTOR_DATA at its folder")
     pairs, source = mixed_pairs(args.texts, 160 if args.smoke else None)  # smoke: short texts, the interpreter is slow
     source += ", cut at 160 characters (smoke)" if args.smoke else ""
     result = record(

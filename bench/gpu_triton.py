@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from harness import DEFAULT_OUT, ROOT, command, ensure_model, machine, write_results
+from harness import DEFAULT_OUT, ROOT, SMOKE_NOTE, command, ensure_model, gpu_device, machine, write_results
 
 INSTRUCTION = "Represent the Wikipedia document for retrieval:"
 # 65,536-token batches (issue 15's forward targets): padded tokens for transformers (up to 4,096 rows), real tokens
@@ -475,27 +474,18 @@ def markdown(result: dict) -> str:
     lines += [f"    {key}: {choice}," for key, choice in proposed_table(result["tiles"]).items()]
     lines += ["", *(f"Skipped: {s['contender']} on {s['preset']}: {s['reason']}" for s in result["skipped"])]
     if result["smoke"]:
-        lines += [
-            "",
-            "**Smoke run** (CPU, Triton interpreter, toy sizes): checks the script; the timings mean nothing.",
-        ]
+        lines += ["", SMOKE_NOTE]
     return "\n".join([*lines, "", machine(result)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels are decorated at import
+    device = gpu_device(args.smoke, "gpu_triton")
     import torch
 
     from fastinstructor.benchmark import matmul_ceilings, record
-    from fastinstructor.data import sample_passages, shared_data_dir
+    from fastinstructor.data import sample_passages
 
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("gpu_triton: no CUDA device (--smoke checks the script on the CPU)")
-    if shared_data_dir() is None and not args.smoke:
-        sys.exit("gpu_triton: the shared data was not found; point FASTINSTRUCTOR_DATA at its folder")
     passages, source = sample_passages(args.texts)  # the evidence sentences; the project's docs in a smoke run
     texts = [t for _, t in passages]
     heads, head_dim = (2, 64) if args.smoke else (16, 64)

@@ -10,6 +10,7 @@ module as ``harness``. Timing, the environment record, tables and the result-fil
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -52,3 +53,24 @@ def machine(result: dict) -> str:
     from fastinstructor.benchmark import machine_line
 
     return machine_line(result["environment"], result["source"])
+
+
+SMOKE_NOTE = "**Smoke run** (CPU, Triton interpreter, toy sizes): checks the script; the timings mean nothing."
+
+
+def gpu_device(smoke: bool, script: str) -> str:
+    """Where a GPU script runs: ``"cpu"`` under Triton's interpreter for ``--smoke`` (set here, before triton is
+    imported: kernels are decorated at import), else ``"cuda"``; exits saying why when CUDA or the shared data is
+    missing."""
+    if smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return "cpu"
+    import torch
+
+    from fastinstructor.data import shared_data_dir
+
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: no CUDA device (--smoke checks the script on the CPU)")
+    if shared_data_dir() is None:
+        sys.exit(f"{script}: the shared data was not found; point FASTINSTRUCTOR_DATA at its folder")
+    return "cuda"
