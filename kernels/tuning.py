@@ -46,9 +46,9 @@ from . import attention, matmul
 from .projection import CUBLAS, Projection
 from .quantize import quantize_rows_ref
 
-__all__ = ["TABLE", "Site", "Tuner", "gpu_tuner"]
+__all__ = ["CLASSES", "TABLE", "Site", "Tuner", "gpu_tuner"]
 
-CLASSES = ("small", "large")
+CLASSES = ("small", "large")  # projection.shape_class's names
 # The H200 (sm_90) sweep of 2026-11-30 (commit aec4421; ../shared/measurements/2026-11-30-h200/, M = 4,096
 # packed tokens on base's qkv, wi and wo). bfloat16: cuBLAS 544-640 TFLOP/s against 389-455 for the best tile.
 # int8: the 64x128x64 tile 455-661 TOP/s (best or within 1% of it on each shape) against 138-338 for

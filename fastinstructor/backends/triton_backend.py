@@ -87,10 +87,11 @@ class TritonBackend(BackendClass):
         if not ok:
             raise ImportError(f"the triton backend is not available: {why}")
         from ..kernels import attention, pooling, quantize, rms_norm
-        from ..kernels.projection import Projection
-        from ..kernels.tuning import Site, gpu_tuner
+        from ..kernels.projection import Projection, shape_class
+        from ..kernels.tuning import CLASSES, Site, gpu_tuner
 
         self._attention, self._pool, self._quantize = attention.t5_attention, pooling.masked_mean_pool, quantize
+        self._shape_class = shape_class
         self._rms_norm = rms_norm
         self.device, self.precision = torch.device(device), precision
         cfg = self.config = checkpoint.config
@@ -107,14 +108,16 @@ class TritonBackend(BackendClass):
             proj = Projection.prepare(weight if self.quant else weight.to(self.dtype), relu, out, self.quant)
             if self.quant != torch.float8_e4m3fn:  # float8 has one implementation
                 op = "linear_int8" if self.quant else "linear"
-                site = Site(op, "int8" if self.quant else dtype_name, str(out)[6:], relu, *weight.shape)
-                proj.choices = {klass: self.tuner.choose(site, klass) for klass in ("small", "large")}
+                site = Site(
+                    op, "int8" if self.quant else dtype_name, str(out).removeprefix("torch."), relu, *weight.shape
+                )
+                proj.choices = {klass: self.tuner.choose(site, klass) for klass in CLASSES}
             return proj
 
         self.embed_table = w["shared.weight"]  # float32: the residual stream starts from it
         self.bias_table = w["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].contiguous()
         attention_site = Site("attention", dtype_name, n=cfg.num_heads, k=cfg.d_kv)
-        self.attention_tile = {k: self.tuner.choose(attention_site, k) for k in ("small", "large")}
+        self.attention_tile = {k: self.tuner.choose(attention_site, k) for k in CLASSES}
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"encoder.block.{i}.layer."
@@ -175,14 +178,12 @@ class TritonBackend(BackendClass):
         """``[B, out_dim]`` float32 on the device. The inputs go to the device with ``non_blocking`` copies (they
         overlap when the batch is in pinned memory), and nothing in the forward waits for the device: the token
         count comes from the host, and the attention checks ``cu_seqlens`` on the device (``torch._assert_async``)."""
-        from ..kernels.projection import shape_class
-
         cfg = self.config
         ids = batch.input_ids.to(self.device, non_blocking=True)  # [T] real tokens only
         cu = batch.cu_seqlens.to(self.device, non_blocking=True)
         pool_start = batch.pool_start.to(self.device, non_blocking=True)
         tokens = batch.tokens
-        tile = self.attention_tile[shape_class(tokens)]
+        tile = self.attention_tile[self._shape_class(tokens)]
         residual = F.embedding(ids, self.embed_table)  # [T, d] float32
         h = self._normalized(residual, self.layers[0]["ln_attn"])[0]
         for i, layer in enumerate(self.layers):
