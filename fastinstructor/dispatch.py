@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("fastinstructor.dispatch")
-_PARITY_VERSION = 3  # bump when the measure changes: invalidates cached results (the calibration set keys them too)
+_PARITY_VERSION = 4  # bump when the measure or a backend's arithmetic changes: invalidates cached results
 
 
 class NoBackendError(RuntimeError):
@@ -223,7 +223,7 @@ def choose(
                 "device": candidate.device,
                 "parity": None if result is None else asdict(result),
                 "calibration_sha256": calibration_sha256(),
-                "native_ops": native.availability()[1],  # the cpu backend's attention: C++ or the fallback
+                "native_ops": native.availability()[1],  # the cpu backend's row ops and attention: C++ or the fallback
                 "skipped": skipped,
                 "hardware": hardware.describe(),
             }

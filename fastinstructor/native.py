@@ -6,9 +6,17 @@ that cannot build them (no compiler, no CMake, torch missing at build time) says
 anyway: every op here then runs its reference in PyTorch. ``availability()`` says which, and why;
 ``FASTINSTRUCTOR_NATIVE=0`` turns the library off (the fallback's tests, and a way out if it misbehaves).
 
+Each op is the CPU twin of a Triton kernel, with the same signature and the same reference in ``t5``:
+
 - ``varlen_attention(q, k, v, cu_seqlens, position_bias)``: packed T5 self-attention, each sequence reading its
-  block of the batch's ``[H, Lmax, Lmax]`` relative position bias, the CPU twin of ``kernels.attention``; maths
-  and reference: ``t5.varlen_attention_ref``.
+  block of the batch's ``[H, Lmax, Lmax]`` relative position bias (``kernels.attention``;
+  ``t5.varlen_attention_ref``);
+- ``rms_norm(x, weight, eps, residual, out_dtype)``: the residual add and RMSNorm in one pass over each row
+  (``kernels.rms_norm``; ``t5.rms_norm_ref``), and ``rms_norm_quantized``, its output quantized per row to int8
+  (``t5.rms_norm_quantized_ref``);
+- ``quantize_rows(x)``: per-row symmetric int8 quantization (``kernels.quantize``; ``t5.quantize_rows_ref``);
+- ``scale_rows_(y, scale)``: ``y *= scale[:, None]`` in place, what finishes an int8 product (the Triton int8
+  products do it in their epilogue).
 """
 
 from __future__ import annotations
@@ -20,9 +28,17 @@ from pathlib import Path
 
 import torch
 
-from .t5 import varlen_attention_ref
+from .t5 import quantize_rows_ref, rms_norm_quantized_ref, rms_norm_ref, varlen_attention_ref
 
-__all__ = ["availability", "library_path", "varlen_attention"]
+__all__ = [
+    "availability",
+    "library_path",
+    "quantize_rows",
+    "rms_norm",
+    "rms_norm_quantized",
+    "scale_rows_",
+    "varlen_attention",
+]
 
 
 def library_path() -> Path | None:
@@ -60,3 +76,56 @@ def varlen_attention(
     if availability()[0]:
         return torch.ops.fastinstructor.varlen_attention(q, k, v, cu_seqlens, position_bias)
     return varlen_attention_ref(q, k, v, cu_seqlens, position_bias)
+
+
+def _scaled(x: torch.Tensor, x_scale: torch.Tensor | None) -> torch.Tensor:
+    """The fallbacks' view of ``x_scale``: ``x * x_scale[:, None]`` in float32."""
+    return x if x_scale is None else x.float() * x_scale[:, None]
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    x_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(y, s)``: the residual add and RMSNorm of ``x * x_scale[:, None]`` (``t5.rms_norm_ref``'s maths; ``s`` None
+    without a residual), natively where built. ``x`` float32 or bfloat16, ``residual`` float32 (the native op
+    writes ``s`` into it and returns it), ``out_dtype`` float32 or bfloat16, ``x_scale [T]`` or None."""
+    if availability()[0]:
+        return torch.ops.fastinstructor.rms_norm(x, weight, eps, residual, out_dtype, x_scale), residual
+    return rms_norm_ref(_scaled(x, x_scale), weight, eps, residual, out_dtype or x.dtype)
+
+
+def rms_norm_quantized(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """``((q, scale), s)``: ``rms_norm`` with its output quantized per row to int8
+    (``t5.rms_norm_quantized_ref``), natively where built."""
+    if availability()[0]:
+        return torch.ops.fastinstructor.rms_norm_quantized(x, weight, eps, residual, x_scale), residual
+    return rms_norm_quantized_ref(_scaled(x, x_scale), weight, eps, residual)
+
+
+def quantize_rows(
+    x: torch.Tensor, relu: bool = False, x_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [T, D] int8, scale [T] float32)``: per-row symmetric quantization of ``x * x_scale[:, None]``
+    (``t5.quantize_rows_ref``), natively where built."""
+    if availability()[0]:
+        return torch.ops.fastinstructor.quantize_rows(x, relu, x_scale)
+    return quantize_rows_ref(_scaled(x, x_scale), torch.int8, relu)
+
+
+def scale_rows_(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``y *= scale[:, None]`` in place (``y [T, N]`` float32 or bfloat16, ``scale [T]``), natively where built;
+    returns ``y``."""
+    if availability()[0]:
+        return torch.ops.fastinstructor.scale_rows_(y, scale)
+    return y.mul_(scale[:, None])

@@ -1,9 +1,9 @@
 """T5 encoder maths shared by the backends, the kernels' references and the ONNX export.
 
-The relative position buckets and bias, packed (varlen) attention, RMSNorm, the INSTRUCTOR
-pooling head (padded and packed), and transformers' ``T5EncoderModel`` loaded from a checkpoint (the float32
-reference, and what the export traces). ``varlen_attention_ref`` is the reference of both packed attentions,
-the Triton kernel (``kernels.attention``) and the native CPU op (``csrc/varlen_attention.cpp``, through
+The relative position buckets and bias, packed (varlen) attention, RMSNorm, per-row quantization, the
+INSTRUCTOR pooling head (padded and packed), and transformers' ``T5EncoderModel`` loaded from a checkpoint (the
+float32 reference, and what the export traces). The ``*_ref`` functions are the one reference of each encoder
+op that two implementations share: the Triton kernels (``kernels/``) and the native CPU ops (``csrc/``, through
 ``fastinstructor.native``). This module imports nothing from the backends, so the kernels and the export can use
 it without depending on them.
 """
@@ -22,6 +22,11 @@ __all__ = [
     "position_bias_matrix",
     "varlen_attention_ref",
     "rms_norm",
+    "rms_norm_ref",
+    "rms_norm_quantized_ref",
+    "QUANT_DTYPES",
+    "check_quant_dtype",
+    "quantize_rows_ref",
     "pool_head",
     "packed_mean_pool",
     "dense_and_normalize",
@@ -78,6 +83,62 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """T5LayerNorm: no mean subtraction, no bias, variance in float32."""
     variance = x.float().pow(2).mean(-1, keepdim=True)
     return weight * (x.float() * torch.rsqrt(variance + eps))
+
+
+def rms_norm_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The residual add and RMSNorm between two products, as one op::
+
+        s = x + residual            (float32; just x without a residual)
+        y = weight * s / sqrt(mean(s^2) + eps)
+
+    ``(y, s)``: ``y`` in ``out_dtype`` (default ``x``'s), and ``s`` (the new residual stream, in ``residual``'s
+    dtype) or None without a residual. Reference of ``kernels.rms_norm`` and the native op."""
+    s = x.float() if residual is None else x.float() + residual.float()
+    y = rms_norm(s, weight.float(), eps)
+    return y.to(out_dtype or x.dtype), None if residual is None else s.to(residual.dtype)
+
+
+def rms_norm_quantized_ref(x, weight, eps: float = 1e-6, residual=None, dtype: torch.dtype = torch.int8):
+    """``rms_norm_ref`` with ``y`` quantized per row (``quantize_rows_ref``): ``((q, scale), s)``."""
+    y, s = rms_norm_ref(x, weight, eps, residual, torch.float32)
+    return quantize_rows_ref(y, dtype), s
+
+
+# The quantized dtypes and the largest value each holds.
+QUANT_DTYPES = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def check_quant_dtype(dtype: torch.dtype) -> float:
+    """QMAX of ``dtype``; a ValueError naming the choices otherwise."""
+    if dtype not in QUANT_DTYPES:
+        raise ValueError(f"quantize to int8 or float8_e4m3fn, not {dtype}")
+    return QUANT_DTYPES[dtype]
+
+
+def quantize_rows_ref(
+    x: torch.Tensor, dtype: torch.dtype = torch.int8, relu: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token, or per output channel for a weight) symmetric quantization, in float32 arithmetic::
+
+        amax  = max(max |x|, 1e-8)                 (of relu(x) with ``relu``)
+        scale = amax / QMAX                        QMAX = 127 (int8) or 448 (float8 e4m3's largest finite value)
+        q     = round_half_away(x * QMAX / amax)   clamped to [-127, 127] (int8; float8: round to nearest even)
+
+    ``(q, scale [rows] float32)`` with ``x ~= q * scale[:, None]``. Reference of ``kernels.quantize`` and the
+    native op; the weights' quantization at load."""
+    qmax = check_quant_dtype(dtype)
+    x = torch.relu(x.float()) if relu else x.float()
+    amax = x.abs().amax(dim=1).clamp_min(1e-8)
+    y = x * (qmax / amax)[:, None]
+    if dtype == torch.int8:
+        y = torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).clamp(-127, 127)
+    return y.to(dtype), amax / qmax
 
 
 def pool_head(

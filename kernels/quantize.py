@@ -7,11 +7,11 @@ Maths, for a row ``x`` (after ``relu`` when asked: T5's FFN activation, fused he
     q     = round_half_away(x * (QMAX / amax))   clamped to [-127, 127]    (int8)
     q     = (x * (QMAX / amax)).to(e4m3)                                   (float8: round to nearest even)
 
-so that ``x ~= q * scale``. The weights are quantized once at load by ``quantize_rows_ref`` (the same
-arithmetic in torch, per output channel); the activations at run time by ``quantize_rows`` (a Triton kernel),
-or fused into the RMSNorm that produces them (``kernels.rms_norm``, the same ``_quantize`` helper).
-Layouts: ``x [T, D]`` with contiguous rows; ``q [T, D]`` int8 or float8_e4m3fn, ``scale [T]`` float32. One
-program per row; the whole row sits in one block (``BLOCK_D`` = next power of two of ``D``).
+so that ``x ~= q * scale``. The weights are quantized once at load by ``t5.quantize_rows_ref`` (the same
+arithmetic in torch, per output channel; the reference shared with the native CPU op); the activations at run
+time by ``quantize_rows`` (a Triton kernel), or fused into the RMSNorm that produces them (``kernels.rms_norm``,
+the same ``_quantize`` helper). Layouts: ``x [T, D]`` with contiguous rows; ``q [T, D]`` int8 or float8_e4m3fn,
+``scale [T]`` float32. One program per row; the whole row sits in one block (``BLOCK_D`` = next power of two of ``D``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["QUANT_DTYPES", "quantize_rows", "quantize_rows_ref"]
+from ..t5 import QUANT_DTYPES, check_quant_dtype, quantize_rows_ref
 
-# The quantized dtypes and the largest value each holds.
-QUANT_DTYPES = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+# The maths, QUANT_DTYPES and the reference are t5's, shared with the native CPU op.
+__all__ = ["QUANT_DTYPES", "check_quant_dtype", "quantize_rows", "quantize_rows_ref"]
 
 
 @triton.jit
@@ -59,13 +59,6 @@ def _quantize_rows_kernel(
     _quantize(x, Q, SCALE, row, stride_q, cols, mask, QMAX, INT8)
 
 
-def check_quant_dtype(dtype: torch.dtype) -> float:
-    """QMAX of ``dtype``; a ValueError naming the choices otherwise."""
-    if dtype not in QUANT_DTYPES:
-        raise ValueError(f"quantize to int8 or float8_e4m3fn, not {dtype}")
-    return QUANT_DTYPES[dtype]
-
-
 def quantize_rows(
     x: torch.Tensor, dtype: torch.dtype = torch.int8, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,16 +83,3 @@ def quantize_rows(
             BLOCK_D=triton.next_power_of_2(d),
         )
     return q, scale
-
-
-def quantize_rows_ref(
-    x: torch.Tensor, dtype: torch.dtype = torch.int8, relu: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same in torch (float32 arithmetic): the weights' quantization at load, and the kernels' yardstick."""
-    qmax = check_quant_dtype(dtype)
-    x = torch.relu(x.float()) if relu else x.float()
-    amax = x.abs().amax(dim=1).clamp_min(1e-8)
-    y = x * (qmax / amax)[:, None]
-    if dtype == torch.int8:
-        y = torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).clamp(-127, 127)
-    return y.to(dtype), amax / qmax

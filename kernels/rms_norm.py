@@ -10,7 +10,8 @@ Outputs: ``y [T, D]`` in ``out_dtype`` (default ``x.dtype``) and, with a residua
 ``s [T, D]`` in ``residual.dtype`` (keep the residual stream float32 under float16 compute: T5 overflows float16
 there). ``rms_norm_quantized`` writes ``y`` quantized per row instead, int8 or float8 with its scale
 (``kernels.quantize``: the next projection's input, with no pass of its own). One program per row; the whole
-row sits in one block (``BLOCK_D`` = next power of two of ``D``).
+row sits in one block (``BLOCK_D`` = next power of two of ``D``). The references, shared with the native CPU
+op, are ``t5.rms_norm_ref`` and ``t5.rms_norm_quantized_ref``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..t5 import rms_norm as t5_rms_norm
-from .quantize import _quantize, check_quant_dtype, quantize_rows_ref
+from ..t5 import check_quant_dtype, rms_norm_quantized_ref, rms_norm_ref
+from .quantize import _quantize
 
 __all__ = ["rms_norm", "rms_norm_quantized", "rms_norm_ref", "rms_norm_quantized_ref"]
 
@@ -128,21 +129,3 @@ def rms_norm_quantized(
     q = torch.empty(x.shape, dtype=dtype, device=x.device)
     scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     return (q, scale), _launch(x, weight, eps, residual, q, scale, qmax)
-
-
-def rms_norm_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float = 1e-6,
-    residual: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The same in plain PyTorch (float32 arithmetic, results cast back)."""
-    s = x.float() if residual is None else x.float() + residual.float()
-    y = t5_rms_norm(s, weight.float(), eps)
-    return y.to(out_dtype or x.dtype), None if residual is None else s.to(residual.dtype)
-
-
-def rms_norm_quantized_ref(x, weight, eps: float = 1e-6, residual=None, dtype: torch.dtype = torch.int8):
-    y, s = rms_norm_ref(x, weight, eps, residual, torch.float32)
-    return quantize_rows_ref(y, dtype), s

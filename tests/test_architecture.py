@@ -22,7 +22,7 @@ SOURCES = {
 LAYERS = [
     ("foundation", ["version", "precisions", "locking", "hardware", "data", "batching", "prefetch"]),
     ("model files", ["checkpoint", "tokenization", "calibration", "readers"]),
-    ("T5 maths", ["t5"]),
+    ("T5 maths", ["t5", "encoder"]),
     ("kernels and export", ["kernels", "native", "export"]),
     ("backends", ["backends"]),
     ("parity", ["parity"]),

@@ -1,5 +1,5 @@
-"""The native CPU op (csrc/varlen_attention.cpp, issue 16) against its reference, its PyTorch fallback, the build
-that setup.py drives, and the cpu backend's packed forward that uses it."""
+"""The native CPU ops (csrc/, issue 16) against their references in t5.py, their PyTorch fallbacks, the build that
+setup.py drives, and the cpu backend's packed forward that uses them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ import torch
 import fastinstructor
 from fastinstructor import native
 from fastinstructor.batching import BatchPolicy, pack_batch, pad_batch
-from fastinstructor.t5 import position_bias_matrix, varlen_attention_ref
+from fastinstructor.t5 import (
+    position_bias_matrix,
+    quantize_rows_ref,
+    rms_norm_quantized_ref,
+    rms_norm_ref,
+    varlen_attention_ref,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILT = native.availability()[0]
@@ -73,6 +79,102 @@ def test_the_native_op_names_bad_input():
         op(q, k, v, cu, bias[:1])
 
 
+def rows(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).mul(3).to(dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_the_native_rms_norm_equals_the_reference(dtype, with_residual, out_dtype, with_scale):
+    """Odd widths and row counts; the residual stream is updated in place; x may carry a per-row scale."""
+    x, weight = rows((37, 200), dtype, 1), rows((200,), torch.float32, 2).abs()
+    residual = rows((37, 200), torch.float32, 3) if with_residual else None
+    x_scale = rows((37,), torch.float32, 4).abs() if with_scale else None
+    scaled = x if x_scale is None else x.float() * x_scale[:, None]
+    y_ref, s_ref = rms_norm_ref(scaled, weight, 1e-6, residual, out_dtype)
+    given = None if residual is None else residual.clone()
+    y, s = native.rms_norm(x, weight, 1e-6, given, out_dtype, x_scale)
+    assert y.dtype == out_dtype and y.shape == x.shape
+    tolerance = 1e-5 if out_dtype == torch.float32 else 1e-2  # one bfloat16 rounding apart at most
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=tolerance, rtol=tolerance)
+    if residual is None:
+        assert s is None
+    else:
+        assert s is given  # in place
+        torch.testing.assert_close(s, s_ref, atol=1e-6, rtol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_the_native_quantizations_equal_the_references(dtype, with_scale):
+    x = rows((53, 300), dtype, 5)
+    x_scale = rows((53,), torch.float32, 6).abs() if with_scale else None
+    scaled = x if x_scale is None else x.float() * x_scale[:, None]
+    for relu in (False, True):
+        q, scale = native.quantize_rows(x, relu, x_scale)
+        q_ref, scale_ref = quantize_rows_ref(scaled, torch.int8, relu)
+        assert q.dtype == torch.int8 and torch.equal(q, q_ref)  # the same arithmetic, rounding included
+        torch.testing.assert_close(scale, scale_ref, atol=0, rtol=1e-6)
+    weight, residual = rows((300,), torch.float32, 7).abs(), rows((53, 300), torch.float32, 8)
+    (q, scale), s = native.rms_norm_quantized(x, weight, 1e-6, residual.clone(), x_scale)
+    (q_ref, scale_ref), s_ref = rms_norm_quantized_ref(scaled, weight, 1e-6, residual)
+    # The norm's float32 sums may differ in their last bit, which moves a value at a rounding boundary by one step.
+    assert (q.int() - q_ref.int()).abs().max() <= 1 and (q != q_ref).float().mean() < 1e-3
+    torch.testing.assert_close(scale, scale_ref, atol=0, rtol=1e-5)
+    torch.testing.assert_close(s, s_ref, atol=1e-6, rtol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_row_scaling_equals_a_multiplication(dtype):
+    y, scale = rows((19, 130), dtype, 9), rows((19,), torch.float32, 10)
+    expected = (y.float() * scale[:, None]).to(dtype)
+    assert native.scale_rows_(y, scale) is y
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
+
+
+@needs_native
+def test_the_native_row_ops_name_bad_input():
+    x, weight = rows((4, 8), torch.float32, 0), torch.ones(8)
+    ops = torch.ops.fastinstructor
+    with pytest.raises(RuntimeError, match=r"rms_norm: weight must be \[8\]"):
+        ops.rms_norm(x, torch.ones(7), 1e-6, None, None, None)
+    with pytest.raises(RuntimeError, match=r"rms_norm: x must be \[T, D\]"):
+        ops.rms_norm(x[0], weight, 1e-6, None, None, None)
+    with pytest.raises(RuntimeError, match="rms_norm_quantized: residual must be a contiguous float32"):
+        ops.rms_norm_quantized(x, weight, 1e-6, x.bfloat16(), None)
+    with pytest.raises(RuntimeError, match="quantize_rows: x must be float32 or bfloat16"):
+        ops.quantize_rows(x.half(), False, None)
+    with pytest.raises(RuntimeError, match=r"quantize_rows: x_scale must be \[4\]"):
+        ops.quantize_rows(x, False, torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"scale_rows_: scale must be \[4\]"):
+        ops.scale_rows_(x, torch.ones(5))
+
+
+def test_the_int8_product_equals_the_dequantized_one():
+    """The cpu backend's int8 projection: oneDNN's product of the quantized operands, scaled back, with the ReLU,
+    against the same quantized operands multiplied in float32; and with the activations' scale left to the caller."""
+    from fastinstructor.backends.cpu import Int8Linear
+
+    if not Int8Linear.available():
+        pytest.skip("this torch build has no oneDNN int8 linear: the cpu backend offers no int8 here")
+    x, weight = rows((45, 96), torch.float32, 11), rows((80, 96), torch.float32, 12).mul(0.1)
+    xq, x_scale = quantize_rows_ref(x)
+    wq, w_scale = quantize_rows_ref(weight)
+    expected = (xq.float() @ wq.float().t()) * w_scale[None, :] * x_scale[:, None]
+    for activation, want in (("none", expected), ("relu", expected.relu())):
+        got = Int8Linear(weight, activation, torch.float32, deferred_scale=False)((xq, x_scale))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    y, scale = Int8Linear(weight, "none", torch.float32, deferred_scale=True)((xq, x_scale))
+    assert scale is x_scale
+    torch.testing.assert_close(y * scale[:, None], expected, atol=1e-4, rtol=1e-5)
+
+
 def test_the_fallback_runs_the_reference(monkeypatch):
     """With the library turned off (or never built), the same call runs t5.varlen_attention_ref."""
     monkeypatch.setenv("FASTINSTRUCTOR_NATIVE", "0")
@@ -81,6 +183,13 @@ def test_the_fallback_runs_the_reference(monkeypatch):
         assert native.availability() == (False, "turned off by FASTINSTRUCTOR_NATIVE=0: PyTorch fallback")
         q, k, v, cu, bias = packed_inputs([3, 9], 2, 16, torch.float32)
         torch.testing.assert_close(native.varlen_attention(q, k, v, cu, bias), varlen_attention_ref(q, k, v, cu, bias))
+        x, weight, residual, x_scale = rows((5, 12), torch.float32, 1), torch.ones(12), torch.ones(5, 12), torch.ones(5)
+        scaled = x * x_scale[:, None]
+        y, s = native.rms_norm(x, weight, 1e-6, residual, None, x_scale)
+        y_ref, s_ref = rms_norm_ref(scaled, weight, 1e-6, residual)
+        assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
+        assert torch.equal(native.quantize_rows(x, True)[0], quantize_rows_ref(x, torch.int8, True)[0])
+        assert torch.equal(native.scale_rows_(x.clone(), x_scale), scaled)
     finally:
         monkeypatch.delenv("FASTINSTRUCTOR_NATIVE")
         native.availability.cache_clear()
@@ -135,6 +244,23 @@ def test_a_failing_build_is_a_notice_not_a_failed_install(tmp_path, monkeypatch,
     monkeypatch.setattr(module.CMakeBuild, "_build", fail)
     _build_command(module, tmp_path).run()
     assert "native CPU ops not built (the build failed: Command '['cmake', '--build']'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_the_cpu_backend_runs_the_fallbacks_within_its_tolerance(tiny_model, real_pairs, precision, monkeypatch):
+    """With the native ops turned off, the same backend runs every op's PyTorch reference: same tolerances."""
+    from conftest import assert_parity
+
+    monkeypatch.setenv("FASTINSTRUCTOR_NATIVE", "0")
+    native.availability.cache_clear()
+    try:
+        model = fastinstructor.load(tiny_model, backend="cpu", precision=precision, parity_cache=False)
+        assert "PyTorch fallback" in model.backend_report["native_ops"]
+        reference = fastinstructor.load(tiny_model, backend="reference", precision="float32")
+        assert_parity(model.encode(real_pairs[:24]), reference.encode(real_pairs[:24]), precision)
+    finally:
+        monkeypatch.delenv("FASTINSTRUCTOR_NATIVE")
+        native.availability.cache_clear()
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])

@@ -1,85 +1,47 @@
-"""The project's own T5 encoder in PyTorch, for the CPU, on packed tokens: float32, bfloat16 or int8.
+"""The cpu backend: the project's T5 encoder (``fastinstructor.encoder``) with the CPU op set, on packed tokens:
+float32, bfloat16 or int8.
 
 A batch arrives packed (``embed_packed``: ``batching.PackedBatch``, what the pipeline builds for it, ``packed_input``)
 or padded (``embed``, which packs it first): the states are ``[T, d_model]``, so the projections and the FFN never
-compute a padding token. Differences from ``transformers.T5EncoderModel`` (the maths is the same, docs/design.md
-section 5):
+compute a padding token. The op set (``CpuOps``):
 
-- q, k and v are one fused projection ``[3 * heads * d_kv, d_model]``;
-- attention runs per sequence (``fastinstructor.native.varlen_attention``: the C++ op where the install built it,
-  else its PyTorch fallback), each reading its block of the batch's relative position bias ``[H, Lmax, Lmax]``,
-  built once per batch and shared by every layer; no 1/sqrt(d_kv) scaling;
-- bfloat16 runs the matrix products and attention in bfloat16 while the residual stream, RMSNorm statistics and
-  the pooling head stay float32;
-- float32 and bfloat16 linear layers run on oneDNN with each weight reordered once into its blocked layout
-  and the feed-forward ReLU fused (``PackedLinear``): torch's default float32 GEMM (MKL) reaches 200 GFLOP/s
-  on the project's AMD EPYC machines where oneDNN reaches 460 (``load`` then lets the checkpoint's float32
-  originals go, so the packed copies replace them in memory); without oneDNN they stay ``nn.Linear``;
-- int8 is PyTorch dynamic quantization of every linear layer (int8 weights per output channel, activations
-  quantized per batch at run time); attention stays float32.
-
-Packed against the padded forward this backend had before (same 32-row batches, 2-core Xeon,
-``bench/results/packed-cpu-2026-12-01-vm.md``): 1.22-1.40x on evidence sentences, 1.43-1.48x on a mix with
-articles, at each precision.
+- projections on oneDNN, each weight prepared once in oneDNN's blocked layout at load: float32 and bfloat16
+  ``PackedLinear`` (the FFN's ReLU fused); int8 ``Int8Linear``, int8 x int8 products (VNNI, and AMX where the
+  CPU has it) with the weights quantized per output channel and the activations per token, both symmetric
+  (``t5.quantize_rows_ref``: the same scheme as the triton backend's int8). torch's default float32 GEMM (MKL)
+  reaches 200 GFLOP/s on the project's AMD EPYC machines where oneDNN reaches 460; without oneDNN, float32 and
+  bfloat16 fall back to ``torch.nn.functional.linear`` (and int8 is not offered);
+- the residual add + RMSNorm in one pass, quantizing its output per token for an int8 product, and the
+  per-token quantization of attention's and the FFN's outputs: native C++ ops (``fastinstructor.native``, or
+  their PyTorch references where the install did not build them);
+- attention per sequence (``native.varlen_attention``), each reading its block of the batch's relative position
+  bias ``[H, Lmax, Lmax]``, built once per batch and shared by every layer; no 1/sqrt(d_kv) scaling;
+- bfloat16 and int8 run attention and the states between products in bfloat16 (int8 in float32 on a CPU
+  without native bfloat16); the residual stream, the RMSNorm statistics and the pooling head stay float32.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .. import native
 from ..batching import PackedBatch, pack_padded
-from ..checkpoint import Checkpoint, EncoderConfig
-from ..hardware import Hardware
-from ..native import varlen_attention
-from ..t5 import (
-    dense_and_normalize,
-    packed_mean_pool,
-    position_bias_matrix,
-    rms_norm,
-)
+from ..checkpoint import Checkpoint
+from ..encoder import Attention, build_encoder, relative_attention_bias
+from ..hardware import Hardware, probe
+from ..t5 import packed_mean_pool, position_bias_matrix, quantize_rows_ref
 from .base import BackendClass, Capability
 
-
-class T5Block(nn.Module):
-    def __init__(self, config: EncoderConfig, weights: dict[str, torch.Tensor], prefix: str) -> None:
-        super().__init__()
-        d, inner, ff = config.d_model, config.inner_dim, config.d_ff
-        self.heads, self.d_kv, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
-        attn = prefix + "0.SelfAttention."
-        self.qkv = nn.Linear(d, 3 * inner, bias=False)
-        self.o = nn.Linear(inner, d, bias=False)
-        self.wi = nn.Sequential(nn.Linear(d, ff, bias=False), nn.ReLU())
-        self.wo = nn.Linear(ff, d, bias=False)
-        self.qkv.weight.data = torch.cat([weights[attn + n + ".weight"] for n in "qkv"])
-        self.o.weight.data = weights[attn + "o.weight"]
-        self.wi[0].weight.data = weights[prefix + "1.DenseReluDense.wi.weight"]
-        self.wo.weight.data = weights[prefix + "1.DenseReluDense.wo.weight"]
-        self.register_buffer("ln_attn", weights[prefix + "0.layer_norm.weight"].clone())  # clones: see T5Encoder
-        self.register_buffer("ln_ff", weights[prefix + "1.layer_norm.weight"].clone())
-
-    def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor, position_bias: torch.Tensor, dtype: torch.dtype
-    ) -> torch.Tensor:
-        # x: [T, D] float32 residual stream of packed sequences; position_bias: [H, max_len, max_len]
-        tokens = x.shape[0]
-        h = rms_norm(x, self.ln_attn, self.eps).to(dtype)
-        q, k, v = self.qkv(h).view(tokens, 3, self.heads, self.d_kv).unbind(1)  # views [T, H, d_kv]
-        attn = varlen_attention(q, k, v, cu_seqlens, position_bias)  # [T, H, d_kv]
-        x = x + self.o(attn.reshape(tokens, -1)).float()
-        h = rms_norm(x, self.ln_ff, self.eps).to(dtype)
-        return x + self.wo(self.wi(h)).float()
+_NATIVE_BFLOAT16 = {"avx512_bf16", "amx_bf16"}
 
 
-class PackedLinear(nn.Module):
+class PackedLinear:
     """``y = x @ W.T`` (then ReLU if asked) on oneDNN, the weight reordered once into oneDNN's blocked layout."""
 
     def __init__(self, weight: torch.Tensor, activation: str = "none") -> None:
-        super().__init__()
         self.out_features, self.activation = weight.shape[0], activation
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
@@ -87,35 +49,65 @@ class PackedLinear(nn.Module):
     def available() -> bool:
         return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, self.activation, [], "")
 
 
-class T5Encoder(nn.Module):
-    """Embedding, blocks and final RMSNorm over packed tokens; returns float32 states ``[T, D]``."""
+class Int8Linear:
+    """``y = (q @ Wq.T) * w_scale[None, :] * x_scale[:, None]`` (then ReLU if asked) from a per-token quantized
+    input ``(q [T, K] int8, x_scale [T])``: oneDNN's int8 product with the weight quantized per output channel and
+    prepacked once, its output in ``out_dtype``. oneDNN applies the weight's scales; the activations' scale is a
+    pass of its own over ``y`` (``native.scale_rows_``) unless the caller takes ``(y, x_scale)`` to fold it into
+    its next op (``deferred_scale``: the RMSNorm and the quantization read their input scaled)."""
 
-    def __init__(self, config: EncoderConfig, weights: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.config = config
-        # Copies of the tensors used as they are: the checkpoint's are views of its memory-mapped file, and one
-        # kept view would keep the whole file resident after the checkpoint lets its weights go.
-        self.register_buffer("embed", weights["shared.weight"].clone())
-        self.register_buffer(
-            "bias_table", weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].clone()
-        )
-        self.register_buffer("ln_final", weights["encoder.final_layer_norm.weight"].clone())
-        self.blocks = nn.ModuleList(
-            T5Block(config, weights, f"encoder.block.{i}.layer.") for i in range(config.num_layers)
-        )
-        self.compute_dtype = torch.float32
+    def __init__(self, weight: torch.Tensor, activation: str, out_dtype: torch.dtype, deferred_scale: bool) -> None:
+        wq, self.weight_scale = quantize_rows_ref(weight, torch.int8)
+        self.packed = torch.ops.onednn.qlinear_prepack(wq, None)
+        self.zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
+        self.activation, self.out_dtype, self.deferred_scale = activation, out_dtype, deferred_scale
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
-        """Packed tokens ``[T]`` -> final states ``[T, D]`` float32; attention per sequence (``native``)."""
-        x = F.embedding(input_ids, self.embed)  # [T, D] float32
-        position_bias = position_bias_matrix(self.bias_table, max(max_len, 1), self.config.max_distance)
-        for block in self.blocks:
-            x = block(x, cu_seqlens, position_bias, self.compute_dtype)
-        return rms_norm(x, self.ln_final, self.config.layer_norm_epsilon)
+    @staticmethod
+    def available() -> bool:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+    def __call__(self, x: tuple[torch.Tensor, torch.Tensor]):
+        q, x_scale = x
+        y = torch.ops.onednn.qlinear_pointwise(
+            q, 1.0, 0, self.packed, self.weight_scale, self.zero_points, None, 1.0, 0, self.out_dtype,
+            self.activation, [], "",
+        )  # fmt: skip
+        # The ReLU commutes with the activations' scale (it is > 0).
+        return (y, x_scale) if self.deferred_scale else native.scale_rows_(y, x_scale)
+
+
+class CpuOps:
+    """The CPU op set of the encoder (``encoder.EncoderOps``): states between products in ``dtype``; with
+    ``quantized``, products' inputs quantized per token, and their outputs ``(y, x_scale)`` pairs whose scale the
+    norm or the next quantization applies (``Int8Linear``)."""
+
+    def __init__(self, dtype: torch.dtype, quantized: bool, bias_table: torch.Tensor, max_distance: int, eps: float):
+        self.dtype, self.quantized, self.eps = dtype, quantized, eps
+        self.bias_table, self.max_distance = bias_table, max_distance
+
+    def norm(self, x, weight, residual=None, last: bool = False):
+        x, x_scale = x if isinstance(x, tuple) else (x, None)
+        if self.quantized and not last:
+            return native.rms_norm_quantized(x, weight, self.eps, residual, x_scale)
+        # The final states stay float32: the pooling head sums them.
+        return native.rms_norm(x, weight, self.eps, residual, torch.float32 if last else self.dtype, x_scale)
+
+    def product_input(self, x):
+        if not self.quantized:
+            return x
+        x, x_scale = x if isinstance(x, tuple) else (x, None)
+        return native.quantize_rows(x, x_scale=x_scale)
+
+    def batch_attention(self, max_len: int, tokens: int) -> Attention:
+        bias = position_bias_matrix(self.bias_table, max(max_len, 1), self.max_distance)
+        return lambda q, k, v, cu_seqlens: native.varlen_attention(q, k, v, cu_seqlens, bias)
+
+    def pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
+        return packed_mean_pool(hidden, cu_seqlens, pool_start)
 
 
 class CpuBackend(BackendClass):
@@ -133,24 +125,36 @@ class CpuBackend(BackendClass):
 
     @classmethod
     def unavailable(cls, precision: str, device: str, hardware: Hardware) -> str | None:
-        if precision == "bfloat16" and not ({"avx512_bf16", "amx_bf16"} & hardware.cpu_flags):
+        if precision == "bfloat16" and not (_NATIVE_BFLOAT16 & hardware.cpu_flags):
             return "the CPU has no native bfloat16 (avx512_bf16 or AMX): slower than float32"
+        if precision == "int8" and not Int8Linear.available():
+            return "this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise): use onnx int8"
         return None
 
     def __init__(self, checkpoint: Checkpoint, precision: str = "float32", device: str = "cpu") -> None:
         self.precision = precision = self.check_supported(precision, device)
         self.device = torch.device(device)
-        encoder = T5Encoder(checkpoint.config, checkpoint.weights).eval()
-        if precision == "bfloat16":
-            encoder.blocks.to(torch.bfloat16)
-            encoder.compute_dtype = torch.bfloat16
-        if precision == "int8":
-            encoder = _quantize_int8(encoder)
-        elif PackedLinear.available():
-            _pack_linears(encoder)
-        self.encoder = encoder
-        self.dense_weight = checkpoint.dense_weight
-        self.normalize = checkpoint.normalize
+        quantized = precision == "int8"
+        if precision == "float32" or (quantized and not _NATIVE_BFLOAT16 & probe().cpu_flags):
+            dtype = torch.float32
+        else:
+            dtype = torch.bfloat16
+        cfg = checkpoint.config
+        ops = CpuOps(dtype, quantized, relative_attention_bias(checkpoint).clone(), cfg.max_distance,
+                     cfg.layer_norm_epsilon)  # fmt: skip
+
+        def project(weight: torch.Tensor, name: str):
+            activation = "relu" if name == "wi" else "none"
+            if quantized:
+                return Int8Linear(weight, activation, dtype, deferred_scale=name != "qkv")  # attention takes q, k, v
+            if PackedLinear.available():
+                return PackedLinear(weight.to(dtype), activation)
+            weight = weight.to(dtype, copy=True)  # a copy: the original is a view of the memory-mapped file
+            return (lambda x: F.relu(F.linear(x, weight))) if name == "wi" else (lambda x: F.linear(x, weight))
+
+        # Copies of the tensors used as they are: the checkpoint's are views of its memory-mapped file, and one
+        # kept view would keep the whole file resident after the checkpoint lets its weights go.
+        self.encoder = build_encoder(checkpoint, ops, project, place=torch.clone)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
         """A right-padded batch, packed first (``embed_packed``: one forward)."""
@@ -158,23 +162,4 @@ class CpuBackend(BackendClass):
 
     @torch.inference_mode()
     def embed_packed(self, batch: PackedBatch) -> torch.Tensor:
-        hidden = self.encoder(batch.input_ids, batch.cu_seqlens, batch.max_len)  # [T, D] float32
-        pooled = packed_mean_pool(hidden, batch.cu_seqlens, batch.pool_start)
-        return dense_and_normalize(pooled, self.dense_weight, self.normalize)
-
-
-def _pack_linears(encoder: T5Encoder) -> None:
-    for block in encoder.blocks:
-        block.qkv, block.o = PackedLinear(block.qkv.weight), PackedLinear(block.o.weight)
-        block.wi, block.wo = PackedLinear(block.wi[0].weight, "relu"), PackedLinear(block.wo.weight)
-
-
-def _quantize_int8(encoder: T5Encoder) -> T5Encoder:
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():
-        # torch.ao's eager dynamic quantization is deprecated in favour of torchao, but it is in torch 2.13,
-        # uses fbgemm's VNNI kernels, and adds no dependency.
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
-        warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated.*")
-        return quantize_dynamic(encoder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        return self.encoder.embed(batch.input_ids, batch.cu_seqlens, batch.pool_start, batch.max_len)

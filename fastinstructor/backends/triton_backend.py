@@ -1,4 +1,5 @@
-"""The triton backend: the T5 encoder on packed (unpadded) tokens with the project's Triton kernels and cuBLAS.
+"""The triton backend: the project's T5 encoder (``fastinstructor.encoder``) on packed (unpadded) tokens with the
+Triton op set: the project's Triton kernels and cuBLAS.
 
 A batch arrives packed (``embed_packed``: a ``batching.PackedBatch`` of token ids, ``cu_seqlens`` and
 ``pool_start``, built on the host by the pipeline, ``packed_input``), or padded ``[B, L]`` (``embed``, which packs
@@ -29,10 +30,10 @@ import time
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..batching import PackedBatch, pack_batch, pack_padded
 from ..checkpoint import Checkpoint
+from ..encoder import build_encoder, relative_attention_bias
 from ..hardware import Hardware
 from .base import BackendClass, Capability
 
@@ -86,55 +87,34 @@ class TritonBackend(BackendClass):
         ok, why = self.availability()
         if not ok:
             raise ImportError(f"the triton backend is not available: {why}")
-        from ..kernels import attention, pooling, quantize, rms_norm
-        from ..kernels.projection import Projection, shape_class
+        from ..kernels.projection import Projection
         from ..kernels.tuning import CLASSES, Site, gpu_tuner
 
-        self._attention, self._pool, self._quantize = attention.t5_attention, pooling.masked_mean_pool, quantize
-        self._shape_class = shape_class
-        self._rms_norm = rms_norm
         self.device, self.precision = torch.device(device), precision
-        cfg = self.config = checkpoint.config
+        cfg = checkpoint.config
         # Quantized precisions: int8/float8 products, everything between them in bfloat16.
-        self.quant = _QUANTIZED.get(precision)
-        self.dtype = torch.bfloat16 if self.quant else _DTYPES[precision]
-        dtype_name = str(self.dtype).removeprefix("torch.")
+        quant = _QUANTIZED.get(precision)
+        dtype = torch.bfloat16 if quant else _DTYPES[precision]
+        dtype_name = str(dtype).removeprefix("torch.")
         # T5's FFN output overflows float16: wo writes float32 there (docs/design.md section 5).
-        wo_out = torch.float32 if self.dtype == torch.float16 else self.dtype
-        self.tuner = gpu_tuner()
-        w = {name: t.to(self.device) for name, t in checkpoint.weights.items()}
+        wo_out = torch.float32 if dtype == torch.float16 else dtype
+        self.tuner = tuner = gpu_tuner()
 
-        def projection(weight: torch.Tensor, relu: bool = False, out: torch.dtype = self.dtype) -> Projection:
-            proj = Projection.prepare(weight if self.quant else weight.to(self.dtype), relu, out, self.quant)
-            if self.quant != torch.float8_e4m3fn:  # float8 has one implementation
-                op = "linear_int8" if self.quant else "linear"
-                site = Site(
-                    op, "int8" if self.quant else dtype_name, str(out).removeprefix("torch."), relu, *weight.shape
-                )
-                proj.choices = {klass: self.tuner.choose(site, klass) for klass in CLASSES}
+        def project(weight: torch.Tensor, name: str) -> Projection:
+            weight, relu, out = weight.to(self.device), name == "wi", wo_out if name == "wo" else dtype
+            proj = Projection.prepare(weight if quant else weight.to(dtype), relu, out, quant)
+            if quant != torch.float8_e4m3fn:  # float8 has one implementation
+                op = "linear_int8" if quant else "linear"
+                site = Site(op, "int8" if quant else dtype_name, str(out).removeprefix("torch."), relu, *weight.shape)
+                proj.choices = {klass: tuner.choose(site, klass) for klass in CLASSES}
             return proj
 
-        self.embed_table = w["shared.weight"]  # float32: the residual stream starts from it
-        self.bias_table = w["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].contiguous()
         attention_site = Site("attention", dtype_name, n=cfg.num_heads, k=cfg.d_kv)
-        self.attention_tile = {k: self.tuner.choose(attention_site, k) for k in CLASSES}
-        self.layers = []
-        for i in range(cfg.num_layers):
-            p = f"encoder.block.{i}.layer."
-            attn = p + "0.SelfAttention."
-            self.layers.append(
-                {
-                    "ln_attn": w[p + "0.layer_norm.weight"],
-                    "qkv": projection(torch.cat([w[attn + n + ".weight"] for n in "qkv"])),  # [3 * inner, d]
-                    "o": projection(w[attn + "o.weight"]),
-                    "ln_ff": w[p + "1.layer_norm.weight"],
-                    "wi": projection(w[p + "1.DenseReluDense.wi.weight"], relu=True),
-                    "wo": projection(w[p + "1.DenseReluDense.wo.weight"], out=wo_out),
-                }
-            )
-        self.ln_final = w["encoder.final_layer_norm.weight"]
-        self.dense = None if checkpoint.dense_weight is None else checkpoint.dense_weight.to(self.device)
-        self.normalize = checkpoint.normalize
+        ops = TritonOps(
+            dtype, quant, cfg, relative_attention_bias(checkpoint).to(self.device).contiguous(),
+            {klass: tuner.choose(attention_site, klass) for klass in CLASSES},
+        )  # fmt: skip
+        self.encoder = build_encoder(checkpoint, ops, project, place=lambda t: t.to(self.device))
         started = time.perf_counter()
         if not _interpreted():  # nothing to compile in the interpreter
             self.warm_up()
@@ -157,17 +137,6 @@ class TritonBackend(BackendClass):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _normalized(self, x, weight, residual=None, quantize: bool = True):
-        """RMSNorm (+ the residual add): bfloat16/float16/float32 states, or quantized ones for the next product."""
-        eps = self.config.layer_norm_epsilon
-        if self.quant is not None and quantize:
-            return self._rms_norm.rms_norm_quantized(x, weight, eps, residual, self.quant)
-        return self._rms_norm.rms_norm(x, weight, eps, residual, self.dtype)
-
-    def _product_input(self, x: torch.Tensor):
-        """A product's input from the previous op's output: quantized per token for int8 and float8."""
-        return self._quantize.quantize_rows(x, self.quant) if self.quant is not None else x
-
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
         """A right-padded batch: packed where it lies (on the host for ``pad_batch``'s tensors), then
         ``embed_packed``."""
@@ -178,27 +147,44 @@ class TritonBackend(BackendClass):
         """``[B, out_dim]`` float32 on the device. The inputs go to the device with ``non_blocking`` copies (they
         overlap when the batch is in pinned memory), and nothing in the forward waits for the device: the token
         count comes from the host, and the attention checks ``cu_seqlens`` on the device (``torch._assert_async``)."""
-        cfg = self.config
         ids = batch.input_ids.to(self.device, non_blocking=True)  # [T] real tokens only
         cu = batch.cu_seqlens.to(self.device, non_blocking=True)
         pool_start = batch.pool_start.to(self.device, non_blocking=True)
-        tokens = batch.tokens
-        tile = self.attention_tile[self._shape_class(tokens)]
-        residual = F.embedding(ids, self.embed_table)  # [T, d] float32
-        h = self._normalized(residual, self.layers[0]["ln_attn"])[0]
-        for i, layer in enumerate(self.layers):
-            qkv = layer["qkv"](h).view(tokens, 3, cfg.num_heads, cfg.d_kv)  # [T, 3, H, d_kv]
-            q, k, v = qkv.unbind(1)  # views: the kernel reads them with their strides
-            attn = self._attention(q, k, v, cu, self.bias_table, cfg.max_distance, tile=tile)  # [T, H, d_kv]
-            out = layer["o"](self._product_input(attn.view(tokens, -1)))
-            h, residual = self._normalized(out, layer["ln_ff"], residual)
-            ff = layer["wo"](self._product_input(layer["wi"](h)))
-            last = i + 1 == len(self.layers)
-            following = self.ln_final if last else self.layers[i + 1]["ln_attn"]
-            h, residual = self._normalized(ff, following, residual, quantize=not last)
-        pooled = self._pool(h, cu, pool_start)  # [B, d] float32, final-norm states
-        if self.dense is not None:
-            pooled = pooled @ self.dense.t()
-        if self.normalize:
-            pooled = F.normalize(pooled, p=2, dim=1)
-        return pooled
+        return self.encoder.embed(ids, cu, pool_start, batch.max_len)
+
+
+class TritonOps:
+    """The triton backend's op set of the encoder (``encoder.EncoderOps``): ``kernels.rms_norm`` (quantizing its
+    output for an int8 or float8 product), ``kernels.quantize``, ``kernels.attention`` with the tile chosen for
+    the batch's shape class, and ``kernels.pooling``."""
+
+    def __init__(self, dtype: torch.dtype, quant: torch.dtype | None, config, bias_table: torch.Tensor, tiles: dict):
+        from ..kernels import attention, pooling, quantize, rms_norm
+        from ..kernels.projection import shape_class
+
+        self.dtype, self.quant, self.eps = dtype, quant, config.layer_norm_epsilon
+        self.bias_table, self.max_distance, self.tiles, self.shape_class = (
+            bias_table,
+            config.max_distance,
+            tiles,
+            shape_class,
+        )
+        self.t5_attention, self.masked_mean_pool = attention.t5_attention, pooling.masked_mean_pool
+        self.quantize_rows, self.rms_norm, self.rms_norm_quantized = (
+            quantize.quantize_rows, rms_norm.rms_norm, rms_norm.rms_norm_quantized,
+        )  # fmt: skip
+
+    def norm(self, x, weight, residual=None, last: bool = False):
+        if self.quant is not None and not last:
+            return self.rms_norm_quantized(x, weight, self.eps, residual, self.quant)
+        return self.rms_norm(x, weight, self.eps, residual, self.dtype)
+
+    def product_input(self, x: torch.Tensor):
+        return self.quantize_rows(x, self.quant) if self.quant is not None else x
+
+    def batch_attention(self, max_len: int, tokens: int):
+        tile = self.tiles[self.shape_class(tokens)]
+        return lambda q, k, v, cu: self.t5_attention(q, k, v, cu, self.bias_table, self.max_distance, tile=tile)
+
+    def pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
+        return self.masked_mean_pool(hidden, cu_seqlens, pool_start)

@@ -40,8 +40,8 @@ def matmul_ceilings(precisions: Sequence[str], device: str = "cpu", size: int = 
     Each library the backends use is measured and the fastest counts, so that no backend can beat its ceiling
     by using a faster GEMM than the one measured: torch (``a @ a``; int8 is ``torch._int_mm``, int8 x int8 ->
     int32, what VNNI / AMX / tensor cores run; float8 is ``torch._scaled_mm`` on e4m3) and, on the CPU, oneDNN
-    with a prepacked weight (the cpu
-    backend's ``PackedLinear``) and ONNX Runtime (``MatMul``; int8 is ``MatMulInteger`` on uint8 x int8, as its
+    with a prepacked weight (the cpu backend's ``PackedLinear``, and its ``Int8Linear`` for int8, bfloat16 out)
+    and ONNX Runtime (``MatMul``; int8 is ``MatMulInteger`` on uint8 x int8, as its
     dynamically quantized graphs run). A precision nothing here can
     multiply in is recorded with the reason instead of a figure.
     """
@@ -49,7 +49,7 @@ def matmul_ceilings(precisions: Sequence[str], device: str = "cpu", size: int = 
     for precision in dict.fromkeys(precisions):
         by, errors = {}, []
         runners = {"torch": _torch_matmul(precision, device, size)}
-        if not device.startswith("cuda") and precision in ("float32", "bfloat16"):
+        if not device.startswith("cuda") and precision in ("float32", "bfloat16", "int8"):
             runners["onednn"] = _onednn_matmul(precision, size)
         if not device.startswith("cuda") and precision in ("float32", "int8"):
             runners["onnxruntime"] = _onnxruntime_matmul(precision, size)
@@ -93,8 +93,14 @@ def _torch_matmul(precision: str, device: str, size: int):
 
 def _onednn_matmul(precision: str, size: int):
     def make():
-        from ..backends.cpu import PackedLinear
+        from ..backends.cpu import Int8Linear, PackedLinear
 
+        if precision == "int8":
+            if not Int8Linear.available():
+                return None
+            a = torch.randint(-127, 128, (size, size), dtype=torch.int8), torch.ones(size)
+            linear = Int8Linear(torch.randn(size, size), "none", torch.bfloat16, deferred_scale=True)
+            return lambda: linear(a)
         if not PackedLinear.available():
             return None
         dtype = _CEILING_DTYPES[precision]

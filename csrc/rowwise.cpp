@@ -1,0 +1,269 @@
+// Row-wise ops on the CPU: the residual add + T5 RMSNorm and per-row int8 quantization (the twins of the Triton
+// kernels in kernels/rms_norm.py and kernels/quantize.py), and the per-row scaling that finishes an int8 product. The maths and their references are fastinstructor/t5.py's
+// rms_norm_ref, rms_norm_quantized_ref and quantize_rows_ref:
+//
+//     s = x + residual                       (float32; s = x without a residual)
+//     y = weight * s / sqrt(mean(s^2) + eps)  in out_dtype, or quantized per row:
+//     amax = max(max |y|, 1e-8),  q = round_half_away(y * 127 / amax) in [-127, 127],  scale = amax / 127
+//
+// One pass over each row: the row is read once into a float32 buffer (it stays in the L1 cache), and every
+// output is written from there, where PyTorch's own ops would make five or six passes over memory; on these
+// machines a pass over a batch's activations costs as much as a small product. For the same reason the residual
+// stream is updated in place, and x may come with the per-row scale an int8 product left to apply (x_scale: x is
+// read as x * x_scale[:, None]). Layouts: x [T, D] float32 or bfloat16 (the previous product's output), residual
+// [T, D] float32 (the residual stream), weight [D], x_scale [T]; rows in parallel (at::parallel_for). Loops are plain C++ that the compiler vectorizes for the
+// building machine (-march=native, -fopenmp-simd for the reductions).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// bfloat16 <-> float32 bit by bit, in forms the compiler vectorizes (c10::BFloat16's round-to-nearest-even).
+inline float load(float v) { return v; }
+inline float load(c10::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+inline void store(float v, float* out) { *out = v; }
+inline void store(float v, c10::BFloat16* out) { *out = c10::BFloat16(v); }
+
+constexpr float kQmax = 127.0f;
+
+// Row y (float32) -> int8 q and its scale (t5.quantize_rows_ref's arithmetic).
+inline void quantize_row(const float* y, int64_t d, int8_t* q, float* scale) {
+  float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+  for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(y[i]));
+  amax = std::max(amax, 1e-8f);
+  const float inv = (1.0f / amax) * kQmax;  // as torch computes the reference's QMAX / amax: the same rounding
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) {
+    const float v = y[i] * inv;
+    const int32_t r = static_cast<int32_t>(v + std::copysign(0.5f, v));  // the cast truncates: half away from 0
+    q[i] = static_cast<int8_t>(std::min(std::max(r, -127), 127));
+  }
+  *scale = amax / kQmax;
+}
+
+void check_rows(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": the native op runs on the CPU");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [T, D], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+}
+
+// Grain: rows per task, about 32 KiB of input each (a task is worth a thread's start).
+int64_t grain(int64_t d) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)); }
+
+// A per-row factor: x_scale[row] when the caller has one (the per-token scale an int8 product left to apply),
+// else 1 (exact).
+struct RowScale {
+  const float* scales = nullptr;
+  float operator()(int64_t row) const { return scales ? scales[row] : 1.0f; }
+};
+
+RowScale row_scale(const char* op, const c10::optional<at::Tensor>& x_scale, int64_t rows, at::Tensor& holder) {
+  if (!x_scale.has_value()) return {};
+  TORCH_CHECK(x_scale->dim() == 1 && x_scale->size(0) == rows, op, ": x_scale must be [", rows, "], got ",
+              x_scale->sizes());
+  holder = x_scale->to(at::kFloat).contiguous();
+  return {holder.data_ptr<float>()};
+}
+
+// The shared body: s = x * x_scale (+ residual, written back into it), y = rms_norm(s) into `emit(row, y)`.
+template <typename In, typename Emit>
+void norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, float* residual, RowScale scale,
+               Emit emit) {
+  const int64_t rows = x.size(0), d = x.size(1);
+  const In* xs = x.data_ptr<In>();
+  const float* w = weight.data_ptr<float>();
+  at::parallel_for(0, rows, grain(d), [&](int64_t first, int64_t last) {
+    std::vector<float> buffer(d);
+    float* s = buffer.data();
+    for (int64_t row = first; row < last; ++row) {
+      const In* xr = xs + row * d;
+      const float f = scale(row);
+      float squares = 0.0f;
+      if (residual) {
+        float* rr = residual + row * d;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < d; ++i) {
+          s[i] = load(xr[i]) * f + rr[i];
+          rr[i] = s[i];
+          squares += s[i] * s[i];
+        }
+      } else {
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < d; ++i) {
+          s[i] = load(xr[i]) * f;
+          squares += s[i] * s[i];
+        }
+      }
+      const float inv = 1.0f / std::sqrt(squares / static_cast<float>(d) + static_cast<float>(eps));
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) s[i] = w[i] * (s[i] * inv);
+      emit(row, s);
+    }
+  });
+}
+
+// Checks, then norm_rows on x's dtype. The residual stream is updated in place (s replaces it).
+template <typename Emit>
+void dispatch_norm(const char* op, const at::Tensor& x_in, const at::Tensor& weight_in, double eps,
+                         const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_scale,
+                         Emit emit) {
+  check_rows(op, x_in);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t d = x.size(1);
+  TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == d, op, ": weight must be [", d, "], got ",
+              weight_in.sizes());
+  const at::Tensor weight = weight_in.to(at::kFloat).contiguous();
+  float* sums = nullptr;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == at::kFloat &&
+                    residual->is_contiguous(),
+                op, ": residual must be a contiguous float32 ", x.sizes(), ", got ", residual->scalar_type(), " ",
+                residual->sizes());
+    sums = residual->data_ptr<float>();
+  }
+  at::Tensor holder;
+  const RowScale scale = row_scale(op, x_scale, x.size(0), holder);
+  if (x.scalar_type() == at::kFloat) {
+    norm_rows<float>(x, weight, eps, sums, scale, emit);
+  } else {
+    norm_rows<c10::BFloat16>(x, weight, eps, sums, scale, emit);
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, const c10::optional<at::Tensor>& residual,
+                    c10::optional<at::ScalarType> out_dtype, const c10::optional<at::Tensor>& x_scale) {
+  const at::ScalarType dtype = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "rms_norm: out_dtype must be float32 or bfloat16, got ",
+              dtype);
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(dtype));
+  const int64_t d = x.dim() == 2 ? x.size(1) : 0;
+  if (dtype == at::kFloat) {
+    float* out = y.data_ptr<float>();
+    dispatch_norm("rms_norm", x, weight, eps, residual, x_scale, [&](int64_t row, const float* s) {
+      std::memcpy(out + row * d, s, d * sizeof(float));
+    });
+  } else {
+    c10::BFloat16* out = y.data_ptr<c10::BFloat16>();
+    dispatch_norm("rms_norm", x, weight, eps, residual, x_scale, [&](int64_t row, const float* s) {
+      c10::BFloat16* o = out + row * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) store(s[i], o + i);
+    });
+  }
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_quantized(const at::Tensor& x, const at::Tensor& weight, double eps,
+                                                      const c10::optional<at::Tensor>& residual,
+                                                      const c10::optional<at::Tensor>& x_scale) {
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({x.dim() == 2 ? x.size(0) : 0}, x.options().dtype(at::kFloat));
+  const int64_t d = x.dim() == 2 ? x.size(1) : 0;
+  int8_t* qs = q.data_ptr<int8_t>();
+  float* scales = scale.data_ptr<float>();
+  dispatch_norm("rms_norm_quantized", x, weight, eps, residual, x_scale, [&](int64_t row, const float* s) {
+    quantize_row(s, d, qs + row * d, scales + row);
+  });
+  return {q, scale};
+}
+
+template <typename In>
+void quantize_rows_impl(const at::Tensor& x, bool relu, RowScale factor, int8_t* qs, float* scales) {
+  const int64_t rows = x.size(0), d = x.size(1);
+  const In* xs = x.data_ptr<In>();
+  at::parallel_for(0, rows, grain(d), [&](int64_t first, int64_t last) {
+    std::vector<float> buffer(d);
+    float* y = buffer.data();
+    for (int64_t row = first; row < last; ++row) {
+      const In* xr = xs + row * d;
+      const float f = factor(row);
+      const float floor = relu ? 0.0f : -std::numeric_limits<float>::infinity();
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) y[i] = std::max(load(xr[i]) * f, floor);
+      quantize_row(y, d, qs + row * d, scales + row);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x_in, bool relu,
+                                                 const c10::optional<at::Tensor>& x_scale) {
+  check_rows("quantize_rows", x_in);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  at::Tensor holder;
+  const RowScale factor = row_scale("quantize_rows", x_scale, x.size(0), holder);
+  if (x.scalar_type() == at::kFloat) {
+    quantize_rows_impl<float>(x, relu, factor, q.data_ptr<int8_t>(), scale.data_ptr<float>());
+  } else {
+    quantize_rows_impl<c10::BFloat16>(x, relu, factor, q.data_ptr<int8_t>(), scale.data_ptr<float>());
+  }
+  return {q, scale};
+}
+
+// y[t, :] *= scale[t] in place: the activations' per-token scale after an int8 product (whose output oneDNN
+// writes already scaled by the weights' per-channel scales). PyTorch's own y.mul_(scale[:, None]) on a bfloat16 y
+// converts all of y to float32 and back.
+at::Tensor scale_rows_(at::Tensor y, const at::Tensor& scale_in) {
+  TORCH_CHECK(y.device().is_cpu() && y.dim() == 2 && y.is_contiguous() &&
+                  (y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16),
+              "scale_rows_: y must be a contiguous float32 or bfloat16 [T, N] CPU tensor, got ", y.scalar_type(), " ",
+              y.sizes());
+  TORCH_CHECK(scale_in.dim() == 1 && scale_in.size(0) == y.size(0), "scale_rows_: scale must be [", y.size(0),
+              "], got ", scale_in.sizes());
+  const at::Tensor scale = scale_in.to(at::kFloat).contiguous();
+  const float* scales = scale.data_ptr<float>();
+  const int64_t n = y.size(1);
+  auto run = [&](auto* data) {
+    at::parallel_for(0, y.size(0), grain(n), [&](int64_t first, int64_t last) {
+      for (int64_t row = first; row < last; ++row) {
+        auto* r = data + row * n;
+        const float f = scales[row];
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) store(load(r[i]) * f, r + i);
+      }
+    });
+  };
+  if (y.scalar_type() == at::kFloat) {
+    run(y.data_ptr<float>());
+  } else {
+    run(y.data_ptr<c10::BFloat16>());
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastinstructor, m) {
+  m.def(
+      "rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!)? residual, ScalarType? out_dtype, Tensor? x_scale)"
+      " -> Tensor");
+  m.def(
+      "rms_norm_quantized(Tensor x, Tensor weight, float eps, Tensor(a!)? residual, Tensor? x_scale)"
+      " -> (Tensor, Tensor)");
+  m.def("quantize_rows(Tensor x, bool relu, Tensor? x_scale) -> (Tensor, Tensor)");
+  m.def("scale_rows_(Tensor(a!) y, Tensor scale) -> Tensor(a!)");
+}
+
+TORCH_LIBRARY_IMPL(fastinstructor, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rms_norm_quantized", &rms_norm_quantized);
+  m.impl("quantize_rows", &quantize_rows);
+  m.impl("scale_rows_", &scale_rows_);
+}
