@@ -246,3 +246,28 @@ def test_bench_refuses_bad_options_with_exit_2(tiny_model, tmp_path, capsys):
     assert "--repeat" in capsys.readouterr().err
     assert main(["bench", "--model", str(tiny_model), "--precisions", "fp16,int4", "--out", str(tmp_path)]) == 2
     assert "unknown precision 'int4'" in capsys.readouterr().err
+
+
+def test_the_cpu_profile_script_splits_the_time_of_encode(tiny_model, tmp_path):
+    """bench/profile_cpu.py on tiny, a cpu and an onnx contender: every group is there, the products take time,
+    and the groups add up to about the wall time (the profiled call is a second one, so not exactly)."""
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"sentence number {i} " * (1 + i % 5)}) + "\n" for i in range(12)))
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "profile_cpu.py"), "--model", str(tiny_model), "--workloads", str(texts)]
+        + ["--texts", "12", "--contenders", "cpu:int8,onnx:int8", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (json_path,) = tmp_path.glob("profile-cpu-*.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [r["contender"] for r in rows] == ["cpu int8", "onnx int8"]
+    for row in rows:
+        assert row["matrix products_s"] > 0 and row["attention_s"] > 0
+        assert 0.3 < sum(row[f"{g}_share"] for g in GROUPS) < 3, row
+    assert "| texts | cpu int8 |" in json_path.with_suffix(".md").read_text()
+
+
+GROUPS = ("matrix products", "attention", "row ops", "other ops", "tokenization", "Python and the rest")

@@ -1,0 +1,167 @@
+"""Where the time of ``encode`` goes on the CPU (issue 16): the cpu and onnx backends, end to end, by group of ops.
+
+For each contender (backend x precision) and workload: ``encode`` of the workload's texts as a user calls it
+(tokenization, batching, the forward passes, the pooling head), timed whole, then again under the backend's own
+profiler, whose op times are summed into groups:
+
+- cpu backend (``torch.profiler``, self CPU time per op): matrix products (oneDNN float, bfloat16 and int8
+  linears), attention (the native varlen op and ATen's fused attention under it), row ops (residual add +
+  RMSNorm, quantization, scaling: the native ops, or the PyTorch ops of their fallbacks), other torch ops
+  (embedding, pooling head, packing);
+- onnx backend (ONNX Runtime's profiler, per node): matrix products (the projections' MatMul / MatMulInteger /
+  DynamicQuantizeMatMul nodes), attention (the SelfAttention MatMuls between activations, Softmax, the bias),
+  row ops (the RMSNorms and their fused residual adds, DynamicQuantizeLinear), other nodes;
+
+and the rest of the wall time, outside any op: tokenization (timed alone on the same texts), and Python
+(batching, packing, the pipeline, launching ops). Thread settings: the process's torch threads, and ONNX
+Runtime's default (one per core); both are reported with the machine.
+
+    .venv/bin/python bench/profile_cpu.py [--model DIR] [--workloads evidence,mixed] [--texts 256]
+        [--contenders cpu:float32,cpu:bfloat16,cpu:int8,onnx:int8] [--name profile-cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, write_results
+
+import fastinstructor
+from fastinstructor.benchmark import load_workload, markdown_table, record
+
+GROUPS = ("matrix products", "attention", "row ops", "other ops", "tokenization", "Python and the rest")
+
+_TORCH_GROUPS = {
+    "matrix products": ("linear_pointwise", "qlinear_pointwise", "quantized::linear", "aten::mm", "aten::addmm"),
+    "attention": ("varlen_attention", "scaled_dot_product", "aten::bmm", "aten::_softmax"),
+    "row ops": ("rms_norm", "quantize_rows", "scale_rows_", "aten::pow", "aten::mean", "aten::rsqrt"),
+}
+_ONNX_GROUPS = {
+    "matrix products": ("MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "Gemm"),
+    "row ops": ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "DynamicQuantizeLinear"),
+}
+
+
+def _torch_group(name: str) -> str:
+    for group, needles in _TORCH_GROUPS.items():
+        if any(n in name for n in needles):
+            return group
+    return "other ops"
+
+
+def _onnx_group(op_type: str, node: str) -> str:
+    # Attention's MatMuls multiply two activations; a projection's has a weight and a name like .../q/MatMul.
+    if "SelfAttention/MatMul" in node or op_type in ("Softmax",) or "relative_attention" in node:
+        return "attention"
+    for group, types in _ONNX_GROUPS.items():
+        if op_type in types:
+            return group
+    return "other ops"
+
+
+def _profile_cpu(model, pairs) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model.encode(pairs)
+    seconds = defaultdict(float)
+    for event in prof.key_averages():
+        seconds[_torch_group(event.key)] += event.self_cpu_time_total / 1e6
+    return seconds
+
+
+def _profile_onnx(model, pairs) -> dict[str, float]:
+    import onnxruntime
+    from fastinstructor.export.onnx_export import MODEL_FILE
+
+    backend = model.backend
+    options = onnxruntime.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
+    plain, backend.session = (
+        backend.session,
+        onnxruntime.InferenceSession(str(backend.folder / MODEL_FILE), options, providers=["CPUExecutionProvider"]),
+    )
+    try:
+        model.encode(pairs)
+        trace = json.loads(Path(backend.session.end_profiling()).read_text())
+    finally:
+        backend.session = plain
+    seconds = defaultdict(float)
+    for event in trace:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            args = event.get("args", {})
+            seconds[_onnx_group(args.get("op_name", ""), event["name"])] += event["dur"] / 1e6
+    return seconds
+
+
+def measure(model_dir: Path, backend: str, precision: str, workload: str, texts: int) -> dict:
+    model = fastinstructor.load(model_dir, backend=backend, precision=precision)
+    loaded = load_workload(workload, texts, model.tokenizer)
+    pairs = loaded.pairs
+    model.encode(pairs[:64])  # warm-up: oneDNN's first calls, the allocator
+    start = time.perf_counter()
+    model.encode(pairs)
+    wall = time.perf_counter() - start
+    start = time.perf_counter()
+    model.tokenizer(pairs)
+    tokenization = time.perf_counter() - start
+    seconds = (_profile_cpu if backend == "cpu" else _profile_onnx)(model, pairs)
+    ops = sum(seconds.values())
+    seconds["tokenization"] = tokenization
+    seconds["Python and the rest"] = max(0.0, wall - ops - tokenization)
+    row = {"workload": loaded.name, "contender": f"{backend} {precision}", "texts": len(pairs), "wall_s": wall}
+    for group in GROUPS:
+        row[f"{group}_s"] = seconds.get(group, 0.0)
+        row[f"{group}_share"] = seconds.get(group, 0.0) / wall
+    row["native_ops"] = model.backend_report.get("native_ops")
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--workloads", default="evidence,mixed")
+    parser.add_argument("--texts", type=int, default=256)
+    parser.add_argument("--contenders", default="cpu:float32,cpu:bfloat16,cpu:int8,onnx:int8")
+    parser.add_argument("--name", default="profile-cpu", help="result file stem")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    ensure_model(args.model)
+    rows = []
+    for workload in args.workloads.split(","):
+        for contender in args.contenders.split(","):
+            backend, precision = contender.split(":")
+            rows.append(measure(args.model, backend, precision, workload, args.texts))
+            print(f"{workload} {contender}: {rows[-1]['wall_s']:.2f} s", file=sys.stderr)
+    result = record(command("profile_cpu.py"), model=args.model.name, torch_threads=torch.get_num_threads(), rows=rows)
+    table = markdown_table(
+        ["workload", "contender", "encode s", *GROUPS],
+        [
+            [r["workload"], r["contender"], f"{r['wall_s']:.2f}"]
+            + [f"{r[f'{g}_s']:.2f} s ({r[f'{g}_share']:.0%})" for g in GROUPS]
+            for r in rows
+        ],
+    )
+    markdown = (
+        f"Model {args.model.name}, {args.texts} texts per workload, `encode` with its defaults (32-row batches "
+        f"sorted by length). The wall time is one call after a warm-up; the groups come from a second call under "
+        f"the backend's profiler (torch.profiler's self time per op for cpu, ONNX Runtime's per-node kernel time "
+        f"for onnx), tokenization from timing the tokenizer alone, and the rest is the wall time left over. "
+        f"torch threads: {torch.get_num_threads()}; ONNX Runtime: its default. Native ops: "
+        f"{rows[0]['native_ops']}.\n\n{table}\n\n{machine(result)}\n"
+    )
+    write_results(args.out, args.name, result, "Where the time of encode goes on the CPU", markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
