@@ -64,25 +64,26 @@ class Candidate:
         return f"{self.backend}/{self.precision}/{self.device}"
 
 
-def _ranked(device: str) -> list[Candidate]:
-    """Every backend's ranked capabilities on ``device``, in auto's order of preference."""
+def _ranked(device: str, hardware: Hardware) -> list[Candidate]:
+    """Every backend's ranked capabilities on ``device``, in auto's order of preference on this machine."""
     ranked = [
-        (c.rank, Candidate(name, c.precision, c.device))
+        (rank, Candidate(name, c.precision, c.device))
         for name, cls in BACKENDS.items()
         for c in cls.capabilities
-        if c.device == device and c.rank is not None
+        if c.device == device and (rank := cls.rank(c, hardware)) is not None
     ]
     return [candidate for _, candidate in sorted(ranked, key=lambda x: x[0])]
 
 
 def candidates(hardware: Hardware) -> list[Candidate]:
     """The preference order for this machine, fastest first: the backends' ranked capabilities on its device."""
-    return _ranked("cuda" if hardware.cuda else "cpu")
+    return _ranked("cuda" if hardware.cuda else "cpu", hardware)
 
 
 def all_candidates(hardware: Hardware) -> list[Candidate]:
     """The preference order, then the other device's, then every other capability of every backend."""
-    ordered = _ranked("cuda") + _ranked("cpu") if hardware.cuda else _ranked("cpu") + _ranked("cuda")
+    devices = ("cuda", "cpu") if hardware.cuda else ("cpu", "cuda")
+    ordered = [c for device in devices for c in _ranked(device, hardware)]
     every = [Candidate(name, c.precision, c.device) for name, cls in BACKENDS.items() for c in cls.capabilities]
     return ordered + [c for c in every if c not in ordered]
 
@@ -187,7 +188,7 @@ def choose(
     else:  # the preference order of the device asked for (a CUDA machine's CPU too)
         wanted = [
             c
-            for c in _ranked(here)
+            for c in _ranked(here, hardware)
             if backend in ("auto", c.backend)
             and precision in ("auto", c.precision)
             and (allow_int8 or c.precision != "int8" or precision == "int8")
@@ -234,8 +235,9 @@ def choose(
         skipped.append({"candidate": str(candidate), "why": why, "parity": asdict(result)})
         if not allow_fallback:
             break
+    order = ", ".join(str(c) for c in _ranked(here, hardware))
     tried = "; ".join(f"{s['candidate']}: {s['why']}" for s in skipped) or (
-        f"nothing: no candidate of the {here} order matches (it is: {', '.join(str(c) for c in _ranked(here))})"
+        f"nothing: no candidate of the {here} order matches (it is: {order})"
     )
     raise NoBackendError(
         f"no backend for backend={backend!r}, precision={precision!r}"

@@ -27,6 +27,28 @@ def auto(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTINSTRUCTOR_CACHE", str(tmp_path / "cache"))
 
 
+AMX = frozenset({"amx_tile", "amx_bf16", "amx_int8"})
+
+
+@pytest.fixture(autouse=True)
+def without_amx(monkeypatch):
+    """These tests expect the order of a CPU without AMX, whichever CPU runs them; test_the_cpu_order_with_amx
+    covers the other."""
+    real = dispatch.probe
+    monkeypatch.setattr(dispatch, "probe", lambda: dataclasses.replace(real(), cpu_flags=real().cpu_flags - AMX))
+
+
+def test_the_cpu_order_with_amx():
+    """Without AMX onnx/int8 leads; with it the cpu backend's bfloat16, then int8 (AMX's tile units: faster than
+    onnx int8 there, bench/results/2026-12-01-vm/evidence.md); float32 on the cpu backend before onnx's."""
+    flags = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
+    plain = dataclasses.replace(probe(), cuda_device=None, cuda_capability=None, cpu_flags=flags)
+    tail = ["cpu/float32/cpu", "onnx/float32/cpu", "reference/float32/cpu"]
+    assert [str(c) for c in candidates(plain)] == ["onnx/int8/cpu", "cpu/int8/cpu", "cpu/bfloat16/cpu", *tail]
+    amx = dataclasses.replace(plain, cpu_flags=flags | AMX)
+    assert [str(c) for c in candidates(amx)] == ["cpu/bfloat16/cpu", "cpu/int8/cpu", "onnx/int8/cpu", *tail]
+
+
 def test_cpu_machine_picks_onnx_int8_after_parity(tiny_model):
     model = fastinstructor.load(tiny_model)
     report = model.backend_report
@@ -42,7 +64,7 @@ def test_without_onnxruntime_auto_falls_to_the_cpu_backend(tiny_model, monkeypat
     with caplog.at_level(logging.INFO, logger="fastinstructor.dispatch"):
         model = fastinstructor.load(tiny_model)
     assert (model.backend_name, model.precision) == ("cpu", "int8")
-    assert [s["candidate"] for s in model.backend_report["skipped"]] == ["onnx/int8/cpu", "onnx/float32/cpu"]
+    assert [s["candidate"] for s in model.backend_report["skipped"]] == ["onnx/int8/cpu"]
     assert all(s["why"] == "onnxruntime missing" for s in model.backend_report["skipped"])
     assert "skipping onnx/int8/cpu: onnxruntime missing" in caplog.text
     with pytest.raises(ImportError, match="backend 'onnx' is not available here: onnxruntime missing"):
@@ -67,7 +89,7 @@ def test_a_candidate_failing_parity_is_skipped_with_the_reason(tiny_model, monke
         model = fastinstructor.load(tiny_model)
     assert (model.backend_name, model.precision) == ("cpu", "int8")
     skipped = model.backend_report["skipped"]
-    assert [s["candidate"] for s in skipped] == ["onnx/int8/cpu", "onnx/float32/cpu"]
+    assert [s["candidate"] for s in skipped] == ["onnx/int8/cpu"]
     assert all(s["why"].startswith("parity failed: min cosine") for s in skipped)
     assert "skipping onnx/int8/cpu: parity failed" in caplog.text
     with pytest.raises(RuntimeError, match=r"no backend .* Tried: onnx/int8/cpu: parity failed"):
@@ -77,9 +99,9 @@ def test_a_candidate_failing_parity_is_skipped_with_the_reason(tiny_model, monke
 
 
 def test_policy_knobs(tiny_model):
-    assert fastinstructor.load(tiny_model, allow_int8=False).precision == "float32"
-    strict = fastinstructor.load(tiny_model, min_cosine=0.99999)  # int8 cannot meet it; float32 can
-    assert strict.precision == "float32" and strict.backend_report["skipped"][0]["candidate"] == "onnx/int8/cpu"
+    assert fastinstructor.load(tiny_model, allow_int8=False).precision in ("bfloat16", "float32")  # bf16: if native
+    strict = fastinstructor.load(tiny_model, min_cosine=0.99999)  # int8 cannot meet it
+    assert strict.precision != "int8" and strict.backend_report["skipped"][0]["candidate"] == "onnx/int8/cpu"
     assert "the required 0.99999" in strict.backend_report["skipped"][0]["why"]
 
 

@@ -96,6 +96,11 @@ class BackendClass:
         return None
 
     @classmethod
+    def rank(cls, capability: Capability, hardware: Hardware) -> int | None:
+        """``capability``'s place in ``auto``'s order on this machine (lowest first; None: only when asked for)."""
+        return capability.rank
+
+    @classmethod
     def runs(cls) -> str:
         """The table in words: "float32 or int8 on the CPU; float16 on CUDA"."""
         devices = dict.fromkeys(c.device for c in cls.capabilities)
