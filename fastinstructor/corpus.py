@@ -258,18 +258,19 @@ def embed_corpus(
     backend: str = "auto",
     precision: str = "auto",
     pooling_rule: str = "instructor",
+    max_seq_length: int | None = None,
 ) -> dict:
     """Embed a corpus into ``output`` (see the module docstring); returns the final manifest.
 
-    ``model`` is a loaded ``Instructor`` or anything ``fastinstructor.load`` takes (then ``backend``,
-    ``precision`` and ``pooling_rule`` apply; it is loaded once the output folder is locked, so a second run
-    into a busy folder is refused before any work). One ``instruction`` for every row, or ``instruction_field``
-    for one per row, or neither for plain texts. ``on_error="fail"`` stops at the first bad row (file, row
-    number, reason), keeping finished shards; ``"skip"`` skips, counts and lists bad rows in the manifest.
-    ``on_duplicate_id``: ``"warn"`` (count them in the manifest and say so), ``"error"`` (stop at the first
-    repeated id) or ``"keep"`` (neither: ids are not tracked). ``batch_size`` rows and ``max_batch_tokens`` padded
-    tokens per batch at most; neither set: 32 rows and 16,384 padded tokens, or ``DEFAULT_PACKED_POLICY`` (1,024 rows,
-    65,536 real tokens) on a backend that takes packed batches, or, resuming a job, the batches it started with.
+    ``model`` is a loaded ``Instructor`` or anything ``fastinstructor.load`` takes (then ``backend``, ``precision``,
+    ``pooling_rule`` and ``max_seq_length`` apply; it is loaded once the output folder is locked, so a second run
+    into a busy folder is refused before any work). One ``instruction`` for every row, or ``instruction_field`` for
+    one per row, or neither for plain texts. ``on_error="fail"`` stops at the first bad row (file, row number,
+    reason), keeping finished shards; ``"skip"`` skips, counts and lists bad rows in the manifest.
+    ``on_duplicate_id``: ``"warn"`` (count them in the manifest and say so), ``"error"`` (stop at the first repeated
+    id) or ``"keep"`` (neither: ids are not tracked). ``batch_size`` rows and ``max_batch_tokens`` padded tokens per
+    batch at most; neither set: 32 rows and 16,384 padded tokens, or ``DEFAULT_PACKED_POLICY`` (1,024 rows, 65,536
+    real tokens) on a backend that takes packed batches, or, resuming a job, the batches it started with.
     """
     if instruction is not None and instruction_field is not None:
         raise ValueError("pass either instruction (one for all rows) or instruction_field (one per row), not both")
@@ -295,7 +296,14 @@ def embed_corpus(
     try:
         with hold(output / LOCK, wait=False, what=f"output folder {output}"):
             job = _Job(reader, spec, output, settings, on_error, on_duplicate_id, quiet)
-            return job.run(model, overwrite, backend=backend, precision=precision, pooling_rule=pooling_rule)
+            return job.run(
+                model,
+                overwrite,
+                backend=backend,
+                precision=precision,
+                pooling_rule=pooling_rule,
+                max_seq_length=max_seq_length,
+            )
     except LockHeld as err:
         raise CorpusError(f"{err}, or choose another --output folder") from None
     except BaseException:

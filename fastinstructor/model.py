@@ -21,8 +21,15 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .precisions import canonical_precision
 from .prefetch import prefetch
 from .tokenization import PairTokenizer, check_sentences, load_tokenizer
+from .vectors import check_output_precision, cos_sim, quantize_embeddings
 
-__all__ = ["Instructor", "load", "tokenize_chunk_rows"]
+__all__ = ["DEFAULT_DOCUMENT_INSTRUCTION", "DEFAULT_QUERY_INSTRUCTION", "Instructor", "load", "tokenize_chunk_rows"]
+
+# encode_query's and encode_document's instructions unless the model is given others: LangChain's
+# HuggingFaceInstructEmbeddings defaults (query_instruction, embed_instruction), the most used INSTRUCTOR retrieval
+# pair, also LlamaIndex's InstructorEmbedding's defaults for INSTRUCTOR models.
+DEFAULT_QUERY_INSTRUCTION = "Represent the question for retrieving supporting documents: "
+DEFAULT_DOCUMENT_INSTRUCTION = "Represent the document for retrieval: "
 
 # encode tokenizes a large input in chunks when its backend runs on another device than the host's CPU (a GPU): the
 # next chunk in a background thread while the backend runs the current chunk's batches, so that the host tokenizes
@@ -48,16 +55,30 @@ def tokenize_chunk_rows(policy: BatchPolicy, device: torch.device) -> int | None
 
 
 class Instructor:
-    """An INSTRUCTOR model bound to one backend; ``encode`` is a drop-in for ``InstructorEmbedding.INSTRUCTOR``."""
+    """An INSTRUCTOR model bound to one backend; ``encode`` is a drop-in for ``InstructorEmbedding.INSTRUCTOR``, and
+    ``encode(texts, prompt=...)``, ``encode_query``, ``encode_document`` and ``similarity`` for sentence-transformers'.
+
+    ``precision`` is the precision the backend computes in; ``query_instruction`` and ``document_instruction`` are the
+    instructions ``encode_query`` and ``encode_document`` use unless given another (settable).
+    """
 
     def __init__(
-        self, checkpoint: Checkpoint, backend: Backend, tokenizer: PairTokenizer, precision: str, backend_report: dict
+        self,
+        checkpoint: Checkpoint,
+        backend: Backend,
+        tokenizer: PairTokenizer,
+        precision: str,
+        backend_report: dict,
+        query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
+        document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
     ) -> None:
         self.checkpoint = checkpoint
         self.backend = backend
         self.tokenizer = tokenizer
         self.precision = precision
         self.backend_report = backend_report  # what the dispatcher chose, its parity figures, what it skipped
+        self.query_instruction = query_instruction
+        self.document_instruction = document_instruction
 
     @property
     def backend_name(self) -> str:
@@ -89,6 +110,8 @@ class Instructor:
         device: str | None = None,
         normalize_embeddings: bool = True,
         max_batch_tokens: int | None = None,
+        prompt: str | None = None,
+        precision: str = "float32",
     ):
         """Embed ``[instruction, text]`` pairs (or plain strings) and return them in input order.
 
@@ -106,6 +129,13 @@ class Instructor:
         On a backend that runs off the CPU (a GPU), an input of more than ``tokenize_chunk_rows`` texts (8,192, or 8
         batches of the policy's rows) is tokenized a chunk at a time, the next chunk in a background thread while the
         backend embeds the current one; batches are then planned within each chunk.
+
+        As sentence-transformers' ``encode``: ``prompt`` is the instruction for every text (``sentences`` are then plain
+        strings), and ``precision`` quantizes the output: ``"float32"`` (default), ``"int8"`` or ``"uint8"`` (ranges
+        from these embeddings, so quantize many at once, or use ``fastinstructor.quantize_embeddings`` with fixed
+        ranges), ``"binary"`` or ``"ubinary"`` (one bit per dimension, packed); byte for byte as
+        ``sentence_transformers.quantize_embeddings`` (``fastinstructor.vectors``). It is not the precision the model
+        computes in (``fastinstructor.load``'s ``precision``).
         """
         if output_value != "sentence_embedding":
             raise ValueError(f"output_value {output_value!r} is not supported; only 'sentence_embedding' is")
@@ -118,9 +148,12 @@ class Instructor:
             policy = default_policy(takes_large_batches(self.backend))
         else:  # checked before any work
             policy = BatchPolicy(DEFAULT_ENCODE_POLICY.max_rows if batch_size is None else batch_size, max_batch_tokens)
+        check_output_precision(precision)
         single = isinstance(sentences, str)  # as the authors' encode: only a bare string is one input
         if single:
             sentences = [sentences]
+        if prompt is not None:
+            sentences = _with_prompt(sentences, prompt)
         check_sentences(sentences)  # every input, before any work (a chunk is tokenized only when its turn comes)
         progress = _progress(len(sentences), show_progress_bar)
         try:
@@ -129,6 +162,8 @@ class Instructor:
             progress.close()
         if normalize_embeddings:
             out = F.normalize(out, p=2, dim=1)
+        if precision != "float32":
+            out = torch.from_numpy(quantize_embeddings(out.numpy(), precision))
         if convert_to_tensor:
             result = out
         elif convert_to_numpy:
@@ -136,6 +171,21 @@ class Instructor:
         else:
             result = list(out)
         return result[0] if single else result
+
+    def encode_query(self, sentences: Sequence[str] | str, prompt: str | None = None, **kwargs):
+        """``encode(sentences, prompt=...)`` with ``prompt`` defaulting to ``query_instruction``."""
+        return self.encode(sentences, prompt=self.query_instruction if prompt is None else prompt, **kwargs)
+
+    def encode_document(self, sentences: Sequence[str] | str, prompt: str | None = None, **kwargs):
+        """``encode(sentences, prompt=...)`` with ``prompt`` defaulting to ``document_instruction``."""
+        return self.encode(sentences, prompt=self.document_instruction if prompt is None else prompt, **kwargs)
+
+    def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarity of every embedding of ``embeddings1`` with every one of ``embeddings2``: a float32 tensor
+        ``[N1, N2]`` (numpy arrays, tensors, lists of either; a single vector is one row), as sentence-transformers'
+        ``similarity`` with its default cosine function. INSTRUCTOR embeddings are unit norm: cosine is the dot product.
+        """
+        return cos_sim(embeddings1, embeddings2)
 
     def _tokenize_and_embed(
         self, sentences: Sequence, policy: BatchPolicy, on_batch: Callable[[int], object]
@@ -205,6 +255,21 @@ class Instructor:
         return out
 
 
+def _with_prompt(sentences: Sequence, prompt: str) -> list[list[str]]:
+    """``[prompt, text]`` pairs of plain ``sentences``; a pair among them is an error (two instructions for it)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str (the instruction), got {type(prompt).__name__}")
+    if not isinstance(sentences, Sequence):
+        raise TypeError(f"sentences must be a list of str when prompt is given, got {type(sentences).__name__}")
+    for i, text in enumerate(sentences):
+        if not isinstance(text, str):
+            raise TypeError(
+                f"sentences[{i}] is {type(text).__name__}; with prompt= every input must be a plain str (the prompt is "
+                "its instruction). Pass [instruction, text] pairs without prompt= instead."
+            )
+    return [[prompt, text] for text in sentences]
+
+
 class _NoProgress:
     def update(self, n: int) -> None:
         pass
@@ -236,6 +301,8 @@ def load(
     min_cosine: float | None = None,
     allow_fallback: bool = True,
     parity_cache: bool = True,
+    query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
+    document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
 ) -> Instructor:
     """Load a checkpoint (folder, plain T5 encoder folder, or hub id) onto the fastest backend proven right.
 
@@ -252,7 +319,9 @@ def load(
 
     ``backend_options`` go to the onnx backend (``onnx_dir``, ``threads``). ``pooling_rule``:
     ``"instructor"`` (the authors' package, the default) or ``"sentence-transformers"`` (``prompt=`` with
-    ``include_prompt=False``: no 1-token exception).
+    ``include_prompt=False``: no 1-token exception). ``max_seq_length``: tokens per input at most (instruction, text
+    and ``</s>``), up to the checkpoint's own (512 for INSTRUCTOR), which is the default. ``query_instruction`` and
+    ``document_instruction``: the model's instructions for ``encode_query`` and ``encode_document``.
     """
     from .dispatch import choose
 
@@ -265,11 +334,16 @@ def load(
         backend_class = get_backend_class(backend)  # unknown or unavailable: raises with the choices
         if precision != "auto":
             check_precision(backend_class, precision)
+    if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)):
+        raise TypeError(f"max_seq_length must be an int (tokens), got {type(max_seq_length).__name__}")
+    if max_seq_length is not None and max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be at least 1 (token), got {max_seq_length}")
     checkpoint = load_checkpoint(model, cache_dir=cache_dir, revision=revision)
-    length = max_seq_length or checkpoint.max_seq_length
-    if length > checkpoint.max_seq_length and max_seq_length is not None:
+    length = checkpoint.max_seq_length if max_seq_length is None else max_seq_length
+    if length > checkpoint.max_seq_length:
         raise ValueError(
-            f"max_seq_length={max_seq_length} exceeds the checkpoint's max_seq_length ({checkpoint.max_seq_length})"
+            f"max_seq_length={max_seq_length} exceeds the checkpoint's max_seq_length ({checkpoint.max_seq_length}): "
+            "pass at most that"
         )
     tokenizer = PairTokenizer(load_tokenizer(checkpoint.path), length, pooling_rule)
     instance, candidate, report = choose(
@@ -285,4 +359,6 @@ def load(
         backend_options=backend_options,
     )
     checkpoint.release_weights()
-    return Instructor(checkpoint, instance, tokenizer, candidate.precision, report)
+    return Instructor(
+        checkpoint, instance, tokenizer, candidate.precision, report, query_instruction, document_instruction
+    )

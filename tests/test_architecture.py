@@ -20,7 +20,7 @@ SOURCES = {
 }
 # Lowest first: a module may import its own layer's modules and those of lower layers, never a higher layer's.
 LAYERS = [
-    ("foundation", ["version", "precisions", "locking", "hardware", "data", "batching", "prefetch"]),
+    ("foundation", ["version", "precisions", "locking", "hardware", "data", "batching", "prefetch", "vectors"]),
     ("model files", ["checkpoint", "tokenization", "calibration", "readers"]),
     ("T5 maths", ["t5", "encoder"]),
     ("kernels and export", ["kernels", "native", "export"]),
@@ -28,7 +28,7 @@ LAYERS = [
     ("parity", ["parity"]),
     ("dispatch", ["dispatch"]),
     ("the model API", ["model"]),
-    ("applications", ["corpus", "shards", "server", "benchmark", "check", "testmodel"]),
+    ("applications", ["corpus", "shards", "server", "benchmark", "check", "testmodel", "integrations"]),
     ("entry points", ["cli", "__main__", "__init__"]),
 ]
 MAX_LINES = 500

@@ -1,0 +1,85 @@
+"""LlamaIndex: ``InstructorEmbedding``, a ``BaseEmbedding`` for indexes, retrievers and ``Settings.embed_model``.
+
+Queries are embedded with ``query_instruction``, texts (nodes, documents) with ``text_instruction``, as LlamaIndex's
+own ``InstructorEmbedding`` (``llama-index-embeddings-instructor``) does and with its defaults for INSTRUCTOR models, on
+this library's backends. ``pip install 'fastinstructor[llamaindex]'``.
+
+>>> from llama_index.core import Settings
+>>> from fastinstructor.integrations.llamaindex import InstructorEmbedding
+>>> Settings.embed_model = InstructorEmbedding("hkunlp/instructor-large")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from ..model import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION, Instructor
+from ._common import missing_extra, model_name, resolve_model
+
+try:
+    from llama_index.core.base.embeddings.base import BaseEmbedding
+    from llama_index.core.bridge.pydantic import Field, PrivateAttr
+except ImportError as err:
+    raise missing_extra("llamaindex", "llama-index-core", err) from err
+
+__all__ = ["InstructorEmbedding"]
+
+# LlamaIndex hands texts to _get_text_embeddings in lists of embed_batch_size; the most its field allows lets
+# Instructor.encode plan the batches (length-sorted, token budget) over as many texts as it can see.
+DEFAULT_EMBED_BATCH_SIZE = 2048
+
+
+class InstructorEmbedding(BaseEmbedding):
+    """``model``: a model id or folder (loaded with ``backend``, ``precision``, ``device`` and ``load_options``, as
+    ``fastinstructor.load``) or a loaded ``fastinstructor.Instructor``. Other keyword arguments are
+    ``BaseEmbedding``'s (``callback_manager``, ``embed_batch_size``, ...)."""
+
+    query_instruction: str = Field(default=DEFAULT_QUERY_INSTRUCTION, description="Instruction for queries.")
+    text_instruction: str = Field(default=DEFAULT_DOCUMENT_INSTRUCTION, description="Instruction for texts (nodes).")
+    _model: Instructor = PrivateAttr()
+
+    def __init__(
+        self,
+        model: Instructor | str | os.PathLike,
+        *,
+        query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
+        text_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
+        backend: str = "auto",
+        precision: str = "auto",
+        device: str | None = None,
+        load_options: dict | None = None,
+        embed_batch_size: int = DEFAULT_EMBED_BATCH_SIZE,
+        **kwargs,
+    ) -> None:
+        loaded = resolve_model(model, backend, precision, device, load_options)
+        super().__init__(
+            model_name=model_name(model),
+            query_instruction=query_instruction,
+            text_instruction=text_instruction,
+            embed_batch_size=embed_batch_size,
+            **kwargs,
+        )
+        self._model = loaded
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "FastInstructorEmbedding"
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        return self._model.encode([query], prompt=self.query_instruction)[0].tolist()
+
+    def _get_text_embedding(self, text: str) -> list[float]:
+        return self._get_text_embeddings([text])[0]
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return self._model.encode(list(texts), prompt=self.text_instruction).tolist()
+
+    async def _aget_query_embedding(self, query: str) -> list[float]:
+        return await asyncio.to_thread(self._get_query_embedding, query)
+
+    async def _aget_text_embedding(self, text: str) -> list[float]:
+        return await asyncio.to_thread(self._get_text_embedding, text)
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return await asyncio.to_thread(self._get_text_embeddings, texts)
