@@ -139,36 +139,26 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import os
-
     from . import load
+    from .server.settings import OPTIONS, resolve, served_name, settings_from
 
     try:
+        import pydantic  # noqa: F401
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise ImportError("fastinstructor serve needs the server extra: pip install 'fastinstructor[server]'") from None
-    from .server import ServerSettings, create_app, serve, served_name
+    from .server import create_app, serve
 
-    keys = tuple(args.api_key or [k for k in os.environ.get("FASTINSTRUCTOR_API_KEYS", "").split(",") if k])
-    settings = ServerSettings(  # before the load: a bad limit fails at once
-        max_inputs=args.max_inputs,
-        max_batch_tokens=args.max_batch_tokens,
-        max_batch_rows=args.max_batch_rows,
-        max_wait_ms=args.max_wait_ms,
-        max_queued_rows=args.max_queued_rows,
-        max_body_bytes=args.max_body_bytes,
-        request_timeout_s=args.request_timeout,
-        api_keys=keys,
-        metrics_without_key=args.metrics_without_key,
-        cors_origins=tuple(args.cors_origin or ()),
-        max_connections=args.max_connections,
-        header_timeout_s=args.header_timeout,
-        keep_alive_timeout_s=args.keep_alive_timeout,
+    values = resolve({o.dest: getattr(args, o.dest) for o in OPTIONS if hasattr(args, o.dest)})
+    settings = settings_from(values)  # before the load: a bad limit or environment variable fails at once
+    model = load(values["model"], backend=values["backend"], precision=values["precision"])
+    name = values["served_model_name"] or served_name(values["model"])
+    keys = "on" if settings.api_keys else "off"
+    print(
+        f"serving {model} as {name!r} on http://{values['host']}:{values['port']} (API keys: {keys})", file=sys.stderr
     )
-    model = load(args.model, backend=args.backend, precision=args.precision)
-    print(f"serving {model} on http://{args.host}:{args.port} (API keys: {'on' if keys else 'off'})", file=sys.stderr)
-    serve(create_app(model, settings, model_name=served_name(args.model)), settings, args.host, args.port)
+    serve(create_app(model, settings, model_name=name), settings, values["host"], values["port"])
     return 0
 
 
@@ -224,6 +214,7 @@ def _embed_job(args: argparse.Namespace) -> int:
         backend=args.backend,
         precision=args.precision,
         pooling_rule=args.pooling_rule,
+        max_seq_length=args.max_seq_length,
     )
     seconds = time.perf_counter() - start
     totals = manifest["totals"]
@@ -349,62 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .batching import DEFAULT_EMBED_POLICY as EMBED_BATCHES
     from .batching import DEFAULT_PACKED_POLICY as PACKED_BATCHES
-    from .batching import DEFAULT_SERVER_POLICY as SERVER_BATCHES
+    from .server.settings import add_arguments as add_serve_arguments
 
-    serve = commands.add_parser("serve", help="HTTP server: OpenAI- and TEI-compatible embeddings")
-    serve.add_argument("--model", required=True, help="checkpoint folder or hub id")
-    serve.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
-    serve.add_argument("--precision", type=_precision, choices=["auto", *precisions], default="auto", help=aliases)
-    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--api-key", action="append", help="accepted key (repeatable; or FASTINSTRUCTOR_API_KEYS)")
-    serve.add_argument("--max-inputs", type=int, default=512, help="inputs per request (default 512)")
-    serve.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=SERVER_BATCHES.max_tokens,
-        help="tokens per batch: padded (rows x longest), real tokens on the triton backend (default %(default)s)",
+    serve = commands.add_parser(
+        "serve",
+        help="HTTP server: OpenAI- and TEI-compatible embeddings",
+        description="An HTTP server for the model: OpenAI's /v1/embeddings and /v1/models, text-embeddings-"
+        "inference's /embed, /tokenize and /info, /health, /ready, /metrics and /openapi.json.",
     )
-    serve.add_argument(
-        "--max-batch-rows",
-        type=int,
-        default=SERVER_BATCHES.max_rows,
-        help="rows per batch (default %(default)s; 1 disables batching)",
-    )
-    serve.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=0.0,
-        help="how long a batch waits for more rows, counted from its oldest row's arrival (default 0)",
-    )
-    serve.add_argument("--max-queued-rows", type=int, default=8192, help="queue bound; beyond it: 429")
-    serve.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="request body bound; beyond it: 413")
-    serve.add_argument(
-        "--request-timeout",
-        type=float,
-        default=60.0,
-        help="seconds before a request is answered 504, and for its body to arrive (else 408; default 60)",
-    )
-    serve.add_argument(
-        "--max-connections", type=int, default=512, help="open connections; beyond: 503 and closed (default 512)"
-    )
-    serve.add_argument(
-        "--header-timeout",
-        type=float,
-        default=10.0,
-        help="seconds a client has to send a request's headers; then 408 and closed (default 10)",
-    )
-    serve.add_argument(
-        "--keep-alive-timeout", type=float, default=5.0, help="seconds an idle connection stays open (default 5)"
-    )
-    serve.add_argument(
-        "--metrics-without-key",
-        action="store_true",
-        help="with --api-key: let loopback clients (a local scraper) read /metrics without a key",
-    )
-    serve.add_argument(
-        "--cors-origin", action="append", help="allow browsers on this origin (repeatable; default: CORS off)"
-    )
+    add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
 
     embed = commands.add_parser(
@@ -440,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", type=_precision, choices=["auto", *precisions], default="auto", help=f"default: auto {aliases}"
     )
     embed.add_argument("--pooling-rule", choices=POOLING_RULES, default="instructor")
+    embed.add_argument("--max-seq-length", type=_positive_int, help="tokens per input at most (default: the model's)")
     packed = f"{PACKED_BATCHES.max_rows} rows and {PACKED_BATCHES.max_tokens} real tokens on the triton backend"
     embed.add_argument("--batch-size", type=int, help=f"rows per batch at most (default {EMBED_BATCHES.max_rows})")
     embed.add_argument(

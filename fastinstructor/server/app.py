@@ -1,7 +1,9 @@
-"""The ASGI app: the OpenAI and TEI embedding endpoints, ``/health``, ``/info`` and ``/metrics``, over a ``Batcher``.
+"""The ASGI app: the OpenAI and TEI endpoints, ``/health``, ``/ready``, ``/info``, ``/metrics`` and
+``/openapi.json``, over a ``Batcher``.
 
-Requests are read within their limits (body size while it arrives, time, inputs, API key), tokenized off the
-event loop, and their rows handed to the batcher; every error is a JSON body.
+Requests are read within their limits (body size while it arrives, time, inputs, API key), validated against their
+schema (``schemas``), resolved to sentences (``inputs``: named and default instructions, left truncation), tokenized
+off the event loop, and their rows handed to the batcher; every error is a JSON body in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -26,39 +28,34 @@ from starlette.routing import Route
 
 from ..backends.base import takes_packed
 from ..model import Instructor
-from ..tokenization import lone_surrogate
 from ..version import __version__
 from .batcher import Batcher, QueueFull
+from .inputs import check_text, left_truncate, sentences, tokens
 from .protocol import CLOSE, HTTPError, error_body, is_loopback
+from .schemas import EmbeddingsRequest, EmbedRequest, TokenizeRequest, openapi_document, validate
 from .settings import ServerSettings
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("fastinstructor.server")
 
-# The body fields each endpoint accepts; anything else is a 400 that lists these.
-_FIELDS = {
-    "/v1/embeddings": {"input", "model", "encoding_format", "dimensions", "user", "instruction"},
-    "/embed": {"inputs", "normalize", "truncate", "instruction", "truncation_direction", "prompt_name"},
-}
-
-
-def _check_text(value: str, where: str) -> None:
-    """JSON can carry lone surrogates (``"\\ud800"``), which are no Unicode text: the tokenizer cannot take them."""
-    at = lone_surrogate(value)
-    if at is not None:
-        raise HTTPError(
-            400,
-            f"{where} has a lone surrogate ({ascii(value[at])}) at character {at}, which is not "
-            "Unicode text; send valid UTF-8 (a character beyond U+FFFF escaped as a surrogate pair)",
-        )
+TOKENIZE_WORKERS = 2  # threads that tokenize requests off the event loop
 
 
 def _metrics():
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
     registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # CPU seconds, resident memory, open file descriptors, start time
+    PlatformCollector(registry=registry)  # the Python version
     return registry, {
+        "request_seconds": Histogram(
+            "fastinstructor_request_duration_seconds",
+            "Time from a request's arrival to its response, by endpoint (every status)",
+            ["endpoint"],
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+        ),
         "requests": Counter(
             "fastinstructor_requests", "Requests by endpoint and status", ["endpoint", "status"], registry=registry
         ),
@@ -84,40 +81,13 @@ def _metrics():
     }
 
 
-def _texts_and_instructions(body: dict, text_key: str) -> tuple[list[str], list[str | None]]:
-    raw = body.get(text_key)
-    texts = [raw] if isinstance(raw, str) else raw
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise HTTPError(400, f"'{text_key}' must be a string or a list of strings")
-    if not texts:
-        raise HTTPError(400, f"'{text_key}' is empty; send at least one text")
-    for i, text in enumerate(texts):
-        _check_text(text, f"'{text_key}' item {i}")
-    instruction = body.get("instruction")
-    if instruction is None or isinstance(instruction, str):
-        if instruction is not None:
-            _check_text(instruction, "'instruction'")
-        instructions = [instruction] * len(texts)
-    elif isinstance(instruction, list) and all(isinstance(i, str) for i in instruction):
-        if len(instruction) != len(texts):
-            raise HTTPError(
-                400,
-                f"'instruction' has {len(instruction)} items for {len(texts)} inputs; send one "
-                "instruction, or one per input",
-            )
-        for i, text in enumerate(instruction):
-            _check_text(text, f"'instruction' item {i}")
-        instructions = instruction
-    else:
-        raise HTTPError(400, "'instruction' must be a string or a list of strings")
-    return texts, instructions
-
-
 class _Api:
     """The endpoints serving ``model`` under ``name``, within ``settings``' limits, and what they share."""
 
     def __init__(self, model: Instructor, settings: ServerSettings, name: str) -> None:
         self.model, self.settings, self.name = model, settings, name
+        self.created = int(time.time())
+        self.openapi_json: dict | None = None
         self.registry, self.metrics = _metrics()
         self.batcher = Batcher(
             model,
@@ -126,7 +96,7 @@ class _Api:
             max_wait_ms=settings.max_wait_ms,
             max_queued_rows=settings.max_queued_rows,
         )
-        self.tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fastinstructor-tokenize")
+        self.tokenize_pool = ThreadPoolExecutor(TOKENIZE_WORKERS, thread_name_prefix="fastinstructor-tokenize")
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -169,7 +139,8 @@ class _Api:
         except ClientDisconnect:  # nobody to answer; counted as a 400, not logged as an internal error
             raise HTTPError(400, "the client closed the connection before the whole body arrived") from None
 
-    async def read_json(self, request: Request) -> dict:
+    async def read_json(self, request: Request, schema):
+        """The body, read within its limits, parsed, and validated as a ``schema`` instance."""
         self.check_key(request)
         given = request.headers.get("content-type")
         if (given or "").partition(";")[0].strip().lower() != "application/json":
@@ -190,11 +161,7 @@ class _Api:
             ) from None
         if not isinstance(body, dict):
             raise HTTPError(400, "the body must be a JSON object")
-        allowed = _FIELDS[request.url.path]
-        unknown = sorted(set(body) - allowed)
-        if unknown:
-            raise HTTPError(400, f"unknown field(s) {unknown}; accepted: {sorted(allowed)}")
-        return body
+        return validate(schema, body)
 
     def submit(self, ids: list[list[int]], starts: list[int]) -> list[asyncio.Future]:
         try:
@@ -207,17 +174,44 @@ class _Api:
                 {"Retry-After": "1"},
             ) from None
 
-    async def embed_rows(
-        self, texts: list[str], instructions: list[str | None], truncate: bool
-    ) -> tuple[np.ndarray, int]:
-        settings, model, metrics = self.settings, self.model, self.metrics
-        if len(texts) > settings.max_inputs:
-            raise HTTPError(413, f"{len(texts)} inputs exceed the limit of {settings.max_inputs} per request")
-        sentences = [t if i is None else [i, t] for t, i in zip(texts, instructions, strict=True)]
+    def check_model(self, requested: str | None) -> None:
+        """A request's ``model`` must be the one served (or absent): else a 404 as OpenAI answers it."""
+        if requested is not None and requested != self.name:
+            check_text(requested, "'model'")
+            raise HTTPError(
+                404,
+                f"the model {requested!r} does not exist here: this server serves {self.name!r} (GET /v1/models); "
+                "send that name, or no model",
+                param="model",
+            )
+
+    def check_dimensions(self, dimensions: int | None) -> None:
+        if dimensions not in (None, self.model.dim):
+            raise HTTPError(
+                400,
+                f"dimensions={dimensions!r} is not supported: this model returns {self.model.dim} dimensions "
+                "(omit the field)",
+                param="dimensions",
+            )
+
+    def _tokenize(self, batch: list, left: bool):
+        """In the tokenize pool: the sentences, cut from the left first when asked, and their tokens."""
+        if left:
+            batch = [left_truncate(self.model.tokenizer, s) for s in batch]
+        return batch, self.model.tokenizer(batch)
+
+    async def tokenize(self, batch: list, left: bool = False):
+        if len(batch) > self.settings.max_inputs:
+            raise HTTPError(413, f"{len(batch)} inputs exceed the limit of {self.settings.max_inputs} per request")
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        tokenized = await loop.run_in_executor(self.tokenize_pool, model.tokenizer, sentences)
-        metrics["tokenize_seconds"].observe(time.perf_counter() - started)
+        result = await loop.run_in_executor(self.tokenize_pool, self._tokenize, batch, left)
+        self.metrics["tokenize_seconds"].observe(time.perf_counter() - started)
+        return result
+
+    async def embed_rows(self, batch: list, truncate: bool, left: bool = False) -> tuple[np.ndarray, int]:
+        settings, model, metrics = self.settings, self.model, self.metrics
+        _, tokenized = await self.tokenize(batch, left and truncate)
         if not truncate and any(tokenized.truncated):
             first = tokenized.truncated.index(True)
             raise HTTPError(
@@ -233,85 +227,130 @@ class _Api:
                 f.cancel()
             raise HTTPError(504, f"the request took longer than {settings.request_timeout_s} s", "timeout") from None
         tokens = sum(len(ids) for ids in tokenized.ids)
-        metrics["inputs"].inc(len(texts))
+        metrics["inputs"].inc(len(batch))
         metrics["tokens"].inc(tokens)
         return np.stack(vectors), tokens
 
     def handler(self, endpoint: str, work):
         async def handle(request: Request) -> Response:
+            started = time.perf_counter()
             try:
                 response = await work(request)
             except HTTPError as err:
-                response = JSONResponse(error_body(err.status, err.message, err.kind), err.status, headers=err.headers)
+                body = error_body(err.status, err.message, err.kind, err.param)
+                response = JSONResponse(body, err.status, headers=err.headers)
             except Exception as err:  # never let one request take the server down
                 # The details (which may name local files) go to the server's log, not to the client.
                 log.exception("internal error answering %s", endpoint)
                 message = f"internal error ({type(err).__name__}); the server log has the details"
                 response = JSONResponse(error_body(500, message, "server_error"), 500)
             self.metrics["requests"].labels(endpoint, str(response.status_code)).inc()
+            self.metrics["request_seconds"].labels(endpoint).observe(time.perf_counter() - started)
             return response
 
         return handle
 
     async def openai_embeddings(self, request: Request) -> Response:
-        body = await self.read_json(request)
-        texts, instructions = _texts_and_instructions(body, "input")
-        requested = body.get("model")
-        if requested is not None:
-            if not isinstance(requested, str):
-                raise HTTPError(400, f"'model' must be a string, got {type(requested).__name__}")
-            _check_text(requested, "'model'")
-        encoding = body.get("encoding_format", "float")
-        if encoding not in ("float", "base64"):
-            raise HTTPError(400, f"encoding_format must be 'float' or 'base64', got {encoding!r}")
-        if body.get("dimensions") not in (None, self.model.dim):
-            raise HTTPError(
-                400,
-                f"dimensions={body['dimensions']!r} is not supported: this model returns "
-                f"{self.model.dim} dimensions (omit the field)",
-            )
-        vectors, tokens = await self.embed_rows(texts, instructions, truncate=True)
-        data = []
-        for i, vector in enumerate(vectors):
-            value = (
-                base64.b64encode(vector.astype("<f4").tobytes()).decode() if encoding == "base64" else (vector.tolist())
-            )
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "model": requested or self.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
-        )
+        body = await self.read_json(request, EmbeddingsRequest)
+        self.check_model(body.model)
+        self.check_dimensions(body.dimensions)
+        vectors, tokens = await self.embed_rows(sentences(body, "input", self.settings), truncate=True)
+        if body.encoding_format == "base64":
+            values = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            values = vectors.tolist()
+        data = [{"object": "embedding", "index": i, "embedding": value} for i, value in enumerate(values)]
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return JSONResponse({"object": "list", "data": data, "model": self.name, "usage": usage})
 
     async def tei_embed(self, request: Request) -> Response:
-        body = await self.read_json(request)
-        texts, instructions = _texts_and_instructions(body, "inputs")
-        for key in ("normalize", "truncate"):
-            if not isinstance(body.get(key, False), bool):
-                raise HTTPError(400, f"'{key}' must be true or false")
-        vectors, _ = await self.embed_rows(texts, instructions, truncate=body.get("truncate", False))
-        if body.get("normalize", True):
+        body = await self.read_json(request, EmbedRequest)
+        self.check_dimensions(body.dimensions)
+        left = body.truncation_direction.lower() == "left"
+        vectors, _ = await self.embed_rows(sentences(body, "inputs", self.settings), bool(body.truncate), left)
+        if body.normalize:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return JSONResponse(vectors.tolist())
+
+    async def tei_tokenize(self, request: Request) -> Response:
+        body = await self.read_json(request, TokenizeRequest)
+        left = body.truncation_direction.lower() == "left"
+        batch, tokenized = await self.tokenize(sentences(body, "inputs", self.settings), left)
+        rows = zip(batch, tokenized.ids, tokenized.pool_start, strict=True)
+        tokenizer, special = self.model.tokenizer, body.add_special_tokens
+        return JSONResponse([tokens(tokenizer, s, ids, start, special) for s, ids, start in rows])
+
+    def model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "fastinstructor"}
+
+    async def models(self, request: Request) -> Response:
+        self.check_key(request)
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def model_endpoint(self, request: Request) -> Response:
+        self.check_key(request)
+        self.check_model(request.path_params["model"])
+        return JSONResponse(self.model_card())
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def ready(self, request: Request) -> Response:
+        """Readiness, as a load balancer or Kubernetes asks: the model is loaded and passed its parity check (this
+        app exists only then), the batcher runs and is not stopping, and the queue can take a row."""
+        report = self.model.backend_report.get("parity")
+        queued, limit = len(self.batcher.pending), self.settings.max_queued_rows
+        running = self.batcher.task is not None and not self.batcher.task.done() and not self.batcher.stopping
+        checks = {
+            "model": "loaded",
+            "parity": "reference" if report is None else ("passed" if report.get("passed") else "failed"),
+            "batcher": "running" if running else "stopped",
+            "queue": f"{queued} of {limit} rows",
+        }
+        good = {"parity": checks["parity"] != "failed", "batcher": running, "queue": queued < limit}
+        failing = [f"{name} {checks[name]}" for name, ok in good.items() if not ok]
+        if failing:
+            message = f"not ready: {', '.join(failing)}"
+            return JSONResponse(error_body(503, message, "server_error"), 503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ready", "checks": checks})
+
+    async def openapi(self, request: Request) -> Response:
+        if self.openapi_json is None:  # built once, on first use
+            self.openapi_json = openapi_document(f"fastinstructor serve: {self.name}", __version__)
+        return JSONResponse(self.openapi_json)
+
     async def info(self, request: Request) -> Response:
         self.check_key(request)
-        model = self.model
+        model, settings = self.model, self.settings
+        default = settings.default_instruction
         return JSONResponse(
             {
+                # text-embeddings-inference's fields
+                "model_id": self.name,
+                "model_sha": None,
+                "model_dtype": model.precision,
+                "model_type": {"embedding": {"pooling": "mean"}},
+                "max_concurrent_requests": settings.max_connections,
+                "max_input_length": model.max_seq_length,
+                "max_batch_tokens": settings.max_batch_tokens,
+                "max_batch_requests": settings.max_batch_rows,
+                "max_client_batch_size": settings.max_inputs,
+                "auto_truncate": False,  # /embed: truncate=true to cut; /v1/embeddings always cuts
+                "tokenization_workers": TOKENIZE_WORKERS,
+                "version": __version__,
+                "sha": None,
+                "docker_label": None,
+                "prompts": settings.named_instructions,
+                "default_prompt": settings.default_instruction_text,
+                "default_prompt_name": default if default in settings.named_instructions else None,
+                # this server's
                 "model": self.name,
                 "dim": model.dim,
                 "max_seq_length": model.max_seq_length,
                 "backend": model.backend_name,
                 "precision": model.precision,
                 "parity": model.backend_report.get("parity"),
-                "limits": {k: v for k, v in asdict(self.settings).items() if k != "api_keys"},
+                "limits": {k: v for k, v in asdict(settings).items() if k not in ("api_keys", "instructions")},
                 "versions": {"fastinstructor": __version__, "torch": torch.__version__},
             }
         )
@@ -327,16 +366,32 @@ async def _routing_error(request: Request, err: StarletteHTTPException) -> Respo
     return JSONResponse(error_body(err.status_code, str(err.detail), "invalid_request_error"), err.status_code)
 
 
+def _routed(endpoints: dict):
+    """``(path, (METHOD, endpoint))`` for every route of ``schemas.ROUTES`` but the probes, which are not counted."""
+    from .schemas import ROUTES
+
+    for method, path, *_ in ROUTES:
+        if path not in ("/health", "/ready"):
+            yield path, (method.upper(), endpoints[path])
+
+
 def create_app(model: Instructor, settings: ServerSettings | None = None, model_name: str | None = None):
-    """The ASGI app serving ``model``, under ``model_name`` (default: its checkpoint folder's name)."""
+    """The ASGI app serving ``model``, under ``model_name`` (default: its checkpoint folder's name). Its routes are
+    those of ``schemas.ROUTES``, which the OpenAPI document lists."""
     api = _Api(model, settings or ServerSettings(), model_name or model.checkpoint.path.name)
-    routes = [
-        Route("/v1/embeddings", api.handler("/v1/embeddings", api.openai_embeddings), methods=["POST"]),
-        Route("/embed", api.handler("/embed", api.tei_embed), methods=["POST"]),
-        Route("/health", api.health, methods=["GET"]),
-        Route("/info", api.handler("/info", api.info), methods=["GET"]),
-        Route("/metrics", api.handler("/metrics", api.metrics_endpoint), methods=["GET"]),
-    ]
+    endpoints = {
+        "/v1/embeddings": api.openai_embeddings,
+        "/v1/models": api.models,
+        "/v1/models/{model}": api.model_endpoint,
+        "/embed": api.tei_embed,
+        "/": api.tei_embed,  # TEI answers its task on its root too (huggingface_hub's InferenceClient posts there)
+        "/tokenize": api.tei_tokenize,
+        "/info": api.info,
+        "/metrics": api.metrics_endpoint,
+        "/openapi.json": api.openapi,
+    }
+    routes = [Route(path, api.handler(path, work), methods=[method]) for path, (method, work) in _routed(endpoints)]
+    routes += [Route("/health", api.health, methods=["GET"]), Route("/ready", api.ready, methods=["GET"])]
     middleware = []
     if api.settings.cors_origins:
         from starlette.middleware import Middleware

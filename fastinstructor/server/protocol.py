@@ -18,13 +18,24 @@ CLOSE = {"Connection": "close"}
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
+    """An answer other than 200: ``status``, a message that says what was wrong and how to fix it, OpenAI's error
+    ``kind`` (``type``), the request field at fault (``param``) and extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        headers: dict | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+        self.status, self.message, self.kind, self.headers, self.param = status, message, kind, headers or {}, param
 
 
-def error_body(status: int, message: str, kind: str) -> dict:
-    return {"error": {"message": message, "type": kind, "code": status}}
+def error_body(status: int, message: str, kind: str, param: str | None = None) -> dict:
+    """OpenAI's error shape, with the HTTP status as ``code``."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 def is_loopback(client) -> bool:
