@@ -152,7 +152,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     values = resolve({o.dest: getattr(args, o.dest) for o in OPTIONS if hasattr(args, o.dest)})
     settings = settings_from(values)  # before the load: a bad limit or environment variable fails at once
-    model = load(values["model"], backend=values["backend"], precision=values["precision"])
+    model = load(
+        values["model"],
+        backend=values["backend"],
+        precision=values["precision"],
+        max_seq_length=values["max_seq_length"],
+    )
     name = values["served_model_name"] or served_name(values["model"])
     keys = "on" if settings.api_keys else "off"
     print(

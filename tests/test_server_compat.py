@@ -245,6 +245,7 @@ def test_an_environment_only_configuration_starts_the_server_with_its_settings(t
         "FASTINSTRUCTOR_MAX_BATCH_ROWS": "7",
         "FASTINSTRUCTOR_API_KEY": "k1",
         "FASTINSTRUCTOR_METRICS_WITHOUT_KEY": "true",
+        "FASTINSTRUCTOR_MAX_SEQ_LENGTH": "48",
     }
     command = [sys.executable, "-m", "fastinstructor", "serve", "--max-batch-rows", "5"]  # a flag wins
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -262,7 +263,7 @@ def test_an_environment_only_configuration_starts_the_server_with_its_settings(t
         info = httpx.get(url + "/info", headers=key).json()
         assert info["model_id"] == "from-env" and info["prompts"] == {"query": QUERY, "doc": DOC}
         assert info["max_client_batch_size"] == 3 and info["max_batch_requests"] == 5
-        assert info["limits"]["metrics_without_key"] is True
+        assert info["limits"]["metrics_without_key"] is True and info["max_input_length"] == 48
         assert httpx.get(url + "/info").status_code == 401
         reply = httpx.post(url + "/embed", json={"inputs": ["a text"]}, headers=key)
         _assert_same(reply.json(), model.encode([[QUERY, "a text"]]))
