@@ -295,7 +295,18 @@ def cache(monkeypatch, tmp_path):
     return seen
 
 
-def test_tampered_cached_graph_is_never_loaded(tiny_model, cache, real_pairs, caplog):
+@pytest.fixture
+def onnx_float32_first(monkeypatch):
+    """auto with onnx/float32 at the head of the CPU order (on any CPU: with AMX, or where cpu/float32 comes first),
+    so that these tests reach the onnx backend's graph checks through auto, and its fallback behind it."""
+    monkeypatch.setattr(
+        OnnxBackend,
+        "rank",
+        classmethod(lambda cls, c, hardware: 0 if (c.precision, c.device) == ("float32", "cpu") else c.rank),
+    )
+
+
+def test_tampered_cached_graph_is_never_loaded(tiny_model, cache, real_pairs, caplog, onnx_float32_first):
     """Issue 13, defect 2: a graph altered in the cache after export is never run. The entry is exported again,
     once, with a warning; parity is measured on the new graph (auto and an explicit backend='onnx'); the next
     start uses the verified entry without exporting."""
@@ -316,7 +327,7 @@ def test_tampered_cached_graph_is_never_loaded(tiny_model, cache, real_pairs, ca
     cache.graphs.clear()
 
     with caplog.at_level(logging.WARNING):
-        model = fastinstructor.load(tiny_model, allow_int8=False)  # auto: onnx/float32/cpu first
+        model = fastinstructor.load(tiny_model, allow_int8=False)  # auto: onnx/float32/cpu first (the fixture)
     assert (model.backend_name, model.precision) == ("onnx", "float32") and model.backend.folder == folder
     assert cache.exports == 2, "not exported again exactly once"
     assert str(folder) in caplog.text and "does not match the checksum recorded at export" in caplog.text
@@ -359,7 +370,7 @@ def test_unverifiable_cache_entry_is_exported_again_once(tiny_model, cache, capl
     assert cache.exports == 2
 
 
-def test_failed_re_export_says_why(tiny_model, cache, monkeypatch, caplog):
+def test_failed_re_export_says_why(tiny_model, cache, monkeypatch, caplog, onnx_float32_first):
     """When the entry cannot be exported again, the error says why, and auto says it on every start."""
     checkpoint = load_checkpoint(tiny_model)
     folder = OnnxBackend(checkpoint).folder
@@ -406,7 +417,9 @@ def test_tampered_export_folder_is_refused_and_left_alone(make_model, exported, 
         OnnxBackend.from_folder(checkpoint, folder)
 
 
-def test_parity_cache_never_vouches_for_a_graph_it_did_not_measure(make_model, exported, cache, tmp_path):
+def test_parity_cache_never_vouches_for_a_graph_it_did_not_measure(
+    make_model, exported, cache, tmp_path, onnx_float32_first
+):
     """A cached parity result holds for the graph it measured: another graph of the same model (here a tampered
     one recorded as exported) is measured, fails, and is skipped."""
     good = exported("tiny")
