@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Hardware", "probe", "cpu_model"]
+__all__ = ["Hardware", "probe", "cpu_flags", "cpu_model"]
 
 # The packages that decide which backends run here; their versions key cached parity results.
 PACKAGES = ("fastinstructor", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "triton")
@@ -68,6 +68,11 @@ def cpu_model() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, as /proc/cpuinfo names them (empty where it does not exist)."""
+    return frozenset(_cpuinfo("flags").split())
+
+
 def probe() -> Hardware:
     """This machine's CUDA device, CPU flags, backend packages and ONNX Runtime providers."""
     cuda_device = capability = None
@@ -79,5 +84,4 @@ def probe() -> Hardware:
         import onnxruntime
 
         providers = tuple(onnxruntime.get_available_providers())
-    flags = frozenset(_cpuinfo("flags").split())
-    return Hardware(cuda_device, capability, flags, {p: _version(p) for p in PACKAGES}, providers)
+    return Hardware(cuda_device, capability, cpu_flags(), {p: _version(p) for p in PACKAGES}, providers)

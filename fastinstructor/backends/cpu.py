@@ -31,7 +31,7 @@ from .. import native
 from ..batching import PackedBatch, pack_padded
 from ..checkpoint import Checkpoint
 from ..encoder import Attention, build_encoder, relative_attention_bias
-from ..hardware import Hardware, probe
+from ..hardware import Hardware, cpu_flags
 from ..t5 import packed_mean_pool, position_bias_matrix, quantize_rows_ref
 from .base import BackendClass, Capability
 
@@ -81,6 +81,11 @@ class Int8Linear:
         return (y, x_scale) if self.deferred_scale else native.scale_rows_(y, x_scale)
 
 
+def _with_scale(x) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An op's input as ``(y, x_scale)``: an int8 product's ``(y, x_scale)`` pair as it is, a tensor with no scale."""
+    return x if isinstance(x, tuple) else (x, None)
+
+
 class CpuOps:
     """The CPU op set of the encoder (``encoder.EncoderOps``): states between products in ``dtype``; with
     ``quantized``, products' inputs quantized per token, and their outputs ``(y, x_scale)`` pairs whose scale the
@@ -91,7 +96,7 @@ class CpuOps:
         self.bias_table, self.max_distance = bias_table, max_distance
 
     def norm(self, x, weight, residual=None, last: bool = False):
-        x, x_scale = x if isinstance(x, tuple) else (x, None)
+        x, x_scale = _with_scale(x)
         if self.quantized and not last:
             return native.rms_norm_quantized(x, weight, self.eps, residual, x_scale)
         # The final states stay float32: the pooling head sums them.
@@ -100,7 +105,7 @@ class CpuOps:
     def product_input(self, x):
         if not self.quantized:
             return x
-        x, x_scale = x if isinstance(x, tuple) else (x, None)
+        x, x_scale = _with_scale(x)
         return native.quantize_rows(x, x_scale=x_scale)
 
     def batch_attention(self, max_len: int, tokens: int) -> Attention:
@@ -146,7 +151,7 @@ class CpuBackend(BackendClass):
         self.precision = precision = self.check_supported(precision, device)
         self.device = torch.device(device)
         quantized = precision == "int8"
-        if precision == "float32" or (quantized and not _NATIVE_BFLOAT16 & probe().cpu_flags):
+        if precision == "float32" or (quantized and not _NATIVE_BFLOAT16 & cpu_flags()):
             dtype = torch.float32
         else:
             dtype = torch.bfloat16
