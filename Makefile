@@ -18,9 +18,9 @@ TORCH := torch==2.13.0
 CONSTRAINTS := -c constraints-cpu.txt
 endif
 
-# The test install: the framework extras too, so that tests/test_integrations.py runs the adapters against the real
-# frameworks (about 80 packages and 400 MB more, 40 s to install here; without them those tests skip, saying why).
-EXTRAS := dev,onnx,server,bench,langchain,llamaindex,chroma,haystack
+# The test install: the framework extras and Ray too, so that tests/test_integrations.py and tests/test_ray.py run
+# against the real frameworks (about 80 packages and 400 MB more, 40 s to install here; without them those tests skip, saying why).
+EXTRAS := dev,onnx,server,bench,langchain,llamaindex,chroma,haystack,ray
 
 .PHONY: setup demo test bench lint clean
 
