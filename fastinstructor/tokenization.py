@@ -16,9 +16,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["POOLING_RULES", "PairTokenizer", "Tokenized", "check_sentences", "load_tokenizer", "lone_surrogate"]
+__all__ = [
+    "POOLING_RULES",
+    "PairTokenizer",
+    "Tokenized",
+    "Window",
+    "check_sentences",
+    "load_tokenizer",
+    "lone_surrogate",
+]
 
 POOLING_RULES = ("instructor", "sentence-transformers")
+_FIRST_WINDOW = 8  # characters per token in PairTokenizer.window's first bound: twice what English takes
 
 
 def load_tokenizer(folder: Path):
@@ -62,6 +71,17 @@ def check_sentences(sentences: Sequence) -> None:
                 raise TypeError(f"sentences[{i}][{j}] ({what}) is {type(part).__name__}; expected str")
 
 
+class Window(NamedTuple):
+    """``PairTokenizer.window``'s part of a text: where it starts in the text, the part, its encoding with offsets,
+    and the index of its first whole-word token and one past its last."""
+
+    offset: int
+    text: str
+    encoding: object
+    first: int
+    last: int
+
+
 class Tokenized(NamedTuple):
     ids: list[list[int]]  # per sentence, ending in </s>
     pool_start: list[int]  # first pooled position (0 for plain strings)
@@ -84,34 +104,46 @@ class PairTokenizer:
         # Instructions repeat across millions of texts: count each one once.
         self.instruction_length = lru_cache(maxsize=4096)(self._instruction_length)
 
-    def _prefix(self, text: str) -> str:
-        """The part of ``text`` that decides its truncated ids: the shortest prefix of ``8 * max_length * 2**i``
-        characters whose words, all but the last, give at least ``max_length`` tokens; else the whole text.
+    def window(self, text: str, need: int, from_end: bool = False) -> Window:
+        """The start (or end, ``from_end``) of ``text`` that holds at least ``need`` tokens in whole words, or all
+        of it: the shortest window of ``8 * max_length * 2**i`` characters that does, tokenized with offsets. Only
+        that much of a long text is tokenized (a whole 4 MiB text would take seconds). A word cut by the window's
+        edge is left out of ``first:last``, since it may tokenize differently from the whole word.
 
-        Why its truncated ids and ``truncated`` flag are exactly those of the whole text, with the T5 tokenizer:
-        it splits special tokens (none holds whitespace) out of the text, normalizes the rest grapheme by
+        Why the window's tokens before its cut word are exactly the whole text's first tokens, with the T5
+        tokenizer: it splits special tokens (none holds whitespace) out of the text, normalizes the rest grapheme by
         grapheme (SentencePiece's character map: NFKC, whitespace to spaces; older tokenizer.json files then
         collapse space runs), splits it into words at whitespace (WhitespaceSplit / Metaspace) and encodes each
-        word on its own (Unigram). Up to the word the cut falls in, the prefix and the whole text hold the same
+        word on its own (Unigram). Up to the word the cut falls in, the window and the whole text hold the same
         graphemes, so they are normalized, split and encoded the same; only that last word may differ (cut in
-        two, or joined to what follows). So the tokens before it are the first tokens of the whole text too, and
-        with ``max_length`` of them both are truncated to the same ``max_length - 1`` tokens and ``</s>``.
-        Characters per token have no bound (a whitespace run gives no token, a word cannot be cut), hence the
-        doubling; the first bound, 8 characters per token, is twice what English takes.
+        two, or joined to what follows); the same holds mirrored from the end. Characters per token have no bound
+        (a whitespace run gives no token, a word cannot be cut), hence the doubling; the first bound, 8 characters
+        per token, is twice what English takes.
         """
-        bound = 8 * self.max_length
-        while bound < len(text):
-            words = self.tokenizer(text[:bound], add_special_tokens=False, verbose=False).word_ids()
-            if words and words.index(words[-1]) >= self.max_length:  # tokens before the last word (ids ascend)
-                return text[:bound]
+        bound = _FIRST_WINDOW * self.max_length
+        while True:
+            whole = bound >= len(text)
+            window = text if whole else (text[-bound:] if from_end else text[:bound])
+            encoding = self.tokenizer(window, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            words = encoding.word_ids()
+            first, last = 0, len(words)
+            if not whole and words:
+                if from_end:
+                    first = words.count(words[0])
+                else:
+                    last -= words.count(words[-1])
+            if whole or last - first >= need:
+                return Window(len(text) - len(window) if from_end else 0, window, encoding, first, last)
             bound *= 2
-        return text
 
     def _ids(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Ids truncated to ``max_length`` with ``</s>`` kept last, as transformers' truncation does, and
         whether each text was cut: tokenizing one token further tells that exactly. A long text is tokenized
-        only as far as its truncated ids depend on it (``_prefix``): a whole 4 MiB text would take seconds."""
-        texts = [self._prefix(text) for text in texts]
+        only as far as its truncated ids depend on it: the ``window`` of ``max_length`` whole-word tokens, with which
+        both are truncated to the same ``max_length - 1`` tokens and ``</s>`` (a text within the window's first bound
+        is tokenized once, whole)."""
+        short = _FIRST_WINDOW * self.max_length
+        texts = [text if len(text) <= short else self.window(text, self.max_length).text for text in texts]
         rows = self.tokenizer(texts, truncation=True, max_length=self.max_length + 1)["input_ids"]
         cut = [len(row) > self.max_length for row in rows]
         return [row[: self.max_length - 1] + row[-1:] if c else row for row, c in zip(rows, cut, strict=True)], cut

@@ -74,28 +74,6 @@ def sentences(request, field: str, settings: ServerSettings) -> list:
     return [_sentence(i, t) for i, t in zip(instructions_for(request, len(texts), settings), texts, strict=True)]
 
 
-def _window(tokenizer: PairTokenizer, text: str, need: int, from_end: bool):
-    """The start (or end, ``from_end``) of ``text`` that holds at least ``need`` tokens in whole words (or all of
-    it), as ``(offset of the window in text, its encoding with offsets, index of its first whole-word token, index
-    past its last)``: only that much of a long text is tokenized (a whole 4 MiB text would take seconds). A word
-    cut by the window's edge is left out, since it may tokenize differently from the whole word."""
-    bound = 8 * tokenizer.max_length
-    while True:
-        whole = bound >= len(text)
-        window = text if whole else (text[-bound:] if from_end else text[:bound])
-        encoding = tokenizer.tokenizer(window, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        words = encoding.word_ids()
-        first, last = 0, len(words)
-        if not whole and words:
-            if from_end:
-                first = words.count(words[0])
-            else:
-                last -= words.count(words[-1])
-        if whole or last - first >= need:
-            return (len(text) - len(window) if from_end else 0), encoding, first, last
-        bound *= 2
-
-
 def left_truncate(tokenizer: PairTokenizer, sentence):
     """``sentence`` with its text cut from the left, so that the model reads the instruction and the longest end
     of the text that fits in ``max_length`` tokens; unchanged when it fits. The cut falls where a word starts (where
@@ -104,7 +82,7 @@ def left_truncate(tokenizer: PairTokenizer, sentence):
         return sentence
     instruction, text = (None, sentence) if isinstance(sentence, str) else sentence
     text = text.strip()
-    offset, encoding, first_whole, _ = _window(tokenizer, text, tokenizer.max_length, from_end=True)
+    offset, _, encoding, first_whole, _ = tokenizer.window(text, tokenizer.max_length, from_end=True)
     starts = [start + offset for start, _ in encoding["offset_mapping"]]
     words = encoding.word_ids()
     word_starts = [k for k in range(first_whole, len(words)) if k == 0 or words[k] != words[k - 1]]
@@ -135,7 +113,7 @@ def tokens(tokenizer: PairTokenizer, sentence, ids: list[int], pool_start: int, 
         joined = (sentence[0] + sentence[1].strip()).strip()
         instruction_chars = min(len(sentence[0].lstrip()), len(joined))
     body = len(ids) - 1  # every row ends in </s>
-    _, encoding, _, _ = _window(tokenizer, joined, body, from_end=False)
+    encoding = tokenizer.window(joined, body).encoding
     offsets = encoding["offset_mapping"][:body]
     if list(encoding["input_ids"][:body]) != ids[:body]:
         offsets = [(None, None)] * body  # cannot happen with a T5 tokenizer; never show offsets that do not match
