@@ -56,7 +56,10 @@ def _check(args: argparse.Namespace) -> int:
     from .check import HEADER, check_backends
     from .checkpoint import load_checkpoint
     from .dispatch import clear_cache, probe
+    from .hardware import set_threads
 
+    if args.threads is not None:
+        set_threads(args.threads)
     if args.clear_cache:
         print(f"removed {clear_cache()} cached parity result(s)")
     hardware = probe()
@@ -100,6 +103,15 @@ def _positive_int(value: str) -> int:
     return int(value)
 
 
+def _index(value: str) -> int:
+    if not value.isdecimal():
+        raise argparse.ArgumentTypeError(f"expected a whole number (0 or more), got {value!r}")
+    return int(value)
+
+
+THREADS_HELP = "CPU threads to compute on (PyTorch, ONNX Runtime, the tokenizer; default: every core)"
+
+
 def _csv(kind):
     def parse(value: str) -> list:
         try:
@@ -114,7 +126,10 @@ def _bench(args: argparse.Namespace) -> int:
     import shlex
 
     from .benchmark import report_markdown, run_benchmark, write_report
+    from .hardware import set_threads
 
+    if args.threads is not None:  # every contender, and the report's torch_threads
+        set_threads(args.threads)
     result = run_benchmark(
         args.model,
         backends=args.backends,
@@ -152,11 +167,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     values = resolve({o.dest: getattr(args, o.dest) for o in OPTIONS if hasattr(args, o.dest)})
     settings = settings_from(values)  # before the load: a bad limit or environment variable fails at once
+    if values["engine"] == "ray":  # a Ray Serve deployment of the same application
+        from .ray.serving import serve_from_values
+
+        return serve_from_values(values, settings)
     model = load(
         values["model"],
         backend=values["backend"],
         precision=values["precision"],
         max_seq_length=values["max_seq_length"],
+        threads=values["threads"],
     )
     name = values["served_model_name"] or served_name(values["model"])
     keys = "on" if settings.api_keys else "off"
@@ -189,12 +209,12 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _embed_job(args: argparse.Namespace) -> int:
-    import torch
+    if args.engine == "ray":  # the job's parts as Ray actors
+        from .ray.dataset import embed_from_args
 
+        return embed_from_args(args)
     from .corpus import embed_corpus
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     manifest = embed_corpus(  # loads the model once the output folder is locked, and says what it chose
         args.model,
@@ -220,12 +240,18 @@ def _embed_job(args: argparse.Namespace) -> int:
         precision=args.precision,
         pooling_rule=args.pooling_rule,
         max_seq_length=args.max_seq_length,
+        threads=args.threads,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
     )
     seconds = time.perf_counter() - start
     totals = manifest["totals"]
+    output = (
+        args.output if args.num_shards is None else Path(args.output, f"part-{args.shard_index}-of-{args.num_shards}")
+    )
     print(
         f"embedded {totals['rows']} rows ({totals['tokens']} real tokens) into {len(manifest['shards'])} shard(s) in "
-        f"{args.output}; skipped {totals['skipped']}, truncated {totals['truncated']}, duplicate ids "
+        f"{output}; skipped {totals['skipped']}, truncated {totals['truncated']}, duplicate ids "
         f"{totals['duplicate_ids']}; this run: {seconds:.1f} s"
     )
     if manifest["random_weights"]:
@@ -289,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--no-cache", action="store_true", help="measure parity again instead of using the cache")
     check.add_argument("--clear-cache", action="store_true", help="delete every cached parity result first")
+    check.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
     check.set_defaults(run=_check)
 
     bench = commands.add_parser(
@@ -337,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--ceiling-size", type=int, help="matmul size for the ceilings (default 2048 CPU, 8192 GPU)")
     bench.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    bench.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
     bench.set_defaults(run=_bench)
 
     info = commands.add_parser("info", help="versions, hardware, and (with --model) the backend auto chooses")
@@ -346,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .batching import DEFAULT_EMBED_POLICY as EMBED_BATCHES
     from .batching import DEFAULT_PACKED_POLICY as PACKED_BATCHES
     from .server.settings import add_arguments as add_serve_arguments
+    from .server.settings import add_engine_arguments
 
     serve = commands.add_parser(
         "serve",
@@ -366,13 +395,26 @@ def build_parser() -> argparse.ArgumentParser:
     source = embed.add_mutually_exclusive_group()
     source.add_argument("--instruction", help="one instruction for every row, e.g. " + repr(DEFAULT_INSTRUCTION))
     source.add_argument("--instruction-field", help="take each row's instruction from this field")
-    embed.add_argument("--input", required=True, help="JSON Lines, CSV, TSV, Parquet or text file; - for stdin")
+    embed.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="JSON Lines, CSV, TSV, Parquet or text: a file, a folder (its files of that format, subfolders too, "
+        "sorted by path), a glob pattern (quoted: 'data/*.jsonl', '**' spans folders), or several of these, read "
+        "in the order given as one stream; - for stdin",
+    )
     embed.add_argument("--input-format", choices=("auto", *FORMATS), default="auto", help="default: from the suffix")
     embed.add_argument("--text-field", default="text", help="field or column holding the text (default: text)")
     embed.add_argument("--id-field", help="field holding the row id (default: 'id' where present, else row number)")
     embed.add_argument("--output", required=True, help="output folder (created; a re-run continues in it)")
     embed.add_argument("--output-format", choices=OUTPUT_FORMATS, default="parquet")
-    embed.add_argument("--dtype", choices=DTYPES, default="float32", help="stored embedding type")
+    embed.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="stored type (default float32); quantized as sentence-transformers' quantize_embeddings: int8/uint8 "
+        "between the first shard's per-dimension minima and maxima (kept in manifest.json), (u)binary: packed bits",
+    )
     embed.add_argument(
         "--normalize",
         action=argparse.BooleanOptionalAction,
@@ -399,7 +441,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--shard-rows", type=int, default=10_000, help="input rows per shard (default 10000)")
     embed.add_argument("--limit", type=int, help="embed only the first N input rows")
-    embed.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    embed.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
+    embed.add_argument(
+        "--num-shards",
+        type=_positive_int,
+        help="split the job N ways (a job array): run each part with its --shard-index; each writes "
+        "OUTPUT/part-K-of-N/ and read_embeddings(OUTPUT) joins them",
+    )
+    embed.add_argument(
+        "--shard-index",
+        type=_index,
+        help="with --num-shards N: the part K (0 to N - 1) this process embeds: the input's blocks of --shard-rows "
+        "rows numbered K modulo N",
+    )
     embed.add_argument(
         "--on-error",
         choices=ON_ERROR,
@@ -414,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--overwrite", action="store_true", help="replace the output of a different job")
     embed.add_argument("--quiet", action="store_true", help="no progress output")
+    add_engine_arguments(embed)
     embed.set_defaults(run=_embed)
     return parser
 

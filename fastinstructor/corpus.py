@@ -22,18 +22,20 @@ re-read, so a job reading it cannot be resumed. One job at a time: the folder is
 (``.fastinstructor.lock``) and a second run into it is refused at once, naming the holder. Ids must be
 strings or integers; duplicate ids are counted (``on_duplicate_id``: warn, error or keep).
 
+Split (``num_shards``, ``shard_index``: a job array): part K of N embeds the blocks of ``shard_rows`` input rows
+numbered K modulo N into ``output/part-K-of-N/``, a job folder of its own; ``read_embeddings(output)`` joins them.
+
 The output folder's files, its atomic writes and ``read_embeddings`` are in ``fastinstructor.shards``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -47,6 +49,7 @@ from .batching import DEFAULT_EMBED_POLICY, BatchPolicy, default_policy
 from .locking import LockHeld, hold
 from .model import Instructor, load
 from .readers import CorpusReader, InputSpec, Row
+from .resume import hash_rows, input_identity, input_stat, verify_input
 from .shards import DTYPES, LOCK, MANIFEST, OUTPUT_FORMATS, CorpusError, read_embeddings
 from .version import __version__
 
@@ -141,40 +144,6 @@ class _Progress:
             self.bar.close()
 
 
-def _hash_rows(digest, rows: Iterable[Row]) -> int:
-    """Feed rows into the input's rolling digest; returns how many. Every field of a row counts, so an inserted,
-    removed or edited line changes the digest of every shard from there on."""
-    count = 0
-    for row in rows:
-        digest.update(json.dumps([row.number, row.id, row.instruction, row.text, row.error]).encode() + b"\n")
-        count += 1
-    return count
-
-
-def _input_stat(spec: InputSpec) -> dict | None:
-    if spec.path == "-":
-        return None
-    stat = os.stat(spec.path)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def _verify_input(rows: Iterator[Row], manifest: dict, spec: InputSpec, output: Path):
-    """Re-read the rows the finished shards consumed and check them against the recorded digests; returns the
-    digest to continue from. A mismatch (the input changed since the shards were written) is an error."""
-    digest = hashlib.sha256()
-    for shard in manifest["shards"]:
-        read = _hash_rows(digest, islice(rows, shard["input_rows"]))
-        if read != shard["input_rows"] or digest.hexdigest() != shard["input_sha256"]:
-            first = shard["first_input_row"]
-            raise CorpusError(
-                f"the input {spec.name} changed since {output} was written: its rows from row {first} on "
-                f"(shard {shard['index']}) are not the ones that were embedded"
-                f"{' (the input now ends earlier)' if read != shard['input_rows'] else ''}. Continuing would mix "
-                "two inputs. Restore the input, or re-run with --overwrite to embed the new input from the start."
-            )
-    return digest
-
-
 class _IdSet:
     """The ids seen so far, as 64-bit hashes in sorted runs that at least double in size from the newest to the
     oldest (a log-structured merge): 8 bytes per id and amortized O(log n) per id, for corpora of any size.
@@ -204,6 +173,11 @@ class _IdSet:
             newest = self.runs.pop()
             self.runs[-1] = np.union1d(self.runs[-1], newest)
         return seen
+
+
+def _good_ids(chunk: list[Row]) -> list[str]:
+    """The ids of the rows of ``chunk`` that are embedded (as ``embed_shard`` filters them)."""
+    return [row.id for row in chunk if row.error is None and row.text.strip()]
 
 
 def _summarize(manifest: dict) -> None:
@@ -236,7 +210,7 @@ def _describe_choice(model: Instructor) -> str:
 
 def embed_corpus(
     model: Instructor | str | os.PathLike,
-    input: str | os.PathLike | InputSpec,
+    input: str | os.PathLike | Sequence[str | os.PathLike] | InputSpec,
     output: str | os.PathLike,
     *,
     instruction: str | None = None,
@@ -259,18 +233,24 @@ def embed_corpus(
     precision: str = "auto",
     pooling_rule: str = "instructor",
     max_seq_length: int | None = None,
+    threads: int | None = None,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
 ) -> dict:
     """Embed a corpus into ``output`` (see the module docstring); returns the final manifest.
 
+    ``input``: a file, a folder, a glob pattern, several of these, or ``-`` (``fastinstructor.readers``).
     ``model`` is a loaded ``Instructor`` or anything ``fastinstructor.load`` takes (then ``backend``, ``precision``,
-    ``pooling_rule`` and ``max_seq_length`` apply; it is loaded once the output folder is locked, so a second run
-    into a busy folder is refused before any work). One ``instruction`` for every row, or ``instruction_field`` for
+    ``pooling_rule``, ``max_seq_length``, ``threads`` apply; it is loaded once the output folder is locked, so a second
+    run into a busy folder is refused before any work). One ``instruction`` for every row, or ``instruction_field`` for
     one per row, or neither for plain texts. ``on_error="fail"`` stops at the first bad row (file, row number,
     reason), keeping finished shards; ``"skip"`` skips, counts and lists bad rows in the manifest.
     ``on_duplicate_id``: ``"warn"`` (count them in the manifest and say so), ``"error"`` (stop at the first repeated
     id) or ``"keep"`` (neither: ids are not tracked). ``batch_size`` rows and ``max_batch_tokens`` padded tokens per
     batch at most; neither set: 32 rows and 16,384 padded tokens, or ``DEFAULT_PACKED_POLICY`` (1,024 rows, 65,536
-    real tokens) on a backend that takes packed batches, or, resuming a job, the batches it started with.
+    real tokens) on a backend that takes packed batches, or, resuming a job, the batches it started with. ``dtype``:
+    float32, float16, or int8, uint8, binary, ubinary as ``quantize_embeddings`` (ranges: ``shards.store_as``).
+    ``num_shards``, ``shard_index``: run part ``shard_index`` of the job split ``num_shards`` ways (module docstring).
     """
     if instruction is not None and instruction_field is not None:
         raise ValueError("pass either instruction (one for all rows) or instruction_field (one per row), not both")
@@ -281,21 +261,26 @@ def embed_corpus(
     settings = EmbedSettings(
         instruction, output_format, dtype, normalize, shard_rows, batch_size, max_batch_tokens, limit
     )
+    if num_shards is not None and dtype in shards.CALIBRATED:
+        raise ValueError(f"--dtype {dtype} cannot be split (--num-shards): each part would fix its own ranges")
     spec = (
         input
         if isinstance(input, InputSpec)
-        else InputSpec(str(input), input_format, text_field, id_field, instruction_field)
+        else InputSpec(input, input_format, text_field, id_field, instruction_field)
     )
     reader = CorpusReader(spec)
     if output_format == "parquet":
         import pyarrow  # noqa: F401  (fail before any work if it is missing)
     output = Path(output)
+    if num_shards is not None or shard_index is not None:  # checked, and the part's own folder
+        output = shards.part_output(output, num_shards, shard_index)
     shards.check_output_folder(output, overwrite)
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     try:
         with hold(output / LOCK, wait=False, what=f"output folder {output}"):
-            job = _Job(reader, spec, output, settings, on_error, on_duplicate_id, quiet)
+            part = None if num_shards is None else (num_shards, shard_index)
+            job = _Job(reader, spec, output, settings, on_error, on_duplicate_id, quiet, part)
             return job.run(
                 model,
                 overwrite,
@@ -303,6 +288,7 @@ def embed_corpus(
                 precision=precision,
                 pooling_rule=pooling_rule,
                 max_seq_length=max_seq_length,
+                threads=threads,
             )
     except LockHeld as err:
         raise CorpusError(f"{err}, or choose another --output folder") from None
@@ -323,6 +309,7 @@ class _Job:
     on_error: str
     on_duplicate_id: str
     quiet: bool
+    part: tuple[int, int] | None  # (N, K): this job embeds the input's blocks b with b % N == K; None: all
     # Set by run():
     model: Instructor = field(init=False)
     policy: BatchPolicy = field(init=False)
@@ -343,32 +330,32 @@ class _Job:
             "precision": model.precision,
             "pooling_rule": model.tokenizer.pooling_rule,
             "max_seq_length": model.max_seq_length,
-            "input": "-" if spec.path == "-" else str(Path(spec.path).resolve()),
+            "input": input_identity(spec),
             "input_format": self.reader.format,
             "text_field": spec.text_field,
             "id_field": spec.id_field,
             "instruction_field": spec.instruction_field,
             **asdict(settings),
             **shards.policy_identity(self.policy),  # the policy, not the settings' None for "the backend's default"
+            **({} if self.part is None else {"num_shards": self.part[0], "shard_index": self.part[1]}),
         }
         self.manifest = manifest = shards.open_output(output, identity, spec.path == "-", overwrite)
         if self.policy != (default := settings.batch_policy_for(takes_large_batches(model.backend))):
             _say(quiet, f"embed: continuing with the batches the job started with, {self.policy} (default {default})")
-        stat = _input_stat(spec)
+        stat = input_stat(spec)
         rows: Iterator[Row] = iter(self.reader)
         if manifest["complete"]:
             if stat == manifest.get("input_stat"):
                 _say(quiet, f"{output} is already complete: nothing to do")
                 return manifest
-            _verify_input(rows, manifest, spec, output)  # touched or copied, perhaps changed: read it again
+            verify_input(rows, manifest, self.reader, output, settings.shard_rows)  # touched or copied: read again
             manifest["input_stat"] = stat
             shards.write_json(output / MANIFEST, manifest)
             _say(quiet, f"{output} is already complete (its input was touched but holds the same rows)")
             return manifest
-        digest = _verify_input(rows, manifest, spec, output)
         self.ids = None if self.on_duplicate_id == "keep" else _IdSet()
-        for shard in manifest["shards"] if self.ids is not None else ():
-            self.ids.add(shards.shard_ids(output, shard))
+        seen = None if self.ids is None else (lambda chunk: self.ids.add(_good_ids(chunk)))  # ids read so far
+        digest, read = verify_input(rows, manifest, self.reader, output, settings.shard_rows, seen)
         manifest.update(
             {
                 "fastinstructor_version": __version__,
@@ -381,20 +368,25 @@ class _Job:
         )
         _summarize(manifest)
         shards.write_json(output / MANIFEST, manifest)  # before the first shard: a folder with shards always has one
-        consumed = manifest["totals"]["input_rows"]
         if settings.limit is not None:
-            rows = islice(rows, max(settings.limit - consumed, 0))
+            rows = islice(rows, max(settings.limit - read, 0))
         self.progress = _Progress(self.reader, quiet)
+        block, (parts, part) = read // settings.shard_rows, self.part or (1, 0)  # blocks of shard_rows input rows
         try:
             while chunk := list(islice(rows, settings.shard_rows)):
-                _hash_rows(digest, chunk)
-                manifest["shards"].append(self.embed_shard(chunk, digest.hexdigest()))
-                _summarize(manifest)
-                shards.write_json(output / MANIFEST, manifest)
-                self.progress.update(0, 0, shard_done=True)
+                read += hash_rows(digest, chunk)
+                if block % parts == part:
+                    manifest["shards"].append(self.embed_shard(chunk, digest.hexdigest(), block))
+                    _summarize(manifest)
+                    shards.write_json(output / MANIFEST, manifest)
+                elif seen is not None:  # another part's block: its ids count for duplicates as in one job
+                    seen(chunk)
+                self.progress.update(0, 0, shard_done=block % parts == part)
+                block += 1
         finally:
             self.progress.close()
         manifest["complete"] = True
+        manifest["input_read"] = {"rows": read, "sha256": digest.hexdigest()}  # every part reads the same
         _summarize(manifest)
         shards.write_json(output / MANIFEST, manifest)
         return manifest
@@ -415,7 +407,7 @@ class _Job:
             "continues after them"
         )
 
-    def embed_shard(self, chunk: list[Row], input_sha256: str) -> dict:
+    def embed_shard(self, chunk: list[Row], input_sha256: str, block: int) -> dict:
         settings, spec = self.settings, self.spec
         good: list[Row] = []
         skipped: list[dict] = []
@@ -425,10 +417,12 @@ class _Job:
                 good.append(row)
             elif self.on_error == "fail":
                 raise CorpusError(
-                    f"{spec.name}:{row.number}: {error}. Fix the row or re-run with --on-error skip; {self._kept()}."
+                    f"{self.reader.locate(row.number)}: {error}. Fix the row or re-run with --on-error skip; "
+                    f"{self._kept()}."
                 )
             else:
-                skipped.append({"row": row.number, "reason": error})
+                at = {"at": self.reader.locate(row.number)} if len(spec.files) > 1 else {}  # file:row
+                skipped.append({"row": row.number, "reason": error, **at})
         row_ids = [row.id for row in good]
         duplicates = self._duplicates(good, row_ids)
         instructions = [settings.instruction if spec.instruction_field is None else row.instruction for row in good]
@@ -442,7 +436,7 @@ class _Job:
         )
         if settings.normalize:
             embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
-        array = embeddings.numpy().astype(settings.dtype)
+        array = shards.store_as(embeddings.numpy(), settings.dtype, self.manifest)  # quantized: ranges fixed once
         index = len(self.manifest["shards"])
         tokens = sum(len(ids) for ids in tokenized.ids)
         listed = self.manifest.setdefault("instructions", [])  # instruction(s) used, the first 100 distinct ones
@@ -451,6 +445,7 @@ class _Job:
         return {
             "index": index,
             "files": shards.write_shard(self.output, index, row_ids, array, settings.output_format),
+            "block": block,  # of shard_rows input rows; the index unless the job is split (--num-shards)
             "first_input_row": chunk[0].number,
             "input_rows": len(chunk),
             "input_sha256": input_sha256,  # of every row read so far: what a resume checks
@@ -472,7 +467,7 @@ class _Job:
         first = good[repeated[0]]
         if self.on_duplicate_id == "error":
             raise CorpusError(
-                f"{self.spec.name}:{first.number}: id {first.id!r} was already used by an earlier row. Give every "
+                f"{self.reader.locate(first.number)}: id {first.id!r} was already used by an earlier row. Give every "
                 f"row a unique id (or leave out --id-field to number the rows), or re-run with --on-duplicate-id "
                 f"warn or keep; {self._kept()}."
             )

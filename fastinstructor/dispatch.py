@@ -195,7 +195,7 @@ def choose(
         ]
     reference = None
     for candidate in wanted:
-        options = (backend_options or {}) if candidate.backend == "onnx" else {}  # onnx_dir, threads
+        options = (backend_options or {}) if candidate.backend == "onnx" else {}  # onnx_dir
         instance, why = start_backend(checkpoint, candidate, hardware, **options)
         if instance is None:
             log.info("skipping %s: %s", candidate, why)

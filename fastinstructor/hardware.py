@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["Hardware", "probe", "cpu_flags", "cpu_model"]
+__all__ = ["Hardware", "probe", "cpu_flags", "cpu_model", "set_threads", "threads"]
 
 # The packages that decide which backends run here; their versions key cached parity results.
 PACKAGES = ("fastinstructor", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "triton")
@@ -71,6 +72,29 @@ def cpu_model() -> str:
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags, as /proc/cpuinfo names them (empty where it does not exist)."""
     return frozenset(_cpuinfo("flags").split())
+
+
+_threads: int | None = None  # set_threads' value; None: each library's own default (every core)
+
+
+def set_threads(count: int) -> None:
+    """Compute on at most ``count`` CPU threads in this process, so that several workers on one machine do not
+    oversubscribe its cores: PyTorch's intra-op threads (its matmuls, the native ops' ``at::parallel_for``) now,
+    ONNX Runtime sessions created from now on (the onnx backend reads ``threads()``), and the fast tokenizer's
+    thread pool through ``RAYON_NUM_THREADS`` unless that is set (it takes effect only if this process has not
+    tokenized yet: the pool starts once). Process-wide, as PyTorch's setting is; ``fastinstructor.load(threads=)``
+    and every command's ``--threads`` call this."""
+    global _threads
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"threads must be a whole number of at least 1, got {count!r}")
+    torch.set_num_threads(count)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(count))
+    _threads = count
+
+
+def threads() -> int | None:
+    """The thread count ``set_threads`` set in this process, or None."""
+    return _threads
 
 
 def probe() -> Hardware:

@@ -18,6 +18,7 @@ from .backends import get_backend_class
 from .backends.base import Backend, batch_inputs, check_precision, embed_inputs, takes_large_batches
 from .batching import DEFAULT_ENCODE_POLICY, BatchPolicy, default_policy
 from .checkpoint import Checkpoint, load_checkpoint
+from .hardware import set_threads
 from .precisions import canonical_precision
 from .prefetch import prefetch
 from .tokenization import PairTokenizer, check_sentences, load_tokenizer
@@ -303,6 +304,7 @@ def load(
     parity_cache: bool = True,
     query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
     document_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
+    threads: int | None = None,
 ) -> Instructor:
     """Load a checkpoint (folder, plain T5 encoder folder, or hub id) onto the fastest backend proven right.
 
@@ -317,7 +319,9 @@ def load(
     ``min_cosine`` demands more than the precision's tolerance; ``allow_fallback=False`` fails rather than
     degrading past the first available candidate. ``model.backend_report`` says what was chosen and why.
 
-    ``backend_options`` go to the onnx backend (``onnx_dir``, ``threads``). ``pooling_rule``:
+    ``threads``: compute on at most this many CPU threads (PyTorch's, ONNX Runtime's, the tokenizer's where it has
+    not run yet: ``hardware.set_threads``, process-wide), so that several workers on one machine share its cores;
+    default: every core. ``backend_options`` go to the onnx backend (``onnx_dir``). ``pooling_rule``:
     ``"instructor"`` (the authors' package, the default) or ``"sentence-transformers"`` (``prompt=`` with
     ``include_prompt=False``: no 1-token exception). ``max_seq_length``: tokens per input at most (instruction, text
     and ``</s>``), up to the checkpoint's own (512 for INSTRUCTOR), which is the default. ``query_instruction`` and
@@ -325,6 +329,8 @@ def load(
     """
     from .dispatch import choose
 
+    if threads is not None:
+        set_threads(threads)  # before the backends start and the parity check runs
     if backend == "auto":
         backend = os.environ.get("FASTINSTRUCTOR_BACKEND") or "auto"
     if precision == "auto":

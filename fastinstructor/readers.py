@@ -1,24 +1,35 @@
-"""Streaming corpus readers: JSON Lines, CSV/TSV, Parquet and plain text, from a file or stdin.
+"""Streaming corpus readers: JSON Lines, CSV/TSV, Parquet and plain text, from a file, several files or stdin.
 
 A reader never loads the corpus whole: it yields one ``Row`` at a time and tracks its position (bytes for
 text formats, rows for Parquet) for the progress bar. A row that cannot be used (bytes that are not UTF-8,
 malformed JSON or CSV quoting, a missing or non-string field, a lone surrogate, an id that is not a string or
 an integer) is yielded with ``error`` set, so the caller applies its ``--on-error`` policy with the file and
 row number in hand; reading goes on with the next row.
+
+An input is a file, a folder, a glob pattern, or several of these (``InputSpec.files``): a folder gives its files
+whose suffix names the input format, in every subfolder, hidden ones (``.*``, ``_*``: ``_SUCCESS``, ``.crc``)
+left out, sorted by their path in the folder; a pattern gives the files it matches (``**`` spans subfolders),
+sorted; several paths are read in the order given, each expanded so. The files are read one after the other as
+one stream, in one format, and numbered as their concatenation would be: a row's ``number`` (its line, or its row
+in Parquet) continues from the previous file's last one, so default ids (the row number) are unique and equal
+those of the concatenated file; ``CorpusReader.locate`` turns a number back into ``file:row`` for messages.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import json
+import os
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .tokenization import lone_surrogate
 
-__all__ = ["FORMATS", "InputSpec", "Row", "CorpusReader"]
+__all__ = ["FORMATS", "InputSpec", "Row", "CorpusReader", "input_files"]
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "text")
 _SUFFIXES = {
@@ -31,43 +42,118 @@ _SUFFIXES = {
     ".txt": "text",
     ".text": "text",
 }
+_FORMAT_NAMES = {"jsonl": "JSON Lines", "csv": "CSV", "tsv": "TSV", "parquet": "Parquet", "text": "text"}
+
+
+def _format_of(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise ValueError(
+            f"cannot tell the format of {path} from its suffix {suffix!r}; pass --input-format ({', '.join(FORMATS)})"
+        )
+    return _SUFFIXES[suffix]
+
+
+def _folder_files(folder: Path, format: str) -> list[str]:
+    """The input files in ``folder`` and its subfolders (see the module docstring)."""
+    found = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if any(part.startswith((".", "_")) for part in relative.parts) or not path.is_file():
+            continue
+        kind = _SUFFIXES.get(path.suffix.lower())
+        if kind is not None and format in ("auto", kind):
+            found.append((relative.as_posix(), str(path)))
+    if not found:
+        suffixes = ", ".join(s for s, kind in _SUFFIXES.items() if format in ("auto", kind))
+        raise FileNotFoundError(
+            f"input folder {folder} holds no {_FORMAT_NAMES.get(format, 'JSON Lines, CSV, TSV, Parquet or text')} "
+            f"file ({suffixes}, hidden ones "
+            "left out); pass a glob pattern to read files of other names, e.g. 'folder/*.md' --input-format text"
+        )
+    return [path for _, path in sorted(found)]
+
+
+def input_files(paths: str | Sequence[str], format: str = "auto") -> tuple[str, ...]:
+    """The files that ``paths`` (a file, a folder, a glob pattern, or a sequence of these; ``-``: standard input)
+    name, in reading order (see the module docstring). Raises for a path that names no file, a file named twice,
+    or ``-`` beside other paths."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not paths:
+        raise ValueError("no input: pass a file, a folder or a glob pattern")
+    if "-" in paths:
+        if len(paths) > 1:
+            raise ValueError("- (standard input) cannot be read together with other inputs")
+        return ("-",)
+    files: list[str] = []
+    for path in paths:
+        if Path(path).is_file():
+            files.append(path)
+        elif Path(path).is_dir():
+            files += _folder_files(Path(path), format)
+        elif glob.has_magic(path):
+            matched = sorted(m for m in glob.glob(path, recursive=True) if Path(m).is_file())
+            if not matched:
+                raise FileNotFoundError(f"input pattern {path} matches no file")
+            files += matched
+        else:
+            raise FileNotFoundError(f"input file {path} does not exist (nor is it a folder or a glob pattern)")
+    seen: dict[str, str] = {}
+    for file in files:
+        key = os.path.realpath(file)
+        if key in seen:
+            raise ValueError(f"input file {file} is named twice ({seen[key]} and {file}); name each file once")
+        seen[key] = file
+    return tuple(files)
 
 
 @dataclass(frozen=True)
 class InputSpec:
     """Where the corpus is and which fields to read."""
 
-    path: str  # a file, or "-" for standard input
-    format: str = "auto"  # auto (from the file suffix) or one of FORMATS
+    path: str | tuple[str, ...]  # a file, a folder, a glob pattern, several of these, or "-" for standard input
+    format: str = "auto"  # auto (from the files' suffix) or one of FORMATS
     text_field: str = "text"
     id_field: str | None = None  # None: the "id" field where a row has one, else the row number
     instruction_field: str | None = None  # per-row instructions instead of one for all
+    files: tuple[str, ...] = field(init=False, repr=False)  # what path names (input_files), in reading order
 
     def __post_init__(self) -> None:
         if self.format not in ("auto", *FORMATS):
             raise ValueError(f"input format {self.format!r} is not one of auto, {', '.join(FORMATS)}")
+        if isinstance(self.path, os.PathLike):
+            object.__setattr__(self, "path", os.fspath(self.path))
+        elif not isinstance(self.path, str):  # a sequence of paths (one of them: that path)
+            paths = tuple(os.fspath(p) for p in self.path)
+            object.__setattr__(self, "path", paths[0] if len(paths) == 1 else paths)
         if self.path == "-" and self.format in ("auto", "parquet"):
             raise ValueError(
                 "reading standard input needs --input-format jsonl, csv, tsv or text (Parquet needs a seekable file)"
             )
-        if self.path != "-" and not Path(self.path).is_file():
-            raise FileNotFoundError(f"input file {self.path} does not exist (or is not a file)")
+        object.__setattr__(self, "files", input_files(self.path, self.format))
+        _ = self.resolved_format  # one format for every file, or an error now
 
     @property
     def resolved_format(self) -> str:
         if self.format != "auto":
             return self.format
-        suffix = Path(self.path).suffix.lower()
-        if suffix not in _SUFFIXES:
+        formats = {file: _format_of(file) for file in self.files}
+        if len(set(formats.values())) > 1:
+            first = {}
+            for file, kind in formats.items():
+                first.setdefault(kind, file)
+            mixed = ", ".join(f"{kind} ({file})" for kind, file in first.items())
             raise ValueError(
-                f"cannot tell the format of {self.path} from its suffix {suffix!r}; "
-                f"pass --input-format ({', '.join(FORMATS)})"
+                f"the input files mix formats: {mixed}; read one format per job (a glob pattern such as "
+                "'folder/*.jsonl' selects one), or pass --input-format"
             )
-        return _SUFFIXES[suffix]
+        return formats[self.files[0]]
 
     @property
     def name(self) -> str:
-        return "<stdin>" if self.path == "-" else self.path
+        if self.path == "-":
+            return "<stdin>"
+        return self.path if isinstance(self.path, str) else " ".join(self.path)
 
 
 @dataclass(frozen=True)
@@ -80,15 +166,26 @@ class Row:
 
 
 class CorpusReader:
-    """Iterate ``Row``s of one input; ``position``/``total`` (in ``unit``) drive the progress bar."""
+    """Iterate ``Row``s of one input (its files one after the other); ``position``/``total`` (in ``unit``) drive
+    the progress bar."""
 
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
         self.format = spec.resolved_format
         self.position = 0
+        self.count = 0  # the last row number given out (lines of a text format, rows of Parquet)
+        self.offset = 0  # added to a row's number where it is the row's id: the rows of the files before this one
         self._undecodable: dict[int, str] = {}  # line number -> why it is not UTF-8
         self.unit = "rows" if self.format == "parquet" else "B"
         self.total: int | None = None
+        self._files: list[CorpusReader] | None = None  # several files: a reader each, read in turn
+        self._offsets: list[int] = []  # the row number before each file's first, for those opened so far
+        if len(spec.files) > 1:
+            self._files = [CorpusReader(replace(spec, path=file, format=self.format)) for file in spec.files]
+            self.total = sum(reader.total for reader in self._files)
+            return
+        if spec.path != spec.files[0]:  # a folder or a pattern that names one file
+            self.spec = spec = replace(spec, path=spec.files[0])
         if self.format == "parquet":
             import pyarrow.parquet as pq
 
@@ -96,7 +193,32 @@ class CorpusReader:
         elif spec.path != "-":
             self.total = Path(spec.path).stat().st_size
 
+    def locate(self, number: int) -> str:
+        """``file:row`` of the row numbered ``number`` (the row's number in its own file), for messages."""
+        if self._files is None:
+            return f"{self.spec.name}:{number}"
+        index = bisect_left(self._offsets, number) - 1  # the last file opened before that row
+        if index < 0:
+            return f"{self.spec.name}:{number}"
+        return f"{self._files[index].spec.name}:{number - self._offsets[index]}"
+
+    def _chained(self) -> Iterator[Row]:
+        done = self.position = self.count = 0  # done: the position of the files read before this one
+        self._offsets = []
+        for reader in self._files:
+            reader.offset = offset = self.count
+            self._offsets.append(offset)
+            for row in reader:
+                self.position = done + reader.position
+                self.count = offset + row.number
+                yield Row(self.count, row.id, row.instruction, row.text, row.error) if offset else row
+            done += reader.position
+            self.count = offset + reader.count  # trailing lines that gave no row count too
+
     def __iter__(self) -> Iterator[Row]:
+        if self._files is not None:
+            yield from self._chained()
+            return
         if self.format == "parquet":
             yield from self._parquet()
             return
@@ -106,7 +228,11 @@ class CorpusReader:
         elif self.format == "text":
             for number, line in lines:
                 error = self._undecodable.pop(number, None)
-                yield Row(number, error=error) if error else Row(number, id=str(number), text=line.rstrip("\r\n"))
+                yield (
+                    Row(number, error=error)
+                    if error
+                    else Row(number, str(self.offset + number), text=line.rstrip("\r\n"))
+                )
         else:
             yield from self._csv(lines)
 
@@ -120,6 +246,7 @@ class CorpusReader:
         try:
             for number, raw in enumerate(stream, start=1):
                 self.position += len(raw)
+                self.count = number
                 try:
                     yield number, raw.decode("utf-8")
                 except UnicodeDecodeError as err:
@@ -164,7 +291,7 @@ class CorpusReader:
         elif self.spec.id_field is not None:
             return Row(number, error=f"no id field {self.spec.id_field!r}")
         else:
-            row_id = str(number)
+            row_id = str(self.offset + number)
         return Row(number, id=row_id, instruction=instruction, text=text)
 
     def _jsonl(self, lines: Iterator[tuple[int, str]]) -> Iterator[Row]:
@@ -234,5 +361,5 @@ class CorpusReader:
             )
         for batch in file.iter_batches(batch_size=4096, columns=present):
             for record in batch.to_pylist():
-                self.position += 1
+                self.position = self.count = self.position + 1
                 yield self._record(self.position, record)

@@ -2,8 +2,9 @@
 
 Output folder::
 
-    manifest.json                     model, backend, precision, instruction(s), dims, rows, checksums, skips
-    part-00000.parquet                id (string) + embedding (fixed-size list of float32/float16), or
+    manifest.json                     model, backend, precision, instruction(s), dims, rows, checksums, skips,
+                                      and for int8/uint8 output the quantization ranges
+    part-00000.parquet                id (string) + embedding (fixed-size list of the stored dtype), or
     part-00000.npy + part-00000.ids.jsonl
     .fastinstructor.lock              held by the job writing the folder (and its ``.holder``: who)
 
@@ -11,6 +12,15 @@ Every file is written to a temporary ``.<name>.tmp-<pid>`` beside it, fsynced an
 leaves the old file or the new one, never half of one. The job (``fastinstructor.corpus``) holds the lock while
 it writes; ``open_output`` checks a folder a job is about to continue, and ``read_embeddings`` reads a finished
 one, verifying every checksum.
+
+Stored dtypes (``DTYPES``, ``store_as``): float32 and float16, and the quantized ones of sentence-transformers'
+``quantize_embeddings`` with its byte layout (``fastinstructor.vectors``): int8 and uint8 (``dim`` values a row) and
+binary (int8) and ubinary (uint8): the sign bits packed, ``ceil(dim / 8)`` bytes a row, the last byte padded with
+zero bits when ``dim`` is not a multiple of 8 (as sentence-transformers pads). int8 and uint8 need per-dimension
+ranges, fixed once for the whole job: the minima and maxima of the first shard that has rows (its float
+embeddings, normalized under ``normalize``), exactly as ``quantize_embeddings(..., calibration_embeddings=...)``
+computes them, recorded in the manifest as ``"quantization": {"precision": ..., "ranges": [[minima], [maxima]],
+"calibration_shard": index}`` with that shard; every later shard and every resume quantizes with the recorded ranges.
 """
 
 from __future__ import annotations
@@ -18,11 +28,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from .batching import BatchPolicy
+from .vectors import quantize_embeddings
 
 __all__ = [
     "CorpusError",
@@ -35,11 +47,15 @@ __all__ = [
     "is_ours",
     "load_manifest",
     "open_output",
+    "part_output",
     "policy_identity",
     "read_embeddings",
+    "read_parts",
     "recorded_policy",
     "remove_temporaries",
     "shard_ids",
+    "store_as",
+    "stored_type",
     "write_atomic",
     "write_json",
     "write_shard",
@@ -47,7 +63,8 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 OUTPUT_FORMATS = ("parquet", "npy")
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+CALIBRATED = ("int8", "uint8")  # quantized between per-dimension ranges: fixed by the first shard, in the manifest
 LOCK = ".fastinstructor.lock"  # and LOCK + ".holder": who holds it
 
 
@@ -77,6 +94,41 @@ def write_atomic(path: Path, write) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8"))
+
+
+def stored_type(dtype: str, dim: int) -> tuple[np.dtype, int]:
+    """The numpy type and the width of a stored row of a ``dim``-dimensional model's embeddings as ``dtype``."""
+    width = -(-dim // 8) if dtype.endswith("binary") else dim
+    return np.dtype({"binary": "int8", "ubinary": "uint8"}.get(dtype, dtype)), width
+
+
+def store_as(embeddings: np.ndarray, dtype: str, manifest: dict) -> np.ndarray:
+    """The next shard's float32 ``embeddings`` as ``dtype`` stores them (see the module docstring). For int8 and
+    uint8: the ranges in ``manifest["quantization"]``, or, when it has none yet, those of these embeddings, recorded
+    there (the job writes the manifest after the shard)."""
+    if dtype in ("float32", "float16"):
+        return embeddings.astype(dtype)
+    if dtype not in CALIBRATED or len(embeddings) == 0:
+        return quantize_embeddings(embeddings, dtype)
+    if "quantization" not in manifest:
+        if any(shard.get("rows") for shard in manifest["shards"]):
+            raise CorpusError(
+                f"the {MANIFEST} of this {dtype} job lacks the quantization ranges its shards were written with; "
+                "re-run with --overwrite to start again"
+            )
+        if len(embeddings) < 2:
+            raise CorpusError(
+                f"{dtype} output calibrates its ranges on the first shard with rows, and it has only one row: "
+                "one embedding has no range. Use a larger --shard-rows (default 10,000)."
+            )
+        ranges = np.vstack((embeddings.min(axis=0), embeddings.max(axis=0))).astype(np.float32)
+        manifest["quantization"] = {
+            "precision": dtype,
+            "ranges": ranges.tolist(),
+            "calibration_shard": len(manifest["shards"]),  # the index this shard gets
+        }
+    ranges = np.asarray(manifest["quantization"]["ranges"], dtype=np.float32)  # float32 -> JSON -> float32 is exact
+    return quantize_embeddings(embeddings, dtype, ranges=ranges)
 
 
 def write_shard(folder: Path, index: int, ids: list[str], embeddings: np.ndarray, output_format: str) -> list[dict]:
@@ -149,6 +201,11 @@ def check_output_folder(output: Path, overwrite: bool) -> None:
     """Refuse a file, or a folder of someone else's files, before anything is written into it."""
     if output.exists() and not output.is_dir():
         raise CorpusError(f"output {output} is a file; pass a folder")
+    if parts := _part_folders(output):  # not even with overwrite: the parts are other jobs' folders
+        raise CorpusError(
+            f"output folder {output} holds the parts of a split job ({', '.join(sorted(parts.values()))}); give "
+            "--num-shards to run one of them, or choose another folder"
+        )
     if (
         output.is_dir()
         and not overwrite
@@ -236,14 +293,22 @@ def recorded_policy(output: Path) -> BatchPolicy | None:
 
 
 def read_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """All ids and embeddings of a finished ``embed_corpus`` output, in input order (checksums verified)."""
+    """All ids and embeddings of a finished ``embed_corpus`` output, in input order (checksums verified).
+
+    The embeddings as stored (``stored_type``): ``[rows, dim]`` float32, float16, int8 or uint8, or ``[rows,
+    ceil(dim / 8)]`` packed bits for binary (int8) and ubinary (uint8). The int8/uint8 ranges, to quantize queries
+    alike (``quantize_embeddings(q, precision, ranges=numpy.array(ranges))``), are in ``manifest.json``:
+    ``json.load(open(f"{output}/manifest.json"))["quantization"]["ranges"]`` (``[[minima], [maxima]]``)."""
     output = Path(output)
     manifest_path = output / MANIFEST
+    if not manifest_path.is_file() and _part_folders(output):
+        return read_parts(output)  # a split job's parts (--num-shards): their union
     if not manifest_path.is_file():
         raise CorpusError(f"{output} has no {MANIFEST}; it is not the output of fastinstructor embed")
     manifest = load_manifest(manifest_path)
     if not manifest.get("complete"):
         raise CorpusError(f"{output} is not complete; re-run the embed command to finish it")
+    dtype, width = stored_type(manifest["identity"]["dtype"], manifest["dim"])
     ids: list[str] = []
     parts: list[np.ndarray] = []
     for shard in manifest["shards"]:
@@ -258,8 +323,116 @@ def read_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 
             column = pq.read_table(output / f"{stem}.parquet", columns=["embedding"]).column("embedding")
             flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            parts.append(flat.reshape(len(column), manifest["dim"]))
+            parts.append(flat.reshape(len(column), width))
         else:
             parts.append(np.load(output / f"{stem}.npy"))
-    dtype = manifest["identity"]["dtype"]
-    return ids, np.concatenate(parts) if parts else np.zeros((0, manifest["dim"]), dtype=dtype)
+    return ids, np.concatenate(parts) if parts else np.zeros((0, width), dtype=dtype)
+
+
+# A split job (--num-shards N --shard-index K: a job array) ------------------------------------------------------------
+#
+#     output/part-0-of-N/      a job folder as above (manifest.json, shards, lock): part 0's blocks
+#     output/part-1-of-N/      ...
+#
+# Part K embeds the blocks of shard_rows input rows numbered K modulo N (each shard records its "block"); N processes
+# never share a file. read_embeddings(output) checks that all N parts are there, finished, of one job and one input,
+# and returns their shards in block order: a single run's result.
+
+_PART = re.compile(r"part-(\d+)-of-(\d+)")
+
+
+def _part_folders(output: Path) -> dict[tuple[int, int], str]:
+    """``(K, N) -> name`` of the part folders in ``output``."""
+    if not output.is_dir():
+        return {}
+    found = {}
+    for path in output.iterdir():
+        if (match := _PART.fullmatch(path.name)) and path.is_dir():
+            found[int(match[1]), int(match[2])] = path.name
+    return found
+
+
+def part_output(output: Path, num_shards: int | None, shard_index: int | None) -> Path:
+    """The folder of part ``shard_index`` of a job split ``num_shards`` ways into ``output``, checked: both given,
+    ``0 <= shard_index < num_shards``, and ``output`` holds neither a whole job nor parts of another split."""
+    if num_shards is None or shard_index is None:
+        given, missing = ("--shard-index", "--num-shards") if num_shards is None else ("--num-shards", "--shard-index")
+        raise ValueError(f"{given} needs {missing}: a split job's part is --num-shards N --shard-index K (0 <= K < N)")
+    for name, value in (("--num-shards", num_shards), ("--shard-index", shard_index)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(
+            f"--shard-index {shard_index} --num-shards {num_shards}: need N >= 1 and 0 <= K < N (parts 0 to N - 1)"
+        )
+    if output.exists() and not output.is_dir():
+        raise CorpusError(f"output {output} is a file; pass a folder")
+    if (output / MANIFEST).is_file():
+        raise CorpusError(f"output folder {output} holds a job that was not split; choose another folder for parts")
+    other = sorted({n for _, n in _part_folders(output)} - {num_shards})
+    if other:
+        raise CorpusError(
+            f"output folder {output} holds parts of the job split {other[0]} ways (part-K-of-{other[0]}); run those "
+            f"with --num-shards {other[0]}, or choose another folder"
+        )
+    return output / f"part-{shard_index}-of-{num_shards}"
+
+
+def read_parts(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """``read_embeddings`` of a split job's output: the union of its parts in input order."""
+    output = Path(output)
+    found = _part_folders(output)
+    counts = sorted({n for _, n in found})
+    if len(counts) > 1:
+        raise CorpusError(f"{output} holds parts of jobs split {' and '.join(map(str, counts))} ways; keep one")
+    count = counts[0]
+    manifests: dict[int, dict] = {}
+    missing, unfinished = [], []
+    for index in range(count):
+        path = output / f"part-{index}-of-{count}" / MANIFEST
+        if (index, count) not in found or not path.is_file():
+            missing.append(index)
+        elif not (manifest := load_manifest(path)).get("complete"):
+            unfinished.append(index)
+        else:
+            manifests[index] = manifest
+    if missing or unfinished:
+        listed = [
+            f"{what}: {', '.join(map(str, k))}" for what, k in (("missing", missing), ("unfinished", unfinished)) if k
+        ]
+        raise CorpusError(
+            f"{output} is a job split {count} ways and not every part is done (part(s) {'; '.join(listed)}). Run "
+            f"the same fastinstructor embed command with --num-shards {count} --shard-index K for each part K listed "
+            "(an interrupted part continues where it stopped)."
+        )
+    first = manifests[0]
+    for index, manifest in manifests.items():
+        identity = {k: v for k, v in manifest["identity"].items() if k not in ("shard_index", "input")}
+        expected = {k: v for k, v in first["identity"].items() if k not in ("shard_index", "input")}
+        placed = (manifest["identity"].get("shard_index"), manifest["identity"].get("num_shards")) == (index, count)
+        if identity != expected or not placed:
+            changed = sorted(k for k in set(identity) | set(expected) if identity.get(k) != expected.get(k))
+            raise CorpusError(
+                f"part {index} of {output} is not a part of the same job as part 0 (differs in: "
+                f"{', '.join(changed) or 'shard_index'}); re-run it with the same settings (and --overwrite)"
+            )
+        for key in ("input_read", "quantization"):
+            if manifest.get(key) != first.get(key):
+                what = "read another input" if key == "input_read" else "quantized with other ranges"
+                raise CorpusError(f"part {index} of {output} {what} than part 0; re-run it with --overwrite")
+    pieces = []  # (block, ids, embeddings) of every shard
+    for index, manifest in manifests.items():
+        ids, embeddings = read_embeddings(output / f"part-{index}-of-{count}")
+        start = 0
+        for shard in manifest["shards"]:
+            end = start + shard["rows"]
+            pieces.append((shard["block"], ids[start:end], embeddings[start:end]))
+            start = end
+    pieces.sort(key=lambda piece: piece[0])
+    if [block for block, _, _ in pieces] != list(range(len(pieces))):
+        raise CorpusError(
+            f"the parts of {output} do not hold each block of the input once; re-run them with --overwrite"
+        )
+    if not pieces:  # no rows at all: part 0's empty array has the dtype and width
+        return read_embeddings(output / f"part-0-of-{count}")
+    return [i for _, piece_ids, _ in pieces for i in piece_ids], np.concatenate([e for _, _, e in pieces])

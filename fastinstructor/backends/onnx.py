@@ -27,6 +27,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..hardware import Hardware
+from ..hardware import threads as configured_threads
 from ..locking import hold
 from .base import BackendClass, Capability
 
@@ -123,7 +124,6 @@ class OnnxBackend(BackendClass):
         device: str = "cpu",
         *,
         onnx_dir: str | os.PathLike | None = None,
-        threads: int | None = None,
     ) -> None:
         self.precision = precision = self.check_supported(precision, device)
         ok, why = self.availability()
@@ -150,6 +150,7 @@ class OnnxBackend(BackendClass):
         # A parity result holds for the graph it measured: the dispatcher keys it on these.
         self.graph_checksums: dict[str, dict] = metadata["files"]
         options = onnxruntime.SessionOptions()
+        threads = configured_threads()  # fastinstructor.load(threads=) / --threads: one setting for every backend
         if threads is not None:
             options.intra_op_num_threads = threads
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_cuda else ["CPUExecutionProvider"]

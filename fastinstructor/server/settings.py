@@ -122,6 +122,18 @@ def _boolean(value: str) -> bool:
     raise ValueError(f"expected true or false (1/0, yes/no, on/off), got {value!r}")
 
 
+def _engine(value: str) -> str:
+    if value not in ("local", "ray"):
+        raise argparse.ArgumentTypeError(f"engine must be local or ray, got {value!r}")
+    return value
+
+
+def _whole(value: str) -> int:
+    if not str(value).isdecimal() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
 def _precision(value: str) -> str:
     try:
         return canonical_precision(value, allow_auto=True)
@@ -154,6 +166,7 @@ OPTIONS = (
     Option("--backend", default="auto", help="auto (default), or one of the backends; see fastinstructor check"),
     Option("--precision", _precision, "auto", "auto (default), float32, bfloat16, float16, int8, float8 or an alias"),
     Option("--max-seq-length", int, None, "tokens per input, at most the checkpoint's (default: the checkpoint's)"),
+    Option("--threads", _whole, None, "CPU threads to compute on (PyTorch, ONNX Runtime, tokenizer; default: all)"),
     Option("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)"),
     Option("--port", int, 8080, "default 8080"),
     Option(
@@ -219,6 +232,13 @@ OPTIONS = (
         "with --api-key: let loopback clients (a local scraper) read /metrics without a key",
     ),
     Option("--cors-origin", help="allow browsers on this origin (repeatable; default: CORS off)", repeat=True),
+    # On a Ray cluster (fastinstructor.ray, the ray extra): a Ray Serve deployment of the same application.
+    Option("--engine", _engine, "local", "local (default: this process) or ray (a Ray Serve deployment)"),
+    Option("--address", help="with --engine ray: the Ray cluster (auto: the running one; default: a new local one)"),
+    Option("--replicas", _whole, 1, "with --engine ray: replicas, or the fewest with --max-replicas (default 1)"),
+    Option("--max-replicas", _whole, None, "with --engine ray: autoscale up to this many replicas (default: fixed)"),
+    Option("--replica-cpus", float, 1.0, "with --engine ray: CPUs per replica, also its threads (default 1)"),
+    Option("--replica-gpus", float, 0.0, "with --engine ray: GPUs per replica (default 0)"),
 )
 
 ENVIRONMENT_HELP = (
@@ -247,6 +267,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if option.flag == "--backend":
                 kwargs["choices"] = ["auto", *BACKENDS]
         parser.add_argument(option.flag, **kwargs)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """``embed``'s flags for a Ray cluster (``fastinstructor.ray.embed_dataset``), beside ``serve``'s engine flags."""
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default: this process) or ray: the job's --num-shards parts (default: one per actor the cluster "
+        "holds) as Ray actors of --threads CPUs (default 1) each, every part a complete job folder OUTPUT/part-K-of-N/",
+    )
+    parser.add_argument("--address", help="with --engine ray: the Ray cluster (auto: the running one; default: new)")
+    parser.add_argument("--actor-gpus", type=float, default=0.0, help="with --engine ray: GPUs per actor (default 0)")
 
 
 def _from_environment(option: Option, raw: str):
