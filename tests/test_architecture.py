@@ -28,7 +28,10 @@ LAYERS = [
     ("parity", ["parity"]),
     ("dispatch", ["dispatch"]),
     ("the model API", ["model"]),
-    ("applications", ["corpus", "shards", "server", "benchmark", "check", "testmodel", "integrations"]),
+    (
+        "applications",
+        ["corpus", "shards", "resume", "server", "benchmark", "check", "testmodel", "integrations", "ray"],
+    ),
     ("entry points", ["cli", "__main__", "__init__"]),
 ]
 MAX_LINES = 500
