@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -9,10 +13,36 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fastinstructor.data import read_jsonl_texts, sample_passages, shared_data_dir
 from fastinstructor.parity import TOLERANCES, compare
 from fastinstructor.testmodel import make_test_model
+
+
+def _import_triton_for_the_interpreter() -> None:
+    """Without CUDA, Triton runs in its interpreter only if TRITON_INTERPRET is set when triton is first imported and
+    when each kernel is decorated; any test module may import it first, indirectly (sentence-transformers does). So
+    it and the kernels are imported here, before any test module, with the flag, which is then restored so that it
+    does not leak into other tests (the triton tests set it while they run: their ``interpreter`` fixtures)."""
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import fastinstructor.kernels
+
+        for module in pkgutil.iter_modules(fastinstructor.kernels.__path__):  # every kernel module, triton with them
+            importlib.import_module(f"fastinstructor.kernels.{module.name}")
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+_import_triton_for_the_interpreter()
+
 
 INSTRUCTIONS = [
     "Represent the Wikipedia document for retrieval:",

@@ -6,24 +6,16 @@ Triton's interpreter, as in test_kernels.py."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
-_saved = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+# Triton and the kernels were imported by conftest.py with TRITON_INTERPRET set (without CUDA).
 pytest.importorskip("triton", reason="triton is not installed (pip install '.[dev]' brings it for these tests)")
 from fastinstructor.kernels import matmul, tuning  # noqa: E402
 from fastinstructor.kernels.projection import CUBLAS, SMALL_TOKENS, Projection, shape_class  # noqa: E402
 from fastinstructor.kernels.quantize import quantize_rows, quantize_rows_ref  # noqa: E402
 from fastinstructor.kernels.rms_norm import rms_norm_quantized, rms_norm_quantized_ref  # noqa: E402
-
-if _saved is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUANT = [torch.int8, torch.float8_e4m3fn]

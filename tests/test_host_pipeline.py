@@ -33,8 +33,7 @@ from fastinstructor.tokenization import PairTokenizer, load_tokenizer
 
 TRITON = importlib.util.find_spec("triton") is not None
 if TRITON:
-    # Triton reads TRITON_INTERPRET when first imported, and building a test checkpoint imports it: test_kernels
-    # loads triton and the kernels with the flag, so it is imported here, while tests are collected.
+    # test_kernels' INTERPRET and DEVICE (conftest.py imported triton with the flag).
     import test_kernels
 
 EDGE_CASES = [

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 INTERPRET = not torch.cuda.is_available()
-# Triton reads the flag when it is imported and when a kernel is decorated: set it while triton and the kernel
-# modules load, then restore it so that it does not leak into the other test modules of this session.
-_saved = os.environ.get("TRITON_INTERPRET")
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
+# Triton and the kernels were imported by conftest.py with TRITON_INTERPRET set (without CUDA).
 pytest.importorskip("triton", reason="triton is not installed (pip install '.[dev]' brings it for these tests)")
 import fastinstructor.kernels.attention  # noqa: E402, F401
 import fastinstructor.kernels.matmul  # noqa: E402, F401
@@ -20,11 +14,6 @@ from fastinstructor.kernels.pooling import masked_mean_pool, masked_mean_pool_re
 from fastinstructor.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
 
 from fastinstructor.batching import pad_batch  # noqa: E402
-
-if _saved is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
 
 
 @pytest.fixture(autouse=True)
