@@ -41,6 +41,20 @@ def _import_triton_for_the_interpreter() -> None:
             os.environ["TRITON_INTERPRET"] = saved
 
 
+def interrupt_at_shard(monkeypatch, index: int) -> None:
+    """Make the next embed job stop as on Ctrl-C when it starts writing its shard number ``index`` (0-based)."""
+    import fastinstructor.shards
+
+    original = fastinstructor.shards.write_shard
+
+    def write_shard(folder, at, *args):
+        if at == index:
+            raise KeyboardInterrupt
+        return original(folder, at, *args)
+
+    monkeypatch.setattr(fastinstructor.shards, "write_shard", write_shard)
+
+
 _import_triton_for_the_interpreter()
 
 

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import interrupt_at_shard
 
 import fastinstructor
 import fastinstructor.shards
@@ -43,18 +44,6 @@ def _embed(model, path, out, **options):
     return embed_corpus(model, path, out, instruction=INSTRUCTION, shard_rows=4, quiet=True, **options)
 
 
-def _interrupt_after(monkeypatch, shards: int) -> None:
-    """Make the next job stop as on Ctrl-C when it starts writing shard number ``shards`` (0-based)."""
-    original = fastinstructor.shards.write_shard
-
-    def write_shard(folder, index, *args):
-        if index == shards:
-            raise KeyboardInterrupt
-        return original(folder, index, *args)
-
-    monkeypatch.setattr(fastinstructor.shards, "write_shard", write_shard)
-
-
 def _expected(model, texts):
     return model.encode([[INSTRUCTION, t] for t in texts])
 
@@ -69,7 +58,7 @@ def _expected(model, texts):
 def test_resume_refuses_an_input_that_changed_since_the_interruption(model, tmp_path, monkeypatch, change):
     path = _jsonl(tmp_path / "in.jsonl", _rows())
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 2)
+        interrupt_at_shard(patch, 2)
         with pytest.raises(KeyboardInterrupt):
             _embed(model, path, tmp_path / "out")
     rows = _rows()
@@ -97,7 +86,7 @@ def test_resume_after_rows_were_appended_equals_a_run_on_the_longer_input(model,
     """Rows added after the consumed ones change nothing that was embedded: the resume continues."""
     path = _jsonl(tmp_path / "in.jsonl", _rows()[:12])
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 2)
+        interrupt_at_shard(patch, 2)
         with pytest.raises(KeyboardInterrupt):
             _embed(model, path, tmp_path / "out")
     _jsonl(path, _rows())
@@ -130,7 +119,7 @@ def test_a_job_reading_stdin_cannot_be_resumed_and_says_so(model, tmp_path, monk
     spec = corpus.InputSpec("-", "jsonl")
     _stdin(monkeypatch, _rows())
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 2)
+        interrupt_at_shard(patch, 2)
         with pytest.raises(KeyboardInterrupt):
             _embed(model, spec, tmp_path / "out")
     _stdin(monkeypatch, _rows(prefix="other"))  # a different stream: must not be mixed in
@@ -320,7 +309,7 @@ def test_duplicate_ids_are_counted_and_warned_or_refused(model, tiny_model, tmp_
     assert _embed(model, path, tmp_path / "keep", on_duplicate_id="keep")["totals"]["duplicate_ids"] == 0
     # A resume still knows the ids of the finished shards.
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 2)
+        interrupt_at_shard(patch, 2)
         with pytest.raises(KeyboardInterrupt):
             _embed(model, path, tmp_path / "resumed")
     assert _embed(model, path, tmp_path / "resumed")["totals"]["duplicate_ids"] == 3

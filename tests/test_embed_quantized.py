@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import interrupt_at_shard
 from sentence_transformers.util import quantize_embeddings as st_quantize
 
 import fastinstructor
@@ -81,18 +82,6 @@ def test_stored_bytes_are_sentence_transformers_quantize_embeddings(
         assert "quantization" not in manifest
 
 
-def _interrupt_at(monkeypatch, index: int) -> None:
-    """Stop the next job as on Ctrl-C when it starts writing shard ``index``."""
-    original = fastinstructor.shards.write_shard
-
-    def write_shard(folder, at, *args):
-        if at == index:
-            raise KeyboardInterrupt
-        return original(folder, at, *args)
-
-    monkeypatch.setattr(fastinstructor.shards, "write_shard", write_shard)
-
-
 @pytest.mark.parametrize(
     ("dtype", "output_format", "stop_at"),
     [("int8", "parquet", 0), ("int8", "parquet", 1), ("uint8", "npy", 2), ("binary", "npy", 1)],
@@ -103,7 +92,7 @@ def test_an_interrupted_quantized_job_resumes_to_identical_bytes(
     options = {"dtype": dtype, "output_format": output_format}
     _embed(model, corpus, tmp_path / "whole", **options)
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, stop_at)
+        interrupt_at_shard(patch, stop_at)
         with pytest.raises(KeyboardInterrupt):
             _embed(model, corpus, tmp_path / "resumed", **options)
     recorded = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
@@ -122,7 +111,7 @@ def test_an_interrupted_quantized_job_resumes_to_identical_bytes(
 def test_a_resume_quantizes_with_the_recorded_ranges(model, corpus, floats, tmp_path, monkeypatch):
     """The ranges are the manifest's, never recomputed: edited ranges reach every shard written after the edit."""
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, 1)
+        interrupt_at_shard(patch, 1)
         with pytest.raises(KeyboardInterrupt):
             _embed(model, corpus, tmp_path / "out", dtype="int8", limit=16)
     path = tmp_path / "out" / "manifest.json"

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import interrupt_at_shard
 
 import fastinstructor
 import fastinstructor.shards
@@ -149,24 +150,12 @@ def test_two_concurrent_processes_give_exactly_the_single_run_result(tiny_model,
     assert manifests[0]["input_read"] == manifests[1]["input_read"] == whole["input_read"]
 
 
-def _interrupt_at(monkeypatch, shard: int) -> None:
-    """The next job stops as on Ctrl-C when it starts writing its shard number ``shard`` (0-based)."""
-    original = fastinstructor.shards.write_shard
-
-    def write_shard(folder, index, *args):
-        if index == shard:
-            raise KeyboardInterrupt
-        return original(folder, index, *args)
-
-    monkeypatch.setattr(fastinstructor.shards, "write_shard", write_shard)
-
-
 def test_an_interrupted_part_resumes_to_the_uninterrupted_part(model, corpus, single, tmp_path, monkeypatch):
     for k in (0, 1):
         _embed(model, corpus, tmp_path / "whole", num_shards=2, shard_index=k)
     _embed(model, corpus, tmp_path / "resumed", num_shards=2, shard_index=0)
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, 2)
+        interrupt_at_shard(patch, 2)
         with pytest.raises(KeyboardInterrupt):
             _embed(model, corpus, tmp_path / "resumed", num_shards=2, shard_index=1)
     with pytest.raises(CorpusError, match=r"not every part is done \(part\(s\) unfinished: 1\).*--shard-index K"):
@@ -180,7 +169,7 @@ def test_an_interrupted_part_resumes_to_the_uninterrupted_part(model, corpus, si
 
 def test_a_part_does_not_resume_over_another_parts_changed_rows(model, corpus, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, 1)  # part 1 finished block 1 (rows 5-8), having read and hashed block 0 (rows 1-4)
+        interrupt_at_shard(patch, 1)  # part 1 finished block 1 (rows 5-8), having read and hashed block 0 (rows 1-4)
         with pytest.raises(KeyboardInterrupt):
             _embed(model, corpus, tmp_path / "out", num_shards=2, shard_index=1)
     (corpus / "a.jsonl").write_text(_lines(["An edited first row."] + TEXTS[1:5]))  # in part 0's block
