@@ -214,6 +214,7 @@ def _embed_job(args: argparse.Namespace) -> int:
 
         return embed_from_args(args)
     from .corpus import embed_corpus
+    from .shards import part_folder
 
     start = time.perf_counter()
     manifest = embed_corpus(  # loads the model once the output folder is locked, and says what it chose
@@ -246,9 +247,7 @@ def _embed_job(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - start
     totals = manifest["totals"]
-    output = (
-        args.output if args.num_shards is None else Path(args.output, f"part-{args.shard_index}-of-{args.num_shards}")
-    )
+    output = args.output if args.num_shards is None else part_folder(args.output, args.shard_index, args.num_shards)
     print(
         f"embedded {totals['rows']} rows ({totals['tokens']} real tokens) into {len(manifest['shards'])} shard(s) in "
         f"{output}; skipped {totals['skipped']}, truncated {totals['truncated']}, duplicate ids "

@@ -47,6 +47,7 @@ __all__ = [
     "is_ours",
     "load_manifest",
     "open_output",
+    "part_folder",
     "part_output",
     "policy_identity",
     "read_embeddings",
@@ -352,6 +353,11 @@ def _part_folders(output: Path) -> dict[tuple[int, int], str]:
     return found
 
 
+def part_folder(output: str | os.PathLike, index: int, count: int) -> Path:
+    """The folder of part ``index`` of a job split ``count`` ways into ``output``."""
+    return Path(output) / f"part-{index}-of-{count}"
+
+
 def part_output(output: Path, num_shards: int | None, shard_index: int | None) -> Path:
     """The folder of part ``shard_index`` of a job split ``num_shards`` ways into ``output``, checked: both given,
     ``0 <= shard_index < num_shards``, and ``output`` holds neither a whole job nor parts of another split."""
@@ -375,7 +381,7 @@ def part_output(output: Path, num_shards: int | None, shard_index: int | None) -
             f"output folder {output} holds parts of the job split {other[0]} ways (part-K-of-{other[0]}); run those "
             f"with --num-shards {other[0]}, or choose another folder"
         )
-    return output / f"part-{shard_index}-of-{num_shards}"
+    return part_folder(output, shard_index, num_shards)
 
 
 def read_parts(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -389,7 +395,7 @@ def read_parts(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     manifests: dict[int, dict] = {}
     missing, unfinished = [], []
     for index in range(count):
-        path = output / f"part-{index}-of-{count}" / MANIFEST
+        path = part_folder(output, index, count) / MANIFEST
         if (index, count) not in found or not path.is_file():
             missing.append(index)
         elif not (manifest := load_manifest(path)).get("complete"):
@@ -422,7 +428,7 @@ def read_parts(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
                 raise CorpusError(f"part {index} of {output} {what} than part 0; re-run it with --overwrite")
     pieces = []  # (block, ids, embeddings) of every shard
     for index, manifest in manifests.items():
-        ids, embeddings = read_embeddings(output / f"part-{index}-of-{count}")
+        ids, embeddings = read_embeddings(part_folder(output, index, count))
         start = 0
         for shard in manifest["shards"]:
             end = start + shard["rows"]
@@ -434,5 +440,5 @@ def read_parts(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
             f"the parts of {output} do not hold each block of the input once; re-run them with --overwrite"
         )
     if not pieces:  # no rows at all: part 0's empty array has the dtype and width
-        return read_embeddings(output / f"part-0-of-{count}")
+        return read_embeddings(part_folder(output, 0, count))
     return [i for _, piece_ids, _ in pieces for i in piece_ids], np.concatenate([e for _, _, e in pieces])
