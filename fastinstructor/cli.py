@@ -97,19 +97,10 @@ def _precision(value: str) -> str:
     return ALIASES.get(value, value)
 
 
-def _positive_int(value: str) -> int:
-    if not value.isdecimal() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
-    return int(value)
-
-
 def _index(value: str) -> int:
     if not value.isdecimal():
         raise argparse.ArgumentTypeError(f"expected a whole number (0 or more), got {value!r}")
     return int(value)
-
-
-THREADS_HELP = "CPU threads to compute on (PyTorch, ONNX Runtime, the tokenizer; default: every core)"
 
 
 def _csv(kind):
@@ -267,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .export.onnx_export import PRECISIONS as GRAPH_PRECISIONS
     from .precisions import ALIASES, PRECISIONS
     from .readers import FORMATS
+    from .server.settings import THREADS_HELP, add_engine_arguments, positive_int
+    from .server.settings import add_arguments as add_serve_arguments
     from .testmodel import PRESETS
     from .tokenization import POOLING_RULES
     from .version import __version__
@@ -314,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--no-cache", action="store_true", help="measure parity again instead of using the cache")
     check.add_argument("--clear-cache", action="store_true", help="delete every cached parity result first")
-    check.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
+    check.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     check.set_defaults(run=_check)
 
     bench = commands.add_parser(
@@ -363,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--ceiling-size", type=int, help="matmul size for the ceilings (default 2048 CPU, 8192 GPU)")
     bench.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
-    bench.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
+    bench.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     bench.set_defaults(run=_bench)
 
     info = commands.add_parser("info", help="versions, hardware, and (with --model) the backend auto chooses")
@@ -372,8 +365,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .batching import DEFAULT_EMBED_POLICY as EMBED_BATCHES
     from .batching import DEFAULT_PACKED_POLICY as PACKED_BATCHES
-    from .server.settings import add_arguments as add_serve_arguments
-    from .server.settings import add_engine_arguments
 
     serve = commands.add_parser(
         "serve",
@@ -430,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", type=_precision, choices=["auto", *precisions], default="auto", help=f"default: auto {aliases}"
     )
     embed.add_argument("--pooling-rule", choices=POOLING_RULES, default="instructor")
-    embed.add_argument("--max-seq-length", type=_positive_int, help="tokens per input at most (default: the model's)")
+    embed.add_argument("--max-seq-length", type=positive_int, help="tokens per input at most (default: the model's)")
     packed = f"{PACKED_BATCHES.max_rows} rows and {PACKED_BATCHES.max_tokens} real tokens on the triton backend"
     embed.add_argument("--batch-size", type=int, help=f"rows per batch at most (default {EMBED_BATCHES.max_rows})")
     embed.add_argument(
@@ -440,10 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--shard-rows", type=int, default=10_000, help="input rows per shard (default 10000)")
     embed.add_argument("--limit", type=int, help="embed only the first N input rows")
-    embed.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
+    embed.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     embed.add_argument(
         "--num-shards",
-        type=_positive_int,
+        type=positive_int,
         help="split the job N ways (a job array): run each part with its --shard-index; each writes "
         "OUTPUT/part-K-of-N/ and read_embeddings(OUTPUT) joins them",
     )

@@ -122,13 +122,17 @@ def _boolean(value: str) -> bool:
     raise ValueError(f"expected true or false (1/0, yes/no, on/off), got {value!r}")
 
 
+THREADS_HELP = "CPU threads to compute on (PyTorch, ONNX Runtime, the tokenizer; default: every core)"
+
+
 def _engine(value: str) -> str:
     if value not in ("local", "ray"):
         raise argparse.ArgumentTypeError(f"engine must be local or ray, got {value!r}")
     return value
 
 
-def _whole(value: str) -> int:
+def positive_int(value: str) -> int:
+    """A flag's (or its environment variable's) whole number of at least 1; every command's counts use it."""
     if not str(value).isdecimal() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
     return int(value)
@@ -166,7 +170,7 @@ OPTIONS = (
     Option("--backend", default="auto", help="auto (default), or one of the backends; see fastinstructor check"),
     Option("--precision", _precision, "auto", "auto (default), float32, bfloat16, float16, int8, float8 or an alias"),
     Option("--max-seq-length", int, None, "tokens per input, at most the checkpoint's (default: the checkpoint's)"),
-    Option("--threads", _whole, None, "CPU threads to compute on (PyTorch, ONNX Runtime, tokenizer; default: all)"),
+    Option("--threads", positive_int, None, THREADS_HELP),
     Option("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)"),
     Option("--port", int, 8080, "default 8080"),
     Option(
@@ -235,8 +239,10 @@ OPTIONS = (
     # On a Ray cluster (fastinstructor.ray, the ray extra): a Ray Serve deployment of the same application.
     Option("--engine", _engine, "local", "local (default: this process) or ray (a Ray Serve deployment)"),
     Option("--address", help="with --engine ray: the Ray cluster (auto: the running one; default: a new local one)"),
-    Option("--replicas", _whole, 1, "with --engine ray: replicas, or the fewest with --max-replicas (default 1)"),
-    Option("--max-replicas", _whole, None, "with --engine ray: autoscale up to this many replicas (default: fixed)"),
+    Option("--replicas", positive_int, 1, "with --engine ray: replicas, or the fewest with --max-replicas (default 1)"),
+    Option(
+        "--max-replicas", positive_int, None, "with --engine ray: autoscale up to this many replicas (default fixed)"
+    ),
     Option("--replica-cpus", float, 1.0, "with --engine ray: CPUs per replica, also its threads (default 1)"),
     Option("--replica-gpus", float, 0.0, "with --engine ray: GPUs per replica (default 0)"),
 )
