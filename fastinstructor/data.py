@@ -8,11 +8,16 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
+import textwrap
 from pathlib import Path
 
 __all__ = ["shared_data_dir", "read_jsonl_texts", "sample_passages", "tokenizer_training_text"]
 
 _PACKAGE = Path(__file__).resolve().parent
+# About the longest evidence sentence's length in ../shared/data (their mean is 170): longer doc paragraphs are
+# split at sentence ends, so the fallback text costs the tests about what the evidence does.
+_PASSAGE_CHARS = 400
 
 
 def shared_data_dir() -> Path | None:
@@ -50,13 +55,24 @@ def _doc_texts() -> list[str]:
     return texts
 
 
+def _chunks(paragraph: str) -> list[str]:
+    """Whole sentences up to _PASSAGE_CHARS each; a longer sentence (a code block) cut at spaces."""
+    chunks = [""]
+    for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
+        for piece in textwrap.wrap(sentence, _PASSAGE_CHARS, break_long_words=False, break_on_hyphens=False):
+            if chunks[-1] and len(chunks[-1]) + 1 + len(piece) > _PASSAGE_CHARS:
+                chunks.append("")
+            chunks[-1] = f"{chunks[-1]} {piece}".strip()
+    return chunks
+
+
 def _doc_passages() -> list[tuple[str, str]]:
     passages = []
     for text in _doc_texts():
         for paragraph in text.split("\n\n"):
-            paragraph = " ".join(paragraph.split())
-            if len(paragraph) > 40:
-                passages.append((f"doc-{len(passages)}", paragraph))
+            for chunk in _chunks(" ".join(paragraph.split())):
+                if len(chunk) > 40:
+                    passages.append((f"doc-{len(passages)}", chunk))
     return passages
 
 
