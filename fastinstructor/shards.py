@@ -55,6 +55,7 @@ __all__ = [
     "recorded_policy",
     "remove_temporaries",
     "shard_ids",
+    "shard_stem",
     "store_as",
     "stored_type",
     "write_atomic",
@@ -132,9 +133,14 @@ def store_as(embeddings: np.ndarray, dtype: str, manifest: dict) -> np.ndarray:
     return quantize_embeddings(embeddings, dtype, ranges=ranges)
 
 
+def shard_stem(index: int) -> str:
+    """The name of shard ``index``'s files, less their suffixes."""
+    return f"part-{index:05d}"
+
+
 def write_shard(folder: Path, index: int, ids: list[str], embeddings: np.ndarray, output_format: str) -> list[dict]:
     """Write one shard's files; return their names and checksums."""
-    stem = f"part-{index:05d}"
+    stem = shard_stem(index)
     if output_format == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -163,7 +169,7 @@ def write_shard(folder: Path, index: int, ids: list[str], embeddings: np.ndarray
 
 
 def shard_ids(output: Path, shard: dict) -> list[str]:
-    stem = f"part-{shard['index']:05d}"
+    stem = shard_stem(shard["index"])
     if (output / f"{stem}.parquet").is_file():
         import pyarrow.parquet as pq
 
@@ -318,7 +324,7 @@ def read_embeddings(output: str | os.PathLike) -> tuple[list[str], np.ndarray]:
             if file_sha256(output / name) != digest:
                 raise CorpusError(f"{output / name} does not match its checksum in {manifest_path}")
         ids += shard_ids(output, shard)
-        stem = f"part-{shard['index']:05d}"
+        stem = shard_stem(shard["index"])
         if f"{stem}.parquet" in files:
             import pyarrow.parquet as pq
 

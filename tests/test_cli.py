@@ -73,6 +73,7 @@ _ON_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machi
     "command, expected",
     [
         (["embed", "--threads", "0"], "argument --threads: expected a whole number of at least 1, got '0'"),
+        (["serve", "--max-seq-length", "0"], "argument --max-seq-length: expected a whole number of at least 1"),
         (["check", "--precision", "int4"], "argument --precision: invalid choice: 'int4' (choose from 'float32'"),
         pytest.param(
             ["embed", "--backend", "onnx", "--precision", "float16"],
@@ -88,6 +89,7 @@ _ON_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machi
     ],
     ids=[
         "embed-threads-0",
+        "serve-max-seq-length-0",
         "check-unknown-precision",
         "embed-onnx-float16",
         "serve-onnx-float16",

@@ -169,7 +169,9 @@ OPTIONS = (
     Option("--model", help="checkpoint folder or hub id (required)"),
     Option("--backend", default="auto", help="auto (default), or one of the backends; see fastinstructor check"),
     Option("--precision", _precision, "auto", "auto (default), float32, bfloat16, float16, int8, float8 or an alias"),
-    Option("--max-seq-length", int, None, "tokens per input, at most the checkpoint's (default: the checkpoint's)"),
+    Option(
+        "--max-seq-length", positive_int, None, "tokens per input, at most the checkpoint's (default: the checkpoint's)"
+    ),
     Option("--threads", positive_int, None, THREADS_HELP),
     Option("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)"),
     Option("--port", int, 8080, "default 8080"),
