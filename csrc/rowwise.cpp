@@ -12,12 +12,13 @@
 // stream is updated in place, and x may come with the per-row scale an int8 product left to apply (x_scale: x is
 // read as x * x_scale[:, None]). Layouts: x [T, D] float32 or bfloat16 (the previous product's output), residual
 // [T, D] float32 (the residual stream), weight [D], x_scale [T]; rows in parallel (at::parallel_for). Loops are plain C++ that the compiler vectorizes for the
-// building machine (-march=native, -fopenmp-simd for the reductions).
+// building machine (-march=native; -fopenmp-simd for the reductions, -fopenmp for at::parallel_for's threads).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -46,9 +47,24 @@ inline void store(float v, c10::BFloat16* out) {
 
 constexpr float kQmax = 127.0f;
 
-// Row y (float32), its largest magnitude already known -> int8 q and its scale (t5.quantize_rows_ref's arithmetic).
-inline void quantize_row(const float* y, int64_t d, float amax, int8_t* q, float* scale) {
-  amax = std::max(amax, 1e-8f);
+// |v| as its bit pattern: for floats >= 0 the order of the patterns (as unsigned integers) is the order of the
+// values, and an integer max reduction vectorizes with no pragma. An `omp simd reduction(max : ...)` over floats
+// compiles to gathers under -fopenmp (1.5x slower than scalar code) and without it, to scalar code.
+inline uint32_t abs_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits & 0x7FFFFFFFu;
+}
+inline float from_bits(uint32_t bits) {
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// Row y (float32), the bits of its largest magnitude already known (abs_bits) -> int8 q and its scale
+// (t5.quantize_rows_ref's arithmetic).
+inline void quantize_row(const float* y, int64_t d, uint32_t most, int8_t* q, float* scale) {
+  const float amax = std::max(from_bits(most), 1e-8f);
   const float inv = (1.0f / amax) * kQmax;  // as torch computes the reference's QMAX / amax: the same rounding
 #pragma omp simd
   for (int64_t i = 0; i < d; ++i) {
@@ -84,7 +100,8 @@ RowScale row_scale(const char* op, const c10::optional<at::Tensor>& x_scale, int
   return {holder.data_ptr<float>()};
 }
 
-// The shared body: s = x * x_scale (+ residual, written back into it), y = rms_norm(s) into `emit(row, y, max |y|)`.
+// The shared body: s = x * x_scale (+ residual, written back into it), y = rms_norm(s) into `emit(row, y, most)`,
+// most the bits of max |y| (abs_bits).
 template <typename In, typename Emit>
 void norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, float* residual, RowScale scale,
                Emit emit) {
@@ -114,13 +131,12 @@ void norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, float*
         }
       }
       const float inv = 1.0f / std::sqrt(squares / static_cast<float>(d) + static_cast<float>(eps));
-      float amax = 0.0f;  // for a quantizing emit
-#pragma omp simd reduction(max : amax)
+      uint32_t most = 0;  // for a quantizing emit
       for (int64_t i = 0; i < d; ++i) {
         s[i] = w[i] * (s[i] * inv);
-        amax = std::max(amax, std::fabs(s[i]));
+        most = std::max(most, abs_bits(s[i]));
       }
-      emit(row, s, amax);
+      emit(row, s, most);
     }
   });
 }
@@ -162,12 +178,12 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, c
   const int64_t d = x.dim() == 2 ? x.size(1) : 0;
   if (dtype == at::kFloat) {
     float* out = y.data_ptr<float>();
-    dispatch_norm("rms_norm", x, weight, eps, residual, x_scale, [&](int64_t row, const float* s, float) {
+    dispatch_norm("rms_norm", x, weight, eps, residual, x_scale, [&](int64_t row, const float* s, uint32_t) {
       std::memcpy(out + row * d, s, d * sizeof(float));
     });
   } else {
     c10::BFloat16* out = y.data_ptr<c10::BFloat16>();
-    dispatch_norm("rms_norm", x, weight, eps, residual, x_scale, [&](int64_t row, const float* s, float) {
+    dispatch_norm("rms_norm", x, weight, eps, residual, x_scale, [&](int64_t row, const float* s, uint32_t) {
       c10::BFloat16* o = out + row * d;
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) store(s[i], o + i);
@@ -184,8 +200,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantized(const at::Tensor& x, const
   const int64_t d = x.dim() == 2 ? x.size(1) : 0;
   int8_t* qs = q.data_ptr<int8_t>();
   float* scales = scale.data_ptr<float>();
-  dispatch_norm("rms_norm_quantized", x, weight, eps, residual, x_scale, [&](int64_t row, const float* s, float amax) {
-    quantize_row(s, d, amax, qs + row * d, scales + row);
+  dispatch_norm("rms_norm_quantized", x, weight, eps, residual, x_scale, [&](int64_t row, const float* s, uint32_t most) {
+    quantize_row(s, d, most, qs + row * d, scales + row);
   });
   return {q, scale};
 }
@@ -201,13 +217,12 @@ void quantize_rows_impl(const at::Tensor& x, bool relu, RowScale factor, int8_t*
       const In* xr = xs + row * d;
       const float f = factor(row);
       const float floor = relu ? 0.0f : -std::numeric_limits<float>::infinity();
-      float amax = 0.0f;
-#pragma omp simd reduction(max : amax)
+      uint32_t most = 0;
       for (int64_t i = 0; i < d; ++i) {
         y[i] = std::max(load(xr[i]) * f, floor);
-        amax = std::max(amax, std::fabs(y[i]));
+        most = std::max(most, abs_bits(y[i]));
       }
-      quantize_row(y, d, amax, qs + row * d, scales + row);
+      quantize_row(y, d, most, qs + row * d, scales + row);
     }
   });
 }
@@ -259,6 +274,19 @@ at::Tensor scale_rows_(at::Tensor y, const at::Tensor& scale_in) {
   return y;
 }
 
+// How many threads the ops' loops run on: torch.get_num_threads() when the library was built with the OpenMP that
+// torch's at::parallel_for uses (a header template: an `omp parallel` region), 1 when it was built without it.
+int64_t parallel_threads() {
+  std::atomic<int64_t> most{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const int64_t id = at::get_thread_num() + 1;
+    int64_t seen = most.load();
+    while (seen < id && !most.compare_exchange_weak(seen, id)) {
+    }
+  });
+  return most.load();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastinstructor, m) {
@@ -270,6 +298,7 @@ TORCH_LIBRARY_FRAGMENT(fastinstructor, m) {
       " -> (Tensor, Tensor)");
   m.def("quantize_rows(Tensor x, bool relu, Tensor? x_scale) -> (Tensor, Tensor)");
   m.def("scale_rows_(Tensor(a!) y, Tensor scale) -> Tensor(a!)");
+  m.def("parallel_threads() -> int", &parallel_threads);  // no tensor to dispatch on: one kernel for every device
 }
 
 TORCH_LIBRARY_IMPL(fastinstructor, CPU, m) {

@@ -15,6 +15,7 @@
 // as the cpu backend builds it): ATen's kernel runs such lengths up to twice as fast.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -80,7 +81,11 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
   // thread busy, else one head (a long single sequence still uses every thread).
   const int64_t group = batch >= 2 * at::get_num_threads() ? heads : 1;
   const int64_t groups = heads / group;
+  // The tasks call ATen ops on other threads, which do not inherit the caller's thread-local state (inference
+  // mode: `out` is an inference tensor when the caller runs in one, and only inference mode may write it).
+  const at::ThreadLocalState caller;
   at::parallel_for(0, batch * groups, 1, [&](int64_t first, int64_t last) {
+    const at::ThreadLocalStateGuard guard(caller);
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / groups, h0 = (task % groups) * group;
       const int64_t start = bounds[b], length = bounds[b + 1] - start, rows = padded_length(b);

@@ -66,7 +66,8 @@ def availability() -> tuple[bool, str]:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as err:  # built for another torch, or another CPU
         return False, f"{path.name} does not load ({err}); reinstall to rebuild it: PyTorch fallback"
-    return True, f"native C++ ({path.name}, {torch.get_num_threads()} threads)"
+    # The threads its loops ran on, asked of the library: 1 where it was built without torch's OpenMP.
+    return True, f"native C++ ({path.name}, {torch.ops.fastinstructor.parallel_threads()} threads)"
 
 
 def varlen_attention(
