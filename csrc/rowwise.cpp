@@ -1,6 +1,7 @@
 // Row-wise ops on the CPU: the residual add + T5 RMSNorm and per-row int8 quantization (the twins of the Triton
-// kernels in kernels/rms_norm.py and kernels/quantize.py), and the per-row scaling that finishes an int8 product. The maths and their references are fastinstructor/t5.py's
-// rms_norm_ref, rms_norm_quantized_ref and quantize_rows_ref:
+// kernels in kernels/rms_norm.py and kernels/quantize.py), and the per-row scaling that finishes an int8 product.
+// The maths and their references are fastinstructor/t5.py's rms_norm_ref, rms_norm_quantized_ref and
+// quantize_rows_ref:
 //
 //     s = x + residual                       (float32; s = x without a residual)
 //     y = weight * s / sqrt(mean(s^2) + eps)  in out_dtype, or quantized per row:
@@ -11,8 +12,9 @@
 // machines a pass over a batch's activations costs as much as a small product. For the same reason the residual
 // stream is updated in place, and x may come with the per-row scale an int8 product left to apply (x_scale: x is
 // read as x * x_scale[:, None]). Layouts: x [T, D] float32 or bfloat16 (the previous product's output), residual
-// [T, D] float32 (the residual stream), weight [D], x_scale [T]; rows in parallel (at::parallel_for). Loops are plain C++ that the compiler vectorizes for the
-// building machine (-march=native; -fopenmp-simd for the reductions, -fopenmp for at::parallel_for's threads).
+// [T, D] float32 (the residual stream), weight [D], x_scale [T]; rows in parallel (at::parallel_for). Loops are
+// plain C++ that the compiler vectorizes for the building machine (-march=native; -fopenmp-simd for the
+// reductions, -fopenmp for at::parallel_for's threads).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -169,8 +171,9 @@ void dispatch_norm(const char* op, const at::Tensor& x_in, const at::Tensor& wei
   }
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, const c10::optional<at::Tensor>& residual,
-                    c10::optional<at::ScalarType> out_dtype, const c10::optional<at::Tensor>& x_scale) {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                    const c10::optional<at::Tensor>& residual, c10::optional<at::ScalarType> out_dtype,
+                    const c10::optional<at::Tensor>& x_scale) {
   const at::ScalarType dtype = out_dtype.value_or(x.scalar_type());
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "rms_norm: out_dtype must be float32 or bfloat16, got ",
               dtype);
@@ -200,9 +203,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantized(const at::Tensor& x, const
   const int64_t d = x.dim() == 2 ? x.size(1) : 0;
   int8_t* qs = q.data_ptr<int8_t>();
   float* scales = scale.data_ptr<float>();
-  dispatch_norm("rms_norm_quantized", x, weight, eps, residual, x_scale, [&](int64_t row, const float* s, uint32_t most) {
-    quantize_row(s, d, most, qs + row * d, scales + row);
-  });
+  auto emit = [&](int64_t row, const float* s, uint32_t most) { quantize_row(s, d, most, qs + row * d, scales + row); };
+  dispatch_norm("rms_norm_quantized", x, weight, eps, residual, x_scale, emit);
   return {q, scale};
 }
 

@@ -8,16 +8,19 @@
 // layer); it depends only on j - i, so a sequence of L tokens reads its top-left [L, L] block: there is no
 // [B, H, L, L] bias tensor and no padded batch. Layouts: q, k, v, out [T, H, D] packed tokens (float32 or
 // bfloat16); cu_seqlens [B + 1] (int32 or int64) the sequences' boundaries. Work is split over (sequence, heads)
-// tasks with at::parallel_for, each one call of ATen's fused CPU attention (scaled_dot_product_attention: flash
-// attention, vectorized) on views, so a batch of short sequences costs no Python loop and every core works. A
-// bfloat16 sequence whose length is not a multiple of 16 is attended as one that is (its padded keys masked) when
-// position_bias covers the padded length (t5.position_bias_matrix of the batch's longest length rounded up to 16,
-// as the cpu backend builds it): ATen's kernel runs such lengths up to twice as fast.
+// tasks run by every thread (at::parallel_for), each one call of ATen's fused CPU attention
+// (scaled_dot_product_attention: flash attention, vectorized) on views, so a batch of short sequences costs no
+// Python loop and every core works. A bfloat16 sequence whose length is not a multiple of 16 is attended as one
+// that is (its padded keys masked) when position_bias covers the padded length (t5.position_bias_matrix of the
+// batch's longest length rounded up to 16, as the cpu backend builds it): ATen's kernel runs such lengths up to
+// twice as fast.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <limits>
 #include <vector>
 
@@ -77,19 +80,37 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
     }
   }
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
-  // A task is one sequence and a group of its heads: all of them when there are sequences enough to keep every
-  // thread busy, else one head (a long single sequence still uses every thread).
-  const int64_t group = batch >= 2 * at::get_num_threads() ? heads : 1;
-  const int64_t groups = heads / group;
+  // A task is one sequence and a group of its heads. A sequence whose share of the work (about L^2) is more than
+  // a quarter of a thread's is split into groups of fewer heads (one head at the most), so that a batch with one
+  // long sequence still uses every thread; the others keep all their heads in one call. The tasks run longest
+  // first, each thread taking the next one when it is done (a static split of the list would leave one thread
+  // with the long tasks).
+  struct Task {
+    int64_t sequence, first_head, heads, work;
+  };
+  const int64_t threads = at::get_num_threads();
+  int64_t total = 0;
+  for (int64_t b = 0; b < batch; ++b) total += (bounds[b + 1] - bounds[b]) * (bounds[b + 1] - bounds[b]);
+  const int64_t share = std::max<int64_t>(1, total / (4 * threads));
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t length = bounds[b + 1] - bounds[b], work = length * length;
+    if (length == 0) continue;
+    int64_t groups = std::min(heads, (work + share - 1) / share);
+    while (heads % groups != 0) ++groups;  // groups of equal size
+    for (int64_t g = 0; g < groups; ++g) tasks.push_back({b, g * (heads / groups), heads / groups, work / groups});
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.work > b.work; });
   // The tasks call ATen ops on other threads, which do not inherit the caller's thread-local state (inference
   // mode: `out` is an inference tensor when the caller runs in one, and only inference mode may write it).
   const at::ThreadLocalState caller;
-  at::parallel_for(0, batch * groups, 1, [&](int64_t first, int64_t last) {
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t b = task / groups, h0 = (task % groups) * group;
-      const int64_t start = bounds[b], length = bounds[b + 1] - start, rows = padded_length(b);
-      if (length == 0) continue;
+    for (size_t t = next++; t < tasks.size(); t = next++) {
+      const Task& task = tasks[t];
+      const int64_t start = bounds[task.sequence], length = bounds[task.sequence + 1] - start;
+      const int64_t rows = padded_length(task.sequence), h0 = task.first_head, group = task.heads;
       auto heads_of = [&](const at::Tensor& t, int64_t n) {  // [1, group, n, D] views of the sequence's heads
         return t.narrow(0, start, n).narrow(1, h0, group).transpose(0, 1).unsqueeze(0);
       };
