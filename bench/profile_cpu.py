@@ -4,10 +4,10 @@ For each contender (backend x precision) and workload: ``encode`` of the workloa
 (tokenization, batching, the forward passes, the pooling head), timed whole, then again (warmed) under the backend's
 own profiler, whose op times are summed into groups, as shares of that profiled call's wall time:
 
-- cpu backend (``torch.profiler``, self CPU time per op): matrix products (oneDNN float, bfloat16 and int8
-  linears), attention (the native varlen op and ATen's fused attention under it), row ops (residual add +
-  RMSNorm, quantization, scaling: the native ops, or the PyTorch ops of their fallbacks), other torch ops
-  (embedding, pooling head, packing);
+- cpu backend (``torch.profiler``, self CPU time per op on the calling thread): matrix products (oneDNN float,
+  bfloat16 and int8 linears), attention (the native varlen op and ATen's fused attention under it), row ops
+  (residual add + RMSNorm, quantization, scaling: the native ops, or the PyTorch ops of their fallbacks), other
+  torch ops (embedding, pooling head, packing);
 - onnx backend (ONNX Runtime's profiler, per node): matrix products (the projections' MatMul / MatMulInteger /
   DynamicQuantizeMatMul nodes), attention (the SelfAttention MatMuls between activations, Softmax, the bias),
   row ops (the RMSNorms and their fused residual adds, DynamicQuantizeLinear), other nodes;
@@ -73,9 +73,16 @@ def _profile_cpu(model, pairs) -> tuple[dict[str, float], float]:
         start = time.perf_counter()
         model.encode(pairs)
         wall = time.perf_counter() - start
+    # The calling thread's ops only: it runs every op of the call, and the native ops' tasks that other torch
+    # threads run at the same time would count twice (it is the thread with the most op time).
+    busy = defaultdict(float)
+    for event in prof.events():
+        busy[event.thread] += event.self_cpu_time_total
+    caller = max(busy, key=busy.get)
     seconds = defaultdict(float)
-    for event in prof.key_averages():
-        seconds[_torch_group(event.key)] += event.self_cpu_time_total / 1e6
+    for event in prof.events():
+        if event.thread == caller:
+            seconds[_torch_group(event.name)] += event.self_cpu_time_total / 1e6
     return seconds, wall
 
 
@@ -165,8 +172,8 @@ def main() -> int:
         f"Model {args.model.name}, {args.texts} texts per workload, `encode` with its defaults (32-row batches "
         f"sorted by length). The encode time is one call after a warm-up; the groups are shares of a second, "
         f"warmed call under the backend's profiler (its wall time is the profiled column; torch.profiler's self "
-        f"time per op for cpu, ONNX Runtime's per-node kernel time for onnx), tokenization from timing the "
-        f"tokenizer alone, and the rest is the profiled call's time left over. "
+        f"time per op on the calling thread for cpu, ONNX Runtime's per-node kernel time for onnx), tokenization "
+        f"from timing the tokenizer alone, and the rest is the profiled call's time left over. "
         f"torch threads: {torch.get_num_threads()}; ONNX Runtime: its default. Native ops: "
         f"{rows[0]['native_ops']}.\n\n{table}\n\n{machine(result)}\n"
     )
