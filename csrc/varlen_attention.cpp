@@ -57,7 +57,7 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK(length >= 0 && length <= covered, "varlen_attention: sequence ", b, " has ", length,
                 " tokens; position_bias covers ", covered);
   }
-  const at::Tensor bias = position_bias.to(q.scalar_type());  // SDPA wants the mask in the inputs' dtype
+  const at::Tensor bias = position_bias.to(q.scalar_type()).contiguous();  // SDPA: the mask in the inputs' dtype
   // In bfloat16, ATen's CPU attention runs lengths that are multiples of 16 up to twice as fast as the others (its
   // blocked kernels take a slow path for a tail: 125 us for L = 46 against 72 for L = 48, 12 heads of 64, on the
   // Xeon with AMX; in float32 the padded rows cost about what they save). A bfloat16 sequence of L tokens is
@@ -111,15 +111,18 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const Task& task = tasks[t];
       const int64_t start = bounds[task.sequence], length = bounds[task.sequence + 1] - start;
       const int64_t rows = padded_length(task.sequence), h0 = task.first_head, group = task.heads;
-      auto heads_of = [&](const at::Tensor& t, int64_t n) {  // [1, group, n, D] views of the sequence's heads
-        return t.narrow(0, start, n).narrow(1, h0, group).transpose(0, 1).unsqueeze(0);
+      // Each view in one as_strided call (a chain of narrow/transpose/unsqueeze is four dispatches, and these
+      // calls are short enough for that to show).
+      auto heads_of = [&](const at::Tensor& t, int64_t n) {  // [1, group, n, D]: the sequence's heads
+        return t.as_strided({1, group, n, t.size(2)}, {0, t.stride(1), t.stride(0), t.stride(2)},
+                            t.storage_offset() + start * t.stride(0) + h0 * t.stride(1));
       };
-      const at::Tensor mask = rows == length ? bias.narrow(1, 0, length).narrow(2, 0, length)
-                                             : padded_masks[length];
-      const at::Tensor result = at::scaled_dot_product_attention(
-          heads_of(q, rows), heads_of(k, rows), heads_of(v, rows), mask.narrow(0, h0, group).unsqueeze(0), 0.0,
-          false, /*scale=*/1.0);
-      heads_of(out, length).copy_(result.narrow(2, 0, length));
+      const at::Tensor& bias_of = rows == length ? bias : padded_masks[length];  // [H, *, *]
+      const at::Tensor mask = bias_of.as_strided({1, group, rows, rows}, {0, bias_of.stride(0), bias_of.stride(1), 1},
+                                                 bias_of.storage_offset() + h0 * bias_of.stride(0));
+      const at::Tensor result = at::scaled_dot_product_attention(heads_of(q, rows), heads_of(k, rows),
+                                                                 heads_of(v, rows), mask, 0.0, false, /*scale=*/1.0);
+      heads_of(out, length).copy_(rows == length ? result : result.narrow(2, 0, length));
     }
   });
   return out;
