@@ -22,19 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, write_results
+from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, require_shared_data, write_results
 
 import fastinstructor
 from fastinstructor.batching import pad_batch
 from fastinstructor.benchmark import interleaved, load_sentence_transformers, markdown_table, record
 from fastinstructor.corpus import EmbedSettings
-from fastinstructor.data import read_jsonl_texts, shared_data_dir
+from fastinstructor.data import read_jsonl_texts
 from fastinstructor.parity import TOLERANCES, compare
 
 INSTRUCTION = "Represent the Wikipedia document for retrieval:"
@@ -42,9 +41,7 @@ FIXED_BATCH = 32
 
 
 def load_rows(total: int) -> list[tuple[str, str]]:
-    data = shared_data_dir()
-    if data is None:
-        sys.exit("bench_embed: ../shared/data (or $FASTINSTRUCTOR_DATA) was not found; the benchmark needs real text")
+    data = require_shared_data("bench_embed")
     articles = read_jsonl_texts(data / "climate_fever_articles.jsonl", total // 2)
     evidence = read_jsonl_texts(data / "climate_fever_evidence.jsonl", total - total // 2)
     mixed = [row for pair in zip(articles, evidence, strict=False) for row in pair]

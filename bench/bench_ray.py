@@ -25,17 +25,16 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, write_results
+from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, require_shared_data, write_results
 
 import fastinstructor
 from fastinstructor.benchmark import interleaved, markdown_table, record
-from fastinstructor.data import read_jsonl_texts, shared_data_dir
+from fastinstructor.data import read_jsonl_texts
 
 INSTRUCTION = "Represent the Wikipedia document for retrieval:"
 
@@ -86,9 +85,7 @@ def main() -> None:
     import fastinstructor.ray as fray
 
     ensure_model(args.model)
-    data = shared_data_dir()
-    if data is None:
-        sys.exit("bench_ray: ../shared/data (or $FASTINSTRUCTOR_DATA) was not found; the benchmark needs real text")
+    data = require_shared_data("bench_ray")
     rows = read_jsonl_texts(data / "climate_fever_evidence.jsonl", args.rows)
     workdir = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     corpus = workdir / "corpus.jsonl"

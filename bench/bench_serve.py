@@ -19,10 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, write_results
+from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, require_shared_data, write_results
 
 from fastinstructor.benchmark import markdown_table, record
-from fastinstructor.data import read_jsonl_texts, shared_data_dir
+from fastinstructor.data import read_jsonl_texts
 
 INSTRUCTION = "Represent the climate claim for retrieving supporting documents:"
 
@@ -92,9 +92,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     ensure_model(args.model)
-    data = shared_data_dir()
-    if data is None:
-        sys.exit("bench_serve: ../shared/data (or $FASTINSTRUCTOR_DATA) was not found")
+    data = require_shared_data("bench_serve")
     texts = [t for _, t in read_jsonl_texts(data / "climate_fever_claims.jsonl", args.requests)]
     modes = {"dynamic batching": [], "batching disabled": ["--max-batch-rows", "1", "--max-wait-ms", "0"]}
     rows = []

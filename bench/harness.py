@@ -28,6 +28,16 @@ def ensure_model(model_dir: Path, preset: str = "base") -> None:
         make_test_model(preset, model_dir)
 
 
+def require_shared_data(script: str) -> Path:
+    """``../shared/data`` (or ``$FASTINSTRUCTOR_DATA``) for a benchmark that needs real text; exits without it."""
+    from fastinstructor.data import shared_data_dir
+
+    data = shared_data_dir()
+    if data is None:
+        sys.exit(f"{script}: ../shared/data (or $FASTINSTRUCTOR_DATA) was not found; the benchmark needs real text")
+    return data
+
+
 def command(script: str, argv: list[str] | None = None, python: str = ".venv/bin/python") -> str:
     """The command line that reproduces a run of ``bench/<script>`` from the repository root."""
     return shlex.join([python, f"bench/{script}", *(sys.argv[1:] if argv is None else argv)])
