@@ -16,6 +16,12 @@ and the rest of the profiled call's wall time, outside any op: tokenization (tim
 (batching, packing, the pipeline, launching ops). Thread settings: the process's torch threads, and ONNX
 Runtime's default (one per core); both are reported with the machine.
 
+The products' own speed, against the matmul ceiling of the precision (``fastinstructor.benchmark.matmul_ceilings``,
+the one ``make bench`` measures): their FLOPs at the workload's real lengths over the profiled products' time (in
+encode), and, for the cpu backend, over the time of the same products alone (layer 0's projections at each batch's
+token count, inputs made once, each layer's four in a row as the encoder runs them: what the products reach with
+nothing between them). The share of the ceiling that encode can reach is at most the products' share in encode.
+
     .venv/bin/python bench/profile_cpu.py [--model DIR] [--workloads evidence,mixed] [--texts 256]
         [--contenders cpu:float32,cpu:bfloat16,cpu:int8,onnx:int8] [--name profile-cpu]
 """
@@ -34,7 +40,8 @@ import torch
 from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, write_results
 
 import fastinstructor
-from fastinstructor.benchmark import load_workload, markdown_table, record
+from fastinstructor.batching import default_policy
+from fastinstructor.benchmark import encoder_flops, load_workload, markdown_table, matmul_ceilings, record
 
 GROUPS = ("matrix products", "attention", "row ops", "other ops", "tokenization", "Python and the rest")
 
@@ -119,6 +126,31 @@ def _profile_onnx(model, pairs) -> tuple[dict[str, float], float]:
     return seconds, wall
 
 
+def _products_alone_s(backend, batch_tokens: list[int], repeat: int = 3) -> float:
+    """Seconds of the encoder's products alone at these batch sizes: layer 0's projections, each layer's four in a
+    row (``num_layers`` times per batch), inputs made once per batch as the op set makes them; best of ``repeat``."""
+    encoder = backend.encoder
+    ops, layer, cfg = encoder.ops, encoder.layers[0], encoder.config
+    total = 0.0
+    with torch.inference_mode():
+        for tokens in batch_tokens:
+            h, _ = ops.norm(torch.randn(tokens, cfg.d_model), layer.ln_attn)  # what qkv, o and wi take
+            f = ops.product_input(torch.randn(tokens, cfg.d_ff).to(ops.dtype))
+
+            def products(h, f):
+                for _ in range(cfg.num_layers):
+                    layer.qkv(h), layer.o(h), layer.wi(h), layer.wo(f)
+
+            products(h, f)  # warm-up: oneDNN's primitive for this size
+            best = float("inf")
+            for _ in range(repeat):
+                start = time.perf_counter()
+                products(h, f)
+                best = min(best, time.perf_counter() - start)
+            total += best
+    return total
+
+
 def measure(model_dir: Path, backend: str, precision: str, workload: str, texts: int) -> dict:
     model = fastinstructor.load(model_dir, backend=backend, precision=precision)
     loaded = load_workload(workload, texts, model.tokenizer)
@@ -140,7 +172,25 @@ def measure(model_dir: Path, backend: str, precision: str, workload: str, texts:
         row[f"{group}_s"] = seconds.get(group, 0.0)
         row[f"{group}_share"] = seconds.get(group, 0.0) / profiled
     row["native_ops"] = model.backend_report.get("native_ops")
+    # The products' FLOPs: the encoder's, less attention's two products (the Dense head is an aten::mm, a product).
+    checkpoint, lengths = model.checkpoint, [len(ids) for ids in model.tokenizer(pairs).ids]
+    cfg = checkpoint.config
+    flops = encoder_flops(cfg, lengths, checkpoint.out_dim if checkpoint.dense_weight is not None else None)
+    flops -= cfg.num_layers * 4 * cfg.inner_dim * sum(n * n for n in lengths)
+    row["products_gflops"] = flops / 1e9 / seconds["matrix products"] if seconds.get("matrix products") else None
+    row["products_alone_gflops"] = None
+    if backend == "cpu":
+        batches = default_policy(False).plan(lengths)  # encode's batches on the cpu backend
+        tokens = [sum(lengths[i] for i in rows) for rows in batches]
+        projection_flops = sum(tokens) * cfg.num_layers * (8 * cfg.d_model * cfg.inner_dim + 4 * cfg.d_model * cfg.d_ff)
+        row["products_alone_gflops"] = projection_flops / 1e9 / _products_alone_s(model.backend, tokens)
     return row
+
+
+def _gflops(value: float | None, ceiling: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" + (f" ({value / ceiling:.0%})" if ceiling else "")
 
 
 def main() -> int:
@@ -153,18 +203,29 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     ensure_model(args.model)
+    contenders = [contender.split(":") for contender in args.contenders.split(",")]
+    # Measured first, in a process that has run nothing else yet, as `make bench` measures them.
+    ceilings = matmul_ceilings(sorted({precision for _, precision in contenders}))
     rows = []
     for workload in args.workloads.split(","):
-        for contender in args.contenders.split(","):
-            backend, precision = contender.split(":")
+        for backend, precision in contenders:
             rows.append(measure(args.model, backend, precision, workload, args.texts))
-            print(f"{workload} {contender}: {rows[-1]['wall_s']:.2f} s", file=sys.stderr)
+            rows[-1]["ceiling_gflops"] = ceilings[precision]["gflops"]
+            print(f"{workload} {backend}:{precision}: {rows[-1]['wall_s']:.2f} s", file=sys.stderr)
     result = record(command("profile_cpu.py"), model=args.model.name, torch_threads=torch.get_num_threads(), rows=rows)
     table = markdown_table(
         ["workload", "contender", "encode s", "profiled s", *GROUPS],
         [
             [r["workload"], r["contender"], f"{r['wall_s']:.2f}", f"{r['profiled_s']:.2f}"]
             + [f"{r[f'{g}_s']:.2f} s ({r[f'{g}_share']:.0%})" for g in GROUPS]
+            for r in rows
+        ],
+    )
+    products = markdown_table(
+        ["workload", "contender", "ceiling GFLOP/s", "products in encode", "products alone"],
+        [
+            [r["workload"], r["contender"], _gflops(r["ceiling_gflops"])]
+            + [_gflops(r[key], r["ceiling_gflops"]) for key in ("products_gflops", "products_alone_gflops")]
             for r in rows
         ],
     )
@@ -175,7 +236,10 @@ def main() -> int:
         f"time per op on the calling thread for cpu, ONNX Runtime's per-node kernel time for onnx), tokenization "
         f"from timing the tokenizer alone, and the rest is the profiled call's time left over. "
         f"torch threads: {torch.get_num_threads()}; ONNX Runtime: its default. Native ops: "
-        f"{rows[0]['native_ops']}.\n\n{table}\n\n{machine(result)}\n"
+        f"{rows[0]['native_ops']}.\n\n{table}\n\nThe products' GFLOP/s (projections and the Dense head at the "
+        f"real lengths), in encode (the profiled products' time) and alone (cpu: the same products with nothing "
+        f"between them), against the large-matmul ceiling of the precision measured in this run:\n\n{products}\n\n"
+        f"{machine(result)}\n"
     )
     write_results(args.out, args.name, result, "Where the time of encode goes on the CPU", markdown)
     print(markdown)

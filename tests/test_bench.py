@@ -249,9 +249,10 @@ def test_bench_refuses_bad_options_with_exit_2(tiny_model, tmp_path, capsys):
 
 
 def test_the_cpu_profile_script_splits_the_time_of_encode(tiny_model, tmp_path):
-    """bench/profile_cpu.py on tiny, a cpu and an onnx contender: every group is there, the products take time,
-    and the ops' time fits in the profiled call's (none of the warm-up's ops, which once made the onnx ops of a
-    fresh profiling session four times a 3 ms call)."""
+    """bench/profile_cpu.py on tiny, a cpu and an onnx contender: every group is there, the products take time
+    and have a speed (in encode, and alone for cpu) against a ceiling, and the ops' time fits in the profiled
+    call's (none of the warm-up's ops, which once made the onnx ops of a fresh profiling session four times a 3 ms
+    call)."""
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": f"sentence number {i} " * (1 + i % 5)}) + "\n" for i in range(12)))
     done = subprocess.run(
@@ -271,7 +272,11 @@ def test_the_cpu_profile_script_splits_the_time_of_encode(tiny_model, tmp_path):
         assert 0 < ops <= row["profiled_s"], row
         for group in GROUPS:
             assert row[f"{group}_share"] * row["profiled_s"] == pytest.approx(row[f"{group}_s"]), group
-    assert "| texts | cpu int8 |" in json_path.with_suffix(".md").read_text()
+        assert row["ceiling_gflops"] > 0 and row["products_gflops"] > 0
+    # The products alone are timed for the cpu backend only (its projections are callables to time).
+    assert rows[0]["products_alone_gflops"] > 0 and rows[1]["products_alone_gflops"] is None
+    markdown = json_path.with_suffix(".md").read_text()
+    assert "| texts | cpu int8 |" in markdown and "| products in encode | products alone |" in markdown
 
 
 GROUPS = ("matrix products", "attention", "row ops", "other ops", "tokenization", "Python and the rest")
