@@ -139,6 +139,26 @@ class PackedBatch:
     def tokens(self) -> int:
         return self.input_ids.shape[0]
 
+    def split(self, max_tokens: int) -> list[PackedBatch]:
+        """The batch as ``ceil(tokens / max_tokens)`` consecutive batches of whole rows and about equal token
+        counts (each cut at the row boundary nearest its equal share, so a part may pass ``max_tokens`` by less
+        than a row), or ``[self]`` when it fits. Host tensors: a backend on the CPU calls it."""
+        parts = -(-self.tokens // max_tokens)
+        if parts <= 1:
+            return [self]
+        cu = self.cu_seqlens.numpy().astype(np.int64)
+        shares = np.arange(1, parts) * self.tokens / parts
+        right = np.searchsorted(cu, shares)  # cu[right - 1] < share <= cu[right]
+        nearest = np.where(shares - cu[right - 1] < cu[right] - shares, right - 1, right)
+        bounds = [0, *np.unique(np.clip(nearest, 1, self.rows - 1)).tolist(), self.rows]
+        out = []
+        for first, last in itertools.pairwise(bounds):
+            lo, hi = int(cu[first]), int(cu[last])
+            part_cu = torch.from_numpy(cu[first : last + 1] - lo).to(self.cu_seqlens.dtype)
+            max_len = int(np.diff(cu[first : last + 1]).max())
+            out.append(PackedBatch(self.input_ids[lo:hi], part_cu, self.pool_start[first:last], max_len))
+        return out
+
 
 def _pinned(t: torch.Tensor, pin_memory: bool) -> torch.Tensor:
     """``t`` in page-locked memory when asked and CUDA is there to use it (a no-op on a CPU-only machine)."""

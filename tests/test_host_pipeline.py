@@ -101,6 +101,26 @@ def test_pack_batch_holds_exactly_the_padded_batch_without_its_padding(tokenizer
         assert again.max_len == packed.max_len
 
 
+def test_a_packed_batch_splits_into_whole_rows_of_about_equal_size(tokenizer, real_pairs):
+    tokenized = tokenizer(real_pairs[:40] + EDGE_CASES)
+    batch = pack_batch(tokenized.ids, tokenized.pool_start)
+    assert batch.split(batch.tokens) == [batch] and batch.split(10**9) == [batch]
+    longest = max(map(len, tokenized.ids))
+    for max_tokens in (1, 37, 100, batch.tokens // 3, batch.tokens - 1):
+        parts = batch.split(max_tokens)
+        assert 1 < len(parts) <= -(-batch.tokens // max_tokens)  # fewer where a row is longer than a share
+        assert all(part.tokens < max_tokens + longest for part in parts)
+        for name in ("input_ids", "pool_start"):  # the rows, in order, each once
+            assert torch.equal(torch.cat([getattr(part, name) for part in parts]), getattr(batch, name)), name
+        offsets = np.cumsum([0] + [part.tokens for part in parts])
+        cu = torch.cat([part.cu_seqlens[:-1] + int(offset) for part, offset in zip(parts, offsets, strict=False)])
+        assert torch.equal(torch.cat([cu, batch.cu_seqlens[-1:]]), batch.cu_seqlens)
+        for part in parts:
+            assert part.cu_seqlens.dtype == torch.int32 and part.cu_seqlens[0] == 0
+            assert part.max_len == int(part.cu_seqlens.diff().max())
+    assert [part.rows for part in batch.split(1)] == [1] * batch.rows  # every row alone
+
+
 @pytest.mark.parametrize("inputs", ["real", "edge"])
 def test_pad_batch_without_its_loop_gives_the_same_tensors(tokenizer, real_pairs, inputs):
     tokenized = tokenizer(real_pairs if inputs == "real" else EDGE_CASES)
