@@ -18,9 +18,10 @@ Runtime's default (one per core); both are reported with the machine.
 
 The products' own speed, against the matmul ceiling of the precision (``fastinstructor.benchmark.matmul_ceilings``,
 the one ``make bench`` measures): their FLOPs at the workload's real lengths over the profiled products' time (in
-encode), and, for the cpu backend, over the time of the same products alone (layer 0's projections at each batch's
-token count, inputs made once, each layer's four in a row as the encoder runs them: what the products reach with
-nothing between them). The share of the ceiling that encode can reach is at most the products' share in encode.
+encode), and, for the cpu backend, over the time of the same products alone (layer 0's projections at the token
+count of each forward the backend runs, inputs made once, each layer's four in a row as the encoder runs them:
+what the products reach with nothing between them). The share of the ceiling that encode can reach is at most the
+products' share in encode.
 
     .venv/bin/python bench/profile_cpu.py [--model DIR] [--workloads evidence,mixed] [--texts 256]
         [--contenders cpu:float32,cpu:bfloat16,cpu:int8,onnx:int8] [--name profile-cpu]
@@ -40,7 +41,7 @@ import torch
 from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, write_results
 
 import fastinstructor
-from fastinstructor.batching import default_policy
+from fastinstructor.batching import default_policy, pack_batch
 from fastinstructor.benchmark import encoder_flops, load_workload, markdown_table, matmul_ceilings, record
 
 GROUPS = ("matrix products", "attention", "row ops", "other ops", "tokenization", "Python and the rest")
@@ -180,8 +181,10 @@ def measure(model_dir: Path, backend: str, precision: str, workload: str, texts:
     row["products_gflops"] = flops / 1e9 / seconds["matrix products"] if seconds.get("matrix products") else None
     row["products_alone_gflops"] = None
     if backend == "cpu":
-        batches = default_policy(False).plan(lengths)  # encode's batches on the cpu backend
-        tokens = [sum(lengths[i] for i in rows) for rows in batches]
+        # encode's batches on the cpu backend, as the forwards it runs them in (CpuBackend.forward_tokens)
+        ids = model.tokenizer(pairs).ids
+        batches = [pack_batch([ids[i] for i in rows], [0] * len(rows)) for rows in default_policy(False).plan(lengths)]
+        tokens = [part.tokens for batch in batches for part in batch.split(model.backend.forward_tokens)]
         projection_flops = sum(tokens) * cfg.num_layers * (8 * cfg.d_model * cfg.inner_dim + 4 * cfg.d_model * cfg.d_ff)
         row["products_alone_gflops"] = projection_flops / 1e9 / _products_alone_s(model.backend, tokens)
     return row
