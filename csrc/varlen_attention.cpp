@@ -11,8 +11,8 @@
 // tasks run by every thread (at::parallel_for), each one call of ATen's fused CPU attention
 // (scaled_dot_product_attention: flash attention, vectorized) on views, so a batch of short sequences costs no
 // Python loop and every core works. A bfloat16 sequence whose length is not a multiple of 16 is attended as one
-// that is (its padded keys masked) when position_bias covers the padded length (t5.position_bias_matrix of the
-// batch's longest length rounded up to 16, as the cpu backend builds it): ATen's kernel runs such lengths up to
+// that is (its padded keys masked) when position_bias covers the batch's longest length + 15
+// (t5.position_bias_matrix of that length, as the cpu backend builds it): ATen's kernel runs such lengths up to
 // twice as fast.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -57,28 +57,29 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK(length >= 0 && length <= covered, "varlen_attention: sequence ", b, " has ", length,
                 " tokens; position_bias covers ", covered);
   }
-  const at::Tensor bias = position_bias.to(q.scalar_type()).contiguous();  // SDPA: the mask in the inputs' dtype
-  // In bfloat16, ATen's CPU attention runs lengths that are multiples of 16 up to twice as fast as the others (its
-  // blocked kernels take a slow path for a tail: 125 us for L = 46 against 72 for L = 48, 12 heads of 64, on the
-  // Xeon with AMX; in float32 the padded rows cost about what they save). A bfloat16 sequence of L tokens is
-  // therefore attended as Lp = L rounded up to 16 rows of the packed tensors, when the batch has them and the
-  // bias covers Lp: its view runs into the next sequence's tokens, whose keys its mask hides (-inf) and whose
-  // query rows it drops. No copy of q, k or v; one mask per distinct length, shared by the sequences of that length.
-  const bool pad = q.scalar_type() == at::kBFloat16;
-  std::vector<at::Tensor> padded_masks(covered + 1);
+  int64_t longest = 0;
+  bool ragged = false;  // a sequence whose length is not a multiple of 16
+  for (int64_t b = 0; b < batch; ++b) {
+    longest = std::max(longest, bounds[b + 1] - bounds[b]);
+    ragged = ragged || (bounds[b + 1] - bounds[b]) % kPadTo != 0;
+  }
+  // In bfloat16, ATen's CPU attention runs key lengths that are multiples of 16 up to twice as fast as the others
+  // (its blocked kernels take a slow path for a tail: 125 us for L = 46 against 72 for L = 48, 12 heads of 64, on
+  // the Xeon with AMX; in float32 the padded rows cost about what they save). A bfloat16 sequence of L tokens is
+  // therefore attended as Lp = L rounded up to 16 rows of the packed tensors, when the batch has them and the bias
+  // covers the longest length + 15: its view runs into the next sequence's tokens, whose keys its mask hides
+  // (-inf) and whose query rows it drops. No copy of q, k or v, and one mask buffer for every sequence: the op's
+  // copy of the bias (in the inputs' dtype, as SDPA takes it) with its columns from `longest` on set to -inf. The
+  // bias depends only on j - i, so the block that starts at (s, s) on the diagonal holds the same values as the
+  // top-left one; with s = longest - L its columns from L on are the -inf ones.
+  const bool pad = q.scalar_type() == at::kBFloat16 && ragged && covered >= longest + kPadTo - 1;
+  at::Tensor bias = position_bias.to(q.scalar_type(), /*non_blocking=*/false, /*copy=*/pad).contiguous();
+  if (pad) bias.narrow(2, longest, covered - longest).fill_(-std::numeric_limits<float>::infinity());
   auto padded_length = [&](int64_t b) {
     const int64_t start = bounds[b], length = bounds[b + 1] - start;
     const int64_t padded = (length + kPadTo - 1) / kPadTo * kPadTo;
-    return pad && padded != length && padded <= covered && start + padded <= tokens ? padded : length;
+    return pad && start + padded <= tokens ? padded : length;
   };
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t length = bounds[b + 1] - bounds[b], padded = padded_length(b);
-    if (padded != length && !padded_masks[length].defined()) {
-      at::Tensor mask = bias.narrow(1, 0, padded).narrow(2, 0, padded).clone();
-      mask.narrow(2, length, padded - length).fill_(-std::numeric_limits<float>::infinity());
-      padded_masks[length] = mask;
-    }
-  }
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   // A task is one sequence and a group of its heads. A sequence whose share of the work (about L^2) is more than
   // a quarter of a thread's is split into groups of fewer heads (one head at the most), so that a batch with one
@@ -117,9 +118,9 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
         return t.as_strided({1, group, n, t.size(2)}, {0, t.stride(1), t.stride(0), t.stride(2)},
                             t.storage_offset() + start * t.stride(0) + h0 * t.stride(1));
       };
-      const at::Tensor& bias_of = rows == length ? bias : padded_masks[length];  // [H, *, *]
-      const at::Tensor mask = bias_of.as_strided({1, group, rows, rows}, {0, bias_of.stride(0), bias_of.stride(1), 1},
-                                                 bias_of.storage_offset() + h0 * bias_of.stride(0));
+      const int64_t corner = rows == length ? 0 : longest - length;  // the mask's block: (corner, corner) on
+      const at::Tensor mask = bias.as_strided({1, group, rows, rows}, {0, bias.stride(0), bias.stride(1), 1},
+                                              bias.storage_offset() + h0 * bias.stride(0) + corner * (bias.stride(1) + 1));
       const at::Tensor result = at::scaled_dot_product_attention(heads_of(q, rows), heads_of(k, rows),
                                                                  heads_of(v, rows), mask, 0.0, false, /*scale=*/1.0);
       heads_of(out, length).copy_(rows == length ? result : result.narrow(2, 0, length));

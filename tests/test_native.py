@@ -64,15 +64,16 @@ def test_the_native_op_in_bfloat16_and_on_views():
 
 
 @needs_native
-@pytest.mark.parametrize("covered_by", ["the longest length", "it rounded up to 16", "more"])
+@pytest.mark.parametrize("covered_by", ["the longest length", "it rounded up to 16", "it + 15", "more"])
 def test_the_native_op_attends_bfloat16_sequences_as_multiples_of_16(covered_by):
-    """A bfloat16 sequence is attended as its length rounded up to 16 where the bias covers that and the batch has
-    the rows (the view runs into the next sequence's tokens, their keys masked): the same result as the reference,
-    whatever the bias covers, the last sequence included (its padded view would run past the batch)."""
+    """A bfloat16 sequence is attended as its length rounded up to 16 where the bias covers the longest length + 15
+    and the batch has the rows (the view runs into the next sequence's tokens, their keys masked by the -inf
+    columns of the op's copy of the bias): the same result as the reference, whatever the bias covers, the last
+    sequence included (its padded view would run past the batch)."""
     lengths = [46, 1, 17, 16, 33, 63, 5]
     q, k, v, cu, _ = packed_inputs(lengths, 3, 40, torch.bfloat16, seed=7)
     table = torch.randn(32, 3, generator=torch.Generator().manual_seed(8))
-    cover = {"the longest length": 63, "it rounded up to 16": 64, "more": 100}[covered_by]
+    cover = {"the longest length": 63, "it rounded up to 16": 64, "it + 15": 78, "more": 100}[covered_by]
     out = native.varlen_attention(q, k, v, cu, position_bias_matrix(table, cover, 128))
     expected = varlen_attention_ref(q.float(), k.float(), v.float(), cu, position_bias_matrix(table, 63, 128))
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)

@@ -110,8 +110,8 @@ class CpuOps:
         return native.quantize_rows(x, x_scale=x_scale)
 
     def batch_attention(self, max_len: int, tokens: int) -> Attention:
-        # Covering the longest length rounded up to 16 lets the native op attend bfloat16 sequences as multiples of 16.
-        bias = position_bias_matrix(self.bias_table, -(-max(max_len, 1) // 16) * 16, self.max_distance)
+        # Covering the longest length + 15 lets the native op attend bfloat16 sequences as multiples of 16.
+        bias = position_bias_matrix(self.bias_table, max(max_len, 1) + 15, self.max_distance)
         return lambda q, k, v, cu_seqlens: native.varlen_attention(q, k, v, cu_seqlens, bias)
 
     def pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
