@@ -119,8 +119,8 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             t.storage_offset() + start * t.stride(0) + h0 * t.stride(1));
       };
       const int64_t corner = rows == length ? 0 : longest - length;  // the mask's block: (corner, corner) on
-      const at::Tensor mask = bias.as_strided({1, group, rows, rows}, {0, bias.stride(0), bias.stride(1), 1},
-                                              bias.storage_offset() + h0 * bias.stride(0) + corner * (bias.stride(1) + 1));
+      const int64_t offset = bias.storage_offset() + h0 * bias.stride(0) + corner * (bias.stride(1) + 1);
+      const at::Tensor mask = bias.as_strided({1, group, rows, rows}, {0, bias.stride(0), bias.stride(1), 1}, offset);
       const at::Tensor result = at::scaled_dot_product_attention(heads_of(q, rows), heads_of(k, rows),
                                                                  heads_of(v, rows), mask, 0.0, false, /*scale=*/1.0);
       heads_of(out, length).copy_(rows == length ? result : result.narrow(2, 0, length));
