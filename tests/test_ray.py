@@ -6,6 +6,8 @@ One cluster for the module (``ray.init(num_cpus=2)``, no dashboard, no usage rep
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -89,6 +91,19 @@ def test_a_shipped_folder_is_the_same_files_on_a_worker(shipped, tiny_model, tmp
     expected = {p.relative_to(tiny_model).as_posix(): p.read_bytes() for p in fray.shipping._files(tiny_model)}
     assert got == expected and shipped.name == tiny_model.name and shipped.files
     assert fray.ship_folder(tiny_model, shared_filesystem=True).path() == tiny_model.resolve()
+
+
+def test_a_shipped_folder_is_checked_against_its_key(shipped, tiny_model, tmp_path, monkeypatch):
+    """The key is the sha256 of each file's relative name, a NUL and its bytes, in order; a copy that does not hash
+    to it is refused and leaves nothing in the cache."""
+    digest = hashlib.sha256()
+    for file in fray.shipping._files(tiny_model):
+        digest.update(f"{file.relative_to(tiny_model).as_posix()}\0".encode() + file.read_bytes())
+    assert shipped.key == digest.hexdigest()
+    monkeypatch.setenv("FASTINSTRUCTOR_CACHE", str(tmp_path))
+    with pytest.raises(OSError, match=f"the shipped copy of {tiny_model.name} does not match its sha256"):
+        dataclasses.replace(shipped, key="0" * 64).path()
+    assert not [p for p in (tmp_path / "ray").iterdir() if not p.name.endswith(".lock")]
 
 
 @pytest.mark.parametrize("batch_format", ["pyarrow", "pandas", "numpy"])

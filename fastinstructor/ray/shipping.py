@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,16 +66,22 @@ class ShippedFolder:
         for relative, chunks in self.files:
             target = staging / self.name / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            digest.update(f"{relative}\0".encode())
             with open(target, "wb") as f:
-                for ref in chunks:
-                    data = ray.get(ref)
-                    digest.update(data)
+                for data in _hashed(digest, relative, (ray.get(ref) for ref in chunks)):
                     f.write(data)
         if digest.hexdigest() != self.key:
             shutil.rmtree(staging, ignore_errors=True)
             raise OSError(f"the shipped copy of {self.name} does not match its sha256; ship it again")
         os.rename(staging, root)
+
+
+def _hashed(digest, relative: str, chunks: Iterable) -> Iterator:
+    """One file's ``chunks``, each added to ``digest`` on the way after the file's ``relative`` name and a NUL: the
+    recipe of a ShippedFolder's key, for the driver that ships the files and the node that unpacks them."""
+    digest.update(f"{relative}\0".encode())
+    for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
 
 
 def _files(folder: Path) -> list[Path]:
@@ -96,13 +103,10 @@ def ship_folder(folder: str | os.PathLike, *, shared_filesystem: bool = False) -
     digest, files = hashlib.sha256(), []
     for file in _files(folder):
         relative = file.relative_to(folder).as_posix()
-        digest.update(f"{relative}\0".encode())
-        chunks = []
         with open(file, "rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                digest.update(chunk)
-                chunks.append(ray.put(np.frombuffer(chunk, dtype=np.uint8)))
-        files.append((relative, tuple(chunks)))
+            read = iter(lambda f=f: f.read(CHUNK_BYTES), b"")
+            chunks = tuple(ray.put(np.frombuffer(chunk, dtype=np.uint8)) for chunk in _hashed(digest, relative, read))
+        files.append((relative, chunks))
     return ShippedFolder(folder.name, digest.hexdigest(), tuple(files))
 
 
