@@ -18,9 +18,9 @@ Runtime's default (one per core); both are reported with the machine.
 
 The products' own speed, against the matmul ceiling of the precision (``fastinstructor.benchmark.matmul_ceilings``,
 the one ``make bench`` measures): their FLOPs at the workload's real lengths over the profiled products' time (in
-encode), and, for the cpu backend, over the time of the same products alone (layer 0's projections at the token
-count of each forward the backend runs, inputs made once, each layer's four in a row as the encoder runs them:
-what the products reach with nothing between them). The share of the ceiling that encode can reach is at most the
+encode), and, for the cpu backend, over the time of the same products alone (every layer's four projections in a
+row at the token count of each forward the backend runs, on inputs made once: what the products reach with
+nothing between them). The share of the ceiling that encode can reach is at most the
 products' share in encode.
 
     .venv/bin/python bench/profile_cpu.py [--model DIR] [--workloads evidence,mixed] [--texts 256]
@@ -128,18 +128,19 @@ def _profile_onnx(model, pairs) -> tuple[dict[str, float], float]:
 
 
 def _products_alone_s(backend, batch_tokens: list[int], repeat: int = 3) -> float:
-    """Seconds of the encoder's products alone at these batch sizes: layer 0's projections, each layer's four in a
-    row (``num_layers`` times per batch), inputs made once per batch as the op set makes them; best of ``repeat``."""
+    """Seconds of the encoder's products alone at these batch sizes: every layer's four projections in a row, as
+    the encoder runs them (each layer's weights read in turn), on inputs made once per batch as the op set makes
+    them; best of ``repeat``."""
     encoder = backend.encoder
-    ops, layer, cfg = encoder.ops, encoder.layers[0], encoder.config
+    ops, cfg = encoder.ops, encoder.config
     total = 0.0
     with torch.inference_mode():
         for tokens in batch_tokens:
-            h, _ = ops.norm(torch.randn(tokens, cfg.d_model), layer.ln_attn)  # what qkv, o and wi take
+            h, _ = ops.norm(torch.randn(tokens, cfg.d_model), encoder.layers[0].ln_attn)  # what qkv, o, wi take
             f = ops.product_input(torch.randn(tokens, cfg.d_ff).to(ops.dtype))
 
             def products(h, f):
-                for _ in range(cfg.num_layers):
+                for layer in encoder.layers:
                     layer.qkv(h), layer.o(h), layer.wi(h), layer.wo(f)
 
             products(h, f)  # warm-up: oneDNN's primitive for this size
