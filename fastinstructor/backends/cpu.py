@@ -130,7 +130,7 @@ class CpuBackend(BackendClass):
     @classmethod
     def rank(cls, capability: Capability, hardware: Hardware) -> int | None:
         # With AMX (bfloat16 and int8 tile units) bfloat16, then int8, come before onnx/int8 (rank 10): on the
-        # 2-core Xeon, evidence sentences, same run, cpu bfloat16 is 1.8x onnx int8's tokens/s and int8 2.2x;
+        # 2-core Xeon, evidence sentences, same run, cpu bfloat16 is 2.0x onnx int8's tokens/s and int8 2.5x;
         # bfloat16 first, the more exact (bench/results/2026-12-01-vm/evidence.md).
         if {"amx_bf16", "amx_int8"} <= hardware.cpu_flags and capability.precision in _AMX_RANKS:
             return _AMX_RANKS[capability.precision]
