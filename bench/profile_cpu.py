@@ -175,15 +175,14 @@ def measure(model_dir: Path, backend: str, precision: str, workload: str, texts:
         row[f"{group}_share"] = seconds.get(group, 0.0) / profiled
     row["native_ops"] = model.backend_report.get("native_ops")
     # The products' FLOPs: the encoder's, less attention's two products (the Dense head is an aten::mm, a product).
-    checkpoint, lengths = model.checkpoint, [len(ids) for ids in model.tokenizer(pairs).ids]
-    cfg = checkpoint.config
+    checkpoint, ids = model.checkpoint, model.tokenizer(pairs).ids
+    cfg, lengths = checkpoint.config, [len(row) for row in ids]
     flops = encoder_flops(cfg, lengths, checkpoint.out_dim if checkpoint.dense_weight is not None else None)
     flops -= cfg.num_layers * 4 * cfg.inner_dim * sum(n * n for n in lengths)
     row["products_gflops"] = flops / 1e9 / seconds["matrix products"] if seconds.get("matrix products") else None
     row["products_alone_gflops"] = None
     if backend == "cpu":
         # encode's batches on the cpu backend, as the forwards it runs them in (CpuBackend.forward_tokens)
-        ids = model.tokenizer(pairs).ids
         batches = [pack_batch([ids[i] for i in rows], [0] * len(rows)) for rows in default_policy(False).plan(lengths)]
         tokens = [part.tokens for batch in batches for part in batch.split(model.backend.forward_tokens)]
         projection_flops = sum(tokens) * cfg.num_layers * (8 * cfg.d_model * cfg.inner_dim + 4 * cfg.d_model * cfg.d_ff)

@@ -172,9 +172,9 @@ class CpuBackend(BackendClass):
         # A batch runs as forwards whose largest activation (the FFN's, [tokens, d_ff]) stays under 16 MiB: glibc
         # serves an allocation of up to 32 MiB from its heap again once one is freed, but maps a larger one afresh
         # each time, and every page of it then faults on first touch (about 1,000,000 faults per encode of 256
-        # texts of the evidence + articles mix in 32-row batches of up to 16,000 tokens; bfloat16 4.9 -> 4.3 s and
-        # int8 4.4 -> 4.0 s with forwards of at most 2,048 tokens on the 2-core Xeon, float32 7.8 -> 7.4 s with
-        # 1,536). Below about 1,150 tokens oneDNN runs bfloat16's d_model-wide products (o, wo) on one thread.
+        # texts of the evidence + articles mix in 32-row batches of up to 16,000 tokens; with the split, on the
+        # 2-core Xeon, bfloat16 5.09 -> 4.28 s and int8 4.66 -> 4.09 s, float32 unchanged). Below about 1,150 tokens
+        # oneDNN runs bfloat16's d_model-wide products (o, wo) on one thread.
         self.forward_tokens = max(1, _FORWARD_BYTES // (cfg.d_ff * dtype.itemsize))
         # Copies of the tensors used as they are: the checkpoint's are views of its memory-mapped file, and one
         # kept view would keep the whole file resident after the checkpoint lets its weights go.
