@@ -25,6 +25,7 @@ from .backends.base import Backend, why_not
 from .calibration import calibration_sha256
 from .checkpoint import Checkpoint
 from .hardware import Hardware, probe
+from .locking import cache_dir
 from .parity import ParityResult, measure
 from .precisions import canonical_precision
 from .tokenization import PairTokenizer
@@ -110,7 +111,7 @@ def start_backend(
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("FASTINSTRUCTOR_CACHE", "~/.cache/fastinstructor")).expanduser() / "parity"
+    return cache_dir("parity")
 
 
 def _cache_path(

@@ -1,4 +1,5 @@
-"""Inter-process locks on files, portable (``filelock``: fcntl on POSIX, msvcrt on Windows), that name their holder.
+"""Inter-process locks on files, portable (``filelock``: fcntl on POSIX, msvcrt on Windows), that name their holder;
+and ``cache_dir``, where the folders they guard live.
 
 The operating system releases the lock when its holder dies, so a killed process never leaves a folder
 locked. Beside the lock file, the holder writes who it is (pid, host, command, since when) to
@@ -18,7 +19,13 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-__all__ = ["LockHeld", "hold"]
+__all__ = ["LockHeld", "cache_dir", "hold"]
+
+
+def cache_dir(name: str) -> Path:
+    """``$FASTINSTRUCTOR_CACHE/<name>`` (default ``~/.cache/fastinstructor/<name>``): the package's caches (onnx,
+    parity, ray, tuning), each under its own name."""
+    return Path(os.environ.get("FASTINSTRUCTOR_CACHE", "~/.cache/fastinstructor")).expanduser() / name
 
 
 class LockHeld(RuntimeError):

@@ -101,6 +101,7 @@ def tuning_file() -> Path:
     import triton
 
     gpu = torch.cuda.get_device_name().replace(" ", "-").replace("/", "-")
+    # fastinstructor.locking.cache_dir("tuning"), spelled out: the kernels import nothing but fastinstructor.t5.
     root = Path(os.environ.get("FASTINSTRUCTOR_CACHE", "~/.cache/fastinstructor")).expanduser()
     return root / "tuning" / f"{gpu}-torch{torch.__version__}-triton{triton.__version__}.json"
 

@@ -28,7 +28,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..hardware import Hardware
 from ..hardware import threads as configured_threads
-from ..locking import hold
+from ..locking import cache_dir, hold
 from .base import BackendClass, Capability
 
 __all__ = ["OnnxBackend", "cuda_available", "onnx_cache_dir"]
@@ -47,8 +47,7 @@ def cuda_available() -> bool:
 def onnx_cache_dir(checkpoint: Checkpoint, precision: str) -> Path:
     import onnxruntime
 
-    root = Path(os.environ.get("FASTINSTRUCTOR_CACHE", "~/.cache/fastinstructor")).expanduser()
-    return root / "onnx" / f"{checkpoint.fingerprint[:20]}-{precision}-ort{onnxruntime.__version__}"
+    return cache_dir("onnx") / f"{checkpoint.fingerprint[:20]}-{precision}-ort{onnxruntime.__version__}"
 
 
 def _verified(folder: Path, checkpoint: Checkpoint, precision: str) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 import ray
 
 from ..checkpoint import resolve_model_path
-from ..locking import hold
+from ..locking import cache_dir, hold
 from ..model import Instructor, load
 
 __all__ = ["ShippedFolder", "actor_threads", "load_on_worker", "ship_folder", "ship_model"]
@@ -30,7 +30,7 @@ CHUNK_BYTES = 256 * 2**20  # one object in the object store per this many bytes 
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("FASTINSTRUCTOR_CACHE", "~/.cache/fastinstructor")).expanduser() / "ray"
+    return cache_dir("ray")
 
 
 @dataclass(frozen=True)
