@@ -159,6 +159,22 @@ class PackedBatch:
             out.append(PackedBatch(self.input_ids[lo:hi], part_cu, self.pool_start[first:last], max_len))
         return out
 
+    def filled_to(self, tokens: int) -> PackedBatch:
+        """The batch with one more row, of ``tokens - self.tokens`` pad tokens (id 0), so that it holds exactly
+        ``tokens`` tokens; ``self`` when it already does. Every op of a forward treats rows apart, so the real rows'
+        embeddings are the first ``self.rows`` of the filled batch's. Host tensors."""
+        fill = tokens - self.tokens
+        if fill < 0:
+            raise ValueError(f"a batch of {self.tokens} tokens cannot be filled to {tokens}")
+        if fill == 0:
+            return self
+        return PackedBatch(
+            torch.cat([self.input_ids, self.input_ids.new_zeros(fill)]),
+            torch.cat([self.cu_seqlens, self.cu_seqlens[-1:] + fill]),
+            torch.cat([self.pool_start, self.pool_start.new_zeros(1)]),
+            max(self.max_len, fill),
+        )
+
 
 def _pinned(t: torch.Tensor, pin_memory: bool) -> torch.Tensor:
     """``t`` in page-locked memory when asked and CUDA is there to use it (a no-op on a CPU-only machine)."""

@@ -279,4 +279,33 @@ def test_the_cpu_profile_script_splits_the_time_of_encode(tiny_model, tmp_path):
     assert "| texts | cpu int8 |" in markdown and "| products in encode | products alone |" in markdown
 
 
+def test_the_fresh_shapes_script_times_filled_and_unfilled_forwards(tiny_model, tmp_path):
+    """bench/bench_fresh_shapes.py on tiny: both modes, both scenarios, each in its own process."""
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"sentence number {i} " * (1 + i % 5)}) + "\n" for i in range(16)))
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_fresh_shapes.py"), "--model", str(tiny_model)]
+        + ["--workload", str(texts), "--precisions", "float32", "--chunk", "4", "--chunks", "2", "--singles", "4"]
+        + ["--repeat", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (json_path,) = tmp_path.glob("fresh-shapes-*.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [(r["precision"], r["forwards"]) for r in rows] == [("float32", "filled"), ("float32", "unfilled")]
+    for row in rows:
+        assert all(row[key] > 0 for key in ("corpus_once_s", "corpus_again_s", "singles_s", "single_p50_ms"))
+        assert row["single_p50_ms"] <= row["single_p90_ms"]
+    too_few = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_fresh_shapes.py"), "--model", str(tiny_model)]
+        + ["--workload", str(texts), "--precisions", "float32", "--repeat", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert too_few.returncode != 0 and "has 16 texts" in too_few.stderr
+
+
 GROUPS = ("matrix products", "attention", "row ops", "other ops", "tokenization", "Python and the rest")

@@ -121,6 +121,22 @@ def test_a_packed_batch_splits_into_whole_rows_of_about_equal_size(tokenizer, re
     assert [part.rows for part in batch.split(1)] == [1] * batch.rows  # every row alone
 
 
+def test_a_packed_batch_filled_to_a_size_gains_one_row_of_pad_tokens(tokenizer, real_pairs):
+    tokenized = tokenizer(real_pairs[:7] + EDGE_CASES)
+    batch = pack_batch(tokenized.ids, tokenized.pool_start)
+    assert batch.filled_to(batch.tokens) is batch
+    for fill in (1, 5, batch.max_len + 3):
+        filled = batch.filled_to(batch.tokens + fill)
+        assert filled.tokens == batch.tokens + fill and filled.rows == batch.rows + 1
+        assert torch.equal(filled.input_ids[: batch.tokens], batch.input_ids)
+        assert not filled.input_ids[batch.tokens :].any()  # pad tokens
+        assert torch.equal(filled.cu_seqlens[:-1], batch.cu_seqlens) and filled.cu_seqlens.dtype == torch.int32
+        assert torch.equal(filled.pool_start[:-1], batch.pool_start) and filled.pool_start[-1] == 0
+        assert filled.max_len == max(batch.max_len, fill) == int(filled.cu_seqlens.diff().max())
+    with pytest.raises(ValueError, match="cannot be filled"):
+        batch.filled_to(batch.tokens - 1)
+
+
 @pytest.mark.parametrize("inputs", ["real", "edge"])
 def test_pad_batch_without_its_loop_gives_the_same_tensors(tokenizer, real_pairs, inputs):
     tokenized = tokenizer(real_pairs if inputs == "real" else EDGE_CASES)

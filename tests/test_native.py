@@ -295,13 +295,24 @@ def test_the_cpu_backend_runs_the_fallbacks_within_its_tolerance(tiny_model, rea
         native.availability.cache_clear()
 
 
+def test_the_cpu_forwards_token_counts_fall_in_few_shapes():
+    """oneDNN compiles a product's kernels per shape: the forwards' token counts are rounded up to about 16 sizes
+    per doubling, by at most 1/16 (8 tokens at the least)."""
+    from fastinstructor.backends.cpu import shape_bucket
+
+    buckets = {tokens: shape_bucket(tokens) for tokens in range(1, 4097)}
+    assert all(tokens <= bucket <= tokens + max(7, tokens // 16) for tokens, bucket in buckets.items())
+    assert len(set(buckets.values())) <= 100
+    assert [shape_bucket(t) for t in (1, 20, 1000, 1024, 1100, 2730)] == [8, 24, 1024, 1024, 1152, 2816]
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
 def test_the_packed_cpu_forward_equals_the_reference(tiny_model, real_pairs, precision):
     """The cpu backend (packed) against the float32 reference at its precision's tolerance, at batch sizes 1, 7, 32
     and under a token budget, on real text and the edge cases; ``embed`` of the same rows padded gives the same."""
     from conftest import assert_parity
 
-    from fastinstructor.backends.cpu import CpuBackend
+    from fastinstructor.backends.cpu import CpuBackend, shape_bucket
     from fastinstructor.checkpoint import load_checkpoint
 
     reference = fastinstructor.load(tiny_model, backend="reference", precision="float32")
@@ -318,8 +329,18 @@ def test_the_packed_cpu_forward_equals_the_reference(tiny_model, real_pairs, pre
             padded[rows] = backend.embed(*pad_batch(*batch)).numpy()
         assert_parity(packed, expected, precision)
         assert np.abs(packed - padded).max() <= 1e-6, (policy, np.abs(packed - padded).max())
+    # With fill_forwards (bfloat16's default) each forward is filled to its shape_bucket with a row of pad tokens:
+    # the real rows' embeddings are those of the unfilled forward (bfloat16 and int8 to the rounding of attention
+    # padded to 16 rows where it was not).
+    assert backend.fill_forwards == (precision == "bfloat16")
+    batch = pack_batch(ids, starts)
+    assert shape_bucket(batch.tokens) > batch.tokens  # the fill is tested
+    backend.fill_forwards = False
+    unfilled = backend.embed_packed(batch).numpy()
+    backend.fill_forwards = True
+    whole = backend.embed_packed(batch).numpy()
+    assert np.abs(whole - unfilled).max() <= (1e-6 if precision == "float32" else 5e-3), np.abs(whole - unfilled).max()
     # A batch larger than forward_tokens runs as several forwards (PackedBatch.split): the same embeddings.
-    whole = backend.embed_packed(pack_batch(ids, starts)).numpy()
     backend.forward_tokens = 50
     split = backend.embed_packed(pack_batch(ids, starts)).numpy()
     assert_parity(split, expected, precision)

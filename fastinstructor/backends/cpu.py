@@ -40,6 +40,13 @@ _AMX_RANKS = {"bfloat16": 5, "int8": 7}  # ahead of onnx/int8 (10) on a CPU with
 _FORWARD_BYTES = 16 * 2**20  # the most one forward's FFN activation takes (CpuBackend.forward_tokens)
 
 
+def shape_bucket(tokens: int) -> int:
+    """``tokens`` rounded up to a multiple of 1/16 of its power of two, 8 at the least (1000 -> 1024, 1100 -> 1152,
+    20 -> 24): at most 1/16 more rows, and about 16 sizes per doubling (``CpuBackend.fill_forwards``)."""
+    step = max(8, 1 << max(0, tokens.bit_length() - 5))
+    return -(-tokens // step) * step
+
+
 class PackedLinear:
     """``y = x @ W.T`` (then ReLU if asked) on oneDNN, the weight reordered once into oneDNN's blocked layout."""
 
@@ -176,6 +183,13 @@ class CpuBackend(BackendClass):
         # 2-core Xeon, bfloat16 5.09 -> 4.28 s and int8 4.66 -> 4.09 s, float32 unchanged). Below about 1,150 tokens
         # oneDNN runs bfloat16's d_model-wide products (o, wo) on one thread.
         self.forward_tokens = max(1, _FORWARD_BYTES // (cfg.d_ff * dtype.itemsize))
+        # oneDNN builds (JIT-compiles) a bfloat16 product's kernels once per shape, 3 to 5 ms each on the 2-core
+        # Xeon, and a corpus or a server brings a new token count with nearly every forward: bfloat16 forwards are
+        # filled to their shape_bucket, so that the four projections' shapes recur. Each text once, fresh processes
+        # (bench/results/fresh-shapes-2026-12-01-vm.md, -mixed-): 1.13x on evidence and 1.08x on the mix, single
+        # texts 1.05x and 1.10x. int8's and float32's kernels build cheaply enough that the fill's rows cost more
+        # (int8: 0.91x and 0.93x on those corpora).
+        self.fill_forwards = precision == "bfloat16"
         # Copies of the tensors used as they are: the checkpoint's are views of its memory-mapped file, and one
         # kept view would keep the whole file resident after the checkpoint lets its weights go.
         self.encoder = build_encoder(checkpoint, ops, project, place=torch.clone)
@@ -186,6 +200,11 @@ class CpuBackend(BackendClass):
 
     @torch.inference_mode()
     def embed_packed(self, batch: PackedBatch) -> torch.Tensor:
-        """A packed batch, as forwards of at most about ``forward_tokens`` tokens each (``PackedBatch.split``)."""
-        parts = batch.split(self.forward_tokens)
-        return torch.cat([self.encoder.embed(p.input_ids, p.cu_seqlens, p.pool_start, p.max_len) for p in parts])
+        """A packed batch, as forwards of at most about ``forward_tokens`` tokens each (``PackedBatch.split``), each
+        filled with a row of pad tokens to its ``shape_bucket`` with ``fill_forwards``."""
+        out = []
+        for part in batch.split(self.forward_tokens):
+            filled = part.filled_to(shape_bucket(part.tokens)) if self.fill_forwards else part
+            embeddings = self.encoder.embed(filled.input_ids, filled.cu_seqlens, filled.pool_start, filled.max_len)
+            out.append(embeddings[: part.rows])
+        return torch.cat(out)
