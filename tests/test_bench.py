@@ -30,6 +30,12 @@ from fastinstructor.testmodel import PRESETS
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _bench_script(name: str, *args) -> subprocess.CompletedProcess:
+    """``python bench/<name> <args>`` (each argument as ``str``), its output captured."""
+    argv = [sys.executable, str(REPO / "bench" / name), *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600)
+
+
 def _config(preset: str) -> EncoderConfig:
     p = PRESETS[preset]
     return EncoderConfig(
@@ -156,13 +162,7 @@ def test_one_result_file_layout(tmp_path):
 
 def test_a_bench_script_writes_the_shared_layout(tiny_model, tmp_path):
     """bench/bench_long_text.py (tokenizer only: quick) through the report module's writer."""
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_long_text.py"), "--model", str(tiny_model)]
-        + ["--sizes", "3000", "--repeat", "1", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _bench_script("bench_long_text.py", "--model", tiny_model, "--sizes", 3000, "--repeat", 1, "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (json_path,) = tmp_path.glob("long-text-*.json")
     result = json.loads(json_path.read_text())
@@ -255,13 +255,10 @@ def test_the_cpu_profile_script_splits_the_time_of_encode(tiny_model, tmp_path):
     call)."""
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": f"sentence number {i} " * (1 + i % 5)}) + "\n" for i in range(12)))
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "profile_cpu.py"), "--model", str(tiny_model), "--workloads", str(texts)]
-        + ["--texts", "12", "--contenders", "cpu:int8,onnx:int8", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _bench_script(
+        "profile_cpu.py", "--model", tiny_model, "--workloads", texts, "--texts", 12,
+        "--contenders", "cpu:int8,onnx:int8", "--out", tmp_path,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (json_path,) = tmp_path.glob("profile-cpu-*.json")
     rows = json.loads(json_path.read_text())["rows"]
@@ -283,14 +280,8 @@ def test_the_fresh_shapes_script_times_filled_and_unfilled_forwards(tiny_model, 
     """bench/bench_fresh_shapes.py on tiny: both modes, both scenarios, each in its own process."""
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": f"sentence number {i} " * (1 + i % 5)}) + "\n" for i in range(16)))
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_fresh_shapes.py"), "--model", str(tiny_model)]
-        + ["--workload", str(texts), "--precisions", "float32", "--chunk", "4", "--chunks", "2", "--singles", "4"]
-        + ["--repeat", "1", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    common = ("--model", tiny_model, "--workload", texts, "--precisions", "float32", "--repeat", 1, "--out", tmp_path)
+    done = _bench_script("bench_fresh_shapes.py", *common, "--chunk", 4, "--chunks", 2, "--singles", 4)
     assert done.returncode == 0, done.stderr[-3000:]
     (json_path,) = tmp_path.glob("fresh-shapes-*.json")
     rows = json.loads(json_path.read_text())["rows"]
@@ -298,13 +289,7 @@ def test_the_fresh_shapes_script_times_filled_and_unfilled_forwards(tiny_model, 
     for row in rows:
         assert all(row[key] > 0 for key in ("corpus_once_s", "corpus_again_s", "singles_s", "single_p50_ms"))
         assert row["single_p50_ms"] <= row["single_p90_ms"]
-    too_few = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_fresh_shapes.py"), "--model", str(tiny_model)]
-        + ["--workload", str(texts), "--precisions", "float32", "--repeat", "1", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    too_few = _bench_script("bench_fresh_shapes.py", *common)
     assert too_few.returncode != 0 and "has 16 texts" in too_few.stderr
 
 

@@ -185,10 +185,10 @@ class CpuBackend(BackendClass):
         self.forward_tokens = max(1, _FORWARD_BYTES // (cfg.d_ff * dtype.itemsize))
         # oneDNN builds (JIT-compiles) a bfloat16 product's kernels once per shape, 3 to 5 ms each on the 2-core
         # Xeon, and a corpus or a server brings a new token count with nearly every forward: bfloat16 forwards are
-        # filled to their shape_bucket, so that the four projections' shapes recur. Each text once, fresh processes
-        # (bench/results/fresh-shapes-2026-12-01-vm.md, -mixed-): 1.13x on evidence and 1.08x on the mix, single
-        # texts 1.05x and 1.10x. int8's and float32's kernels build cheaply enough that the fill's rows cost more
-        # (int8: 0.91x and 0.93x on those corpora).
+        # filled to their shape_bucket, so that the four projections' shapes recur. Each text once, fresh processes,
+        # two runs (bench/results/fresh-shapes-2026-12-01-vm.md, -mixed-): 1.12-1.13x on evidence and 1.08x on the
+        # mix, single texts 1.05-1.10x. int8's kernels build cheaply enough that the fill's rows cost about what
+        # they save on a corpus (0.91-1.03x; single texts 1.00-1.09x), float32's too (0.98x): unfilled.
         self.fill_forwards = precision == "bfloat16"
         # Copies of the tensors used as they are: the checkpoint's are views of its memory-mapped file, and one
         # kept view would keep the whole file resident after the checkpoint lets its weights go.
