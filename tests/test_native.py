@@ -68,8 +68,8 @@ def test_the_native_op_in_bfloat16_and_on_views():
 def test_the_native_op_attends_bfloat16_sequences_as_multiples_of_16(covered_by):
     """A bfloat16 sequence is attended as its length rounded up to 16 where the bias covers the longest length + 15
     and the batch has the rows (the view runs into the next sequence's tokens, their keys masked by the -inf
-    columns of the op's copy of the bias): the same result as the reference, whatever the bias covers, the last
-    sequence included (its padded view would run past the batch)."""
+    columns of the bias, the op's copy of it or the caller's): the same result as the reference, whatever the bias
+    covers, the last sequence included (its padded view would run past the batch)."""
     lengths = [46, 1, 17, 16, 33, 63, 5]
     q, k, v, cu, _ = packed_inputs(lengths, 3, 40, torch.bfloat16, seed=7)
     table = torch.randn(32, 3, generator=torch.Generator().manual_seed(8))
@@ -77,6 +77,15 @@ def test_the_native_op_attends_bfloat16_sequences_as_multiples_of_16(covered_by)
     out = native.varlen_attention(q, k, v, cu, position_bias_matrix(table, cover, 128))
     expected = varlen_attention_ref(q.float(), k.float(), v.float(), cu, position_bias_matrix(table, 63, 128))
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    # The bias given in bfloat16 with its columns from the longest length on at -inf (the cpu backend's, made once
+    # per batch), which the op then uses as it is: the same result to the bit, the fallback's too.
+    masked = position_bias_matrix(table, cover, 128).to(torch.bfloat16)
+    masked[:, :, 63:] = float("-inf")
+    assert torch.equal(native.varlen_attention(q, k, v, cu, masked), out)
+    unmasked = position_bias_matrix(table, cover, 128).to(torch.bfloat16)
+    assert torch.equal(native.varlen_attention(q, k, v, cu, unmasked), out)  # the op masks its copy
+    reference = varlen_attention_ref(q, k, v, cu, position_bias_matrix(table, cover, 128).to(torch.bfloat16))
+    assert torch.equal(varlen_attention_ref(q, k, v, cu, masked), reference)
 
 
 @needs_native

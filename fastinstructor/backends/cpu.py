@@ -117,8 +117,13 @@ class CpuOps:
         return native.quantize_rows(x, x_scale=x_scale)
 
     def batch_attention(self, max_len: int, tokens: int) -> Attention:
-        # Covering the longest length + 15 lets the native op attend bfloat16 sequences as multiples of 16.
-        bias = position_bias_matrix(self.bias_table, max(max_len, 1) + 15, self.max_distance)
+        # Covering the longest length + 15 lets the native op attend bfloat16 sequences as multiples of 16; it masks
+        # those padded keys with the bias's columns from the longest length on, set to -inf here once per batch
+        # (in bfloat16, as it attends) rather than in a copy of its own in every layer's call.
+        max_len = max(max_len, 1)
+        bias = position_bias_matrix(self.bias_table, max_len + 15, self.max_distance).to(self.dtype)
+        if self.dtype == torch.bfloat16:
+            bias[:, :, max_len:] = float("-inf")
         return lambda q, k, v, cu_seqlens: native.varlen_attention(q, k, v, cu_seqlens, bias)
 
     def pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
