@@ -110,10 +110,6 @@ def start_backend(
         return None, f"failed to start: {err}"
 
 
-def _cache_root() -> Path:
-    return cache_dir("parity")
-
-
 def _cache_path(
     checkpoint: Checkpoint, tokenizer: PairTokenizer, candidate: Candidate, hardware: Hardware, backend: Backend
 ) -> Path:
@@ -124,12 +120,12 @@ def _cache_path(
     key = json.dumps(
         [_PARITY_VERSION, inputs, checkpoint.fingerprint, str(candidate), hardware.packages, graph], sort_keys=True
     )
-    return _cache_root() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+    return cache_dir("parity") / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 
 
 def clear_cache() -> int:
     """Delete every cached parity result; returns how many there were."""
-    files = list(_cache_root().glob("*.json")) if _cache_root().is_dir() else []
+    files = list(cache_dir("parity").glob("*.json"))  # none where the folder is missing
     for f in files:
         f.unlink()
     return len(files)

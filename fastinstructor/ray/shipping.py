@@ -29,10 +29,6 @@ __all__ = ["ShippedFolder", "actor_threads", "load_on_worker", "ship_folder", "s
 CHUNK_BYTES = 256 * 2**20  # one object in the object store per this many bytes of a file
 
 
-def _cache_root() -> Path:
-    return cache_dir("ray")
-
-
 @dataclass(frozen=True)
 class ShippedFolder:
     """A folder made available to Ray workers (``ship_folder``): ``path()`` on a worker gives a local copy.
@@ -52,7 +48,7 @@ class ShippedFolder:
         unpacks, the others wait on its lock), each byte hashed on the way and checked against ``key``."""
         if self.shared_path is not None:
             return Path(self.shared_path)
-        root = _cache_root() / self.key[:32]
+        root = cache_dir("ray") / self.key[:32]
         if not root.is_dir():
             with hold(root.with_name(root.name + ".lock"), what=f"the node's copy of {self.name}"):
                 if not root.is_dir():
