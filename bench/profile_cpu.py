@@ -49,7 +49,7 @@ GROUPS = ("matrix products", "attention", "row ops", "other ops", "tokenization"
 _TORCH_GROUPS = {
     "matrix products": ("linear_pointwise", "qlinear_pointwise", "quantized::linear", "aten::mm", "aten::addmm"),
     "attention": ("varlen_attention", "scaled_dot_product", "aten::bmm", "aten::_softmax"),
-    "row ops": ("rms_norm", "quantize_rows", "scale_rows_", "aten::pow", "aten::mean", "aten::rsqrt"),
+    "row ops": ("rms_norm", "quantize_rows", "aten::pow", "aten::mean", "aten::rsqrt"),
 }
 _ONNX_GROUPS = {
     "matrix products": ("MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "Gemm"),

@@ -1,5 +1,5 @@
 // Row-wise ops on the CPU: the residual add + T5 RMSNorm and per-row int8 quantization (the twins of the Triton
-// kernels in kernels/rms_norm.py and kernels/quantize.py), and the per-row scaling that finishes an int8 product.
+// kernels in kernels/rms_norm.py and kernels/quantize.py).
 // The maths and their references are fastinstructor/t5.py's rms_norm_ref, rms_norm_quantized_ref and
 // quantize_rows_ref:
 //
@@ -20,6 +20,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "convert.h"
+
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -30,22 +32,8 @@
 
 namespace {
 
-// bfloat16 <-> float32 bit by bit, in forms the compiler vectorizes: c10::BFloat16's own conversion (round to
-// nearest even, NaN kept NaN) is the same arithmetic but compiles to a scalar loop, four times slower here.
-inline float load(float v) { return v; }
-inline float load(c10::BFloat16 v) {
-  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-inline void store(float v, float* out) { *out = v; }
-inline void store(float v, c10::BFloat16* out) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  out->x = static_cast<uint16_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
-}
+using fastinstructor::load;
+using fastinstructor::store;
 
 constexpr float kQmax = 127.0f;
 
@@ -245,37 +233,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x_in, bool re
   return {q, scale};
 }
 
-// y[t, :] *= scale[t] in place: the activations' per-token scale after an int8 product (whose output oneDNN
-// writes already scaled by the weights' per-channel scales). PyTorch's own y.mul_(scale[:, None]) on a bfloat16 y
-// converts all of y to float32 and back.
-at::Tensor scale_rows_(at::Tensor y, const at::Tensor& scale_in) {
-  TORCH_CHECK(y.device().is_cpu() && y.dim() == 2 && y.is_contiguous() &&
-                  (y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16),
-              "scale_rows_: y must be a contiguous float32 or bfloat16 [T, N] CPU tensor, got ", y.scalar_type(), " ",
-              y.sizes());
-  TORCH_CHECK(scale_in.dim() == 1 && scale_in.size(0) == y.size(0), "scale_rows_: scale must be [", y.size(0),
-              "], got ", scale_in.sizes());
-  const at::Tensor scale = scale_in.to(at::kFloat).contiguous();
-  const float* scales = scale.data_ptr<float>();
-  const int64_t n = y.size(1);
-  auto run = [&](auto* data) {
-    at::parallel_for(0, y.size(0), grain(n), [&](int64_t first, int64_t last) {
-      for (int64_t row = first; row < last; ++row) {
-        auto* r = data + row * n;
-        const float f = scales[row];
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) store(load(r[i]) * f, r + i);
-      }
-    });
-  };
-  if (y.scalar_type() == at::kFloat) {
-    run(y.data_ptr<float>());
-  } else {
-    run(y.data_ptr<c10::BFloat16>());
-  }
-  return y;
-}
-
 // How many threads the ops' loops run on: torch.get_num_threads() when the library was built with the OpenMP that
 // torch's at::parallel_for uses (a header template: an `omp parallel` region), 1 when it was built without it.
 int64_t parallel_threads() {
@@ -299,7 +256,6 @@ TORCH_LIBRARY_FRAGMENT(fastinstructor, m) {
       "rms_norm_quantized(Tensor x, Tensor weight, float eps, Tensor(a!)? residual, Tensor? x_scale)"
       " -> (Tensor, Tensor)");
   m.def("quantize_rows(Tensor x, bool relu, Tensor? x_scale) -> (Tensor, Tensor)");
-  m.def("scale_rows_(Tensor(a!) y, Tensor scale) -> Tensor(a!)");
   m.def("parallel_threads() -> int", &parallel_threads);  // no tensor to dispatch on: one kernel for every device
 }
 
@@ -307,5 +263,4 @@ TORCH_LIBRARY_IMPL(fastinstructor, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("rms_norm_quantized", &rms_norm_quantized);
   m.impl("quantize_rows", &quantize_rows);
-  m.impl("scale_rows_", &scale_rows_);
 }

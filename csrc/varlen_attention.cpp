@@ -13,7 +13,9 @@
 // Python loop and every core works. A bfloat16 sequence whose length is not a multiple of 16 is attended as one
 // that is (its padded keys masked) when position_bias covers the batch's longest length + 15
 // (t5.position_bias_matrix of that length, as the cpu backend builds it): ATen's kernel runs such lengths up to
-// twice as fast.
+// twice as fast. With x_scale [T] (the per-token scale the int8 qkv product leaves to apply), q, k and v are read
+// as x * x_scale[:, None, None]: each task scales its block into a buffer of its own as it reads it, in q's
+// dtype, the arithmetic of a pass over the whole product's output (which this replaces).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -24,12 +26,32 @@
 #include <limits>
 #include <vector>
 
+#include "convert.h"
+
 namespace {
 
 constexpr int64_t kPadTo = 16;
 
+// `rows` tokens x `group` heads of x (its row and head strides given, its last dimension contiguous), each row
+// times its scale, into `out` [group, rows, D]: a task's block of q, k or v with the int8 qkv product's per-token
+// scale applied.
+template <typename T>
+void scaled_block(const T* x, int64_t row_stride, int64_t head_stride, const float* scale, int64_t rows,
+                  int64_t group, int64_t d, T* out) {
+  for (int64_t h = 0; h < group; ++h) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* in = x + r * row_stride + h * head_stride;
+      T* o = out + (h * rows + r) * d;
+      const float f = scale[r];
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) fastinstructor::store(fastinstructor::load(in[i]) * f, o + i);
+    }
+  }
+}
+
 at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& cu_seqlens, const at::Tensor& position_bias) {
+                            const at::Tensor& cu_seqlens, const at::Tensor& position_bias,
+                            const c10::optional<at::Tensor>& x_scale) {
   TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "varlen_attention: q, k, v must be [T, H, D] of one shape, got ", q.sizes(), ", ", k.sizes(), ", ",
               v.sizes());
@@ -47,6 +69,14 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
                   position_bias.size(1) == position_bias.size(2),
               "varlen_attention: position_bias must be [", heads, ", Lmax, Lmax], got ", position_bias.sizes());
   const int64_t covered = position_bias.size(1);
+  at::Tensor scales;
+  if (x_scale.has_value()) {
+    TORCH_CHECK(x_scale->dim() == 1 && x_scale->size(0) == tokens, "varlen_attention: x_scale must be [", tokens,
+                "], got ", x_scale->sizes());
+    TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+                "varlen_attention: with x_scale, q, k and v must be contiguous in their last dimension");
+    scales = x_scale->to(at::kFloat).contiguous();
+  }
   const at::Tensor cu = cu_seqlens.to(at::kLong).contiguous();
   const int64_t* bounds = cu.data_ptr<int64_t>();
   const int64_t batch = cu.numel() - 1;
@@ -126,8 +156,22 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const int64_t corner = rows == length ? 0 : longest - length;  // the mask's block: (corner, corner) on
       const int64_t offset = bias.storage_offset() + h0 * bias.stride(0) + corner * (bias.stride(1) + 1);
       const at::Tensor mask = bias.as_strided({1, group, rows, rows}, {0, bias.stride(0), bias.stride(1), 1}, offset);
-      const at::Tensor result = at::scaled_dot_product_attention(heads_of(q, rows), heads_of(k, rows),
-                                                                 heads_of(v, rows), mask, 0.0, false, /*scale=*/1.0);
+      auto input = [&](const at::Tensor& t) {  // the task's [1, group, rows, D] of q, k or v, scaled if asked
+        if (!scales.defined()) return heads_of(t, rows);
+        at::Tensor block = at::empty({1, group, rows, t.size(2)}, t.options());
+        const int64_t first = start * t.stride(0) + h0 * t.stride(1);
+        const float* f = scales.data_ptr<float>() + start;
+        if (t.scalar_type() == at::kFloat) {
+          scaled_block(t.data_ptr<float>() + first, t.stride(0), t.stride(1), f, rows, group, t.size(2),
+                       block.data_ptr<float>());
+        } else {
+          scaled_block(t.data_ptr<c10::BFloat16>() + first, t.stride(0), t.stride(1), f, rows, group, t.size(2),
+                       block.data_ptr<c10::BFloat16>());
+        }
+        return block;
+      };
+      const at::Tensor result = at::scaled_dot_product_attention(input(q), input(k), input(v), mask, 0.0, false,
+                                                                 /*scale=*/1.0);
       heads_of(out, length).copy_(rows == length ? result : result.narrow(2, 0, length));
     }
   });
@@ -137,7 +181,9 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace
 
 TORCH_LIBRARY(fastinstructor, m) {
-  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor position_bias) -> Tensor");
+  m.def(
+      "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor position_bias, Tensor? x_scale=None)"
+      " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastinstructor, CPU, m) { m.impl("varlen_attention", &varlen_attention); }

@@ -7,17 +7,18 @@ padding token::
     s = embedding(ids)                                        residual stream, float32
     h = rms_norm(s, ln_attn[0])
     for each layer:
-        q, k, v = qkv(h)                                       one fused projection [3 * H * d_kv, d_model]
-        a = attention(q, k, v)                                 per sequence, T5's relative position bias
+        a = attention(qkv(h))                                  one fused projection [3 * H * d_kv, d_model];
+                                                               per sequence, T5's relative position bias
         h, s = rms_norm(o(a) + s, ln_ff)                       the residual add fused into the norm
         h, s = rms_norm(wo(relu(wi(h))) + s, next ln_attn)     the final norm after the last layer
     embedding = normalize(Dense(mean of h over each sequence's text tokens))
 
 A backend is its weights in its layout (``Layer``: the four projections as callables, the norm weights) and
 an ``EncoderOps``: its RMSNorm (quantizing the output for an int8 product), the conversion of an op's output
-into a product's input, its attention and its pooling. The cpu backend's op set is PyTorch, oneDNN and the
-native CPU ops (``fastinstructor.native``); its float32 set is exact (<= 1e-5 against the reference) and is
-the readable reference forward of the project. The triton backend's is ``fastinstructor.kernels``.
+into a product's input, its attention (reading q, k and v from the qkv projection's output, ``qkv_views``) and
+its pooling. The cpu backend's op set is PyTorch, oneDNN and the native CPU ops (``fastinstructor.native``); its
+float32 set is exact (<= 1e-5 against the reference) and is the readable reference forward of the project. The
+triton backend's is ``fastinstructor.kernels``.
 """
 
 from __future__ import annotations
@@ -32,13 +33,18 @@ import torch.nn.functional as F
 from .checkpoint import Checkpoint, EncoderConfig
 from .t5 import dense_and_normalize
 
-__all__ = ["EncoderOps", "Layer", "PackedEncoder", "build_encoder", "relative_attention_bias"]
+__all__ = ["EncoderOps", "Layer", "PackedEncoder", "build_encoder", "qkv_views", "relative_attention_bias"]
 
 # A projection: its input as the op set's ``norm``/``product_input`` made it (a tensor, or a quantized pair)
-# -> its output [T, N].
+# -> its output [T, N] as the op set's next op reads it (the cpu int8 products': ``(y, x_scale)`` pairs).
 Projection = Callable[[Any], torch.Tensor]
-# The batch's attention: (q, k, v [T, H, d_kv] views of qkv's output, cu_seqlens) -> [T, H, d_kv].
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# The batch's attention: (the qkv projection's output as it returns it, cu_seqlens) -> [T, H * d_kv].
+Attention = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def qkv_views(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v ``[T, H, d_kv]``: views of the fused projection's output ``[T, 3 * H * d_kv]``."""
+    return qkv.view(qkv.shape[0], 3, num_heads, -1).unbind(1)
 
 
 class EncoderOps(Protocol):
@@ -83,14 +89,13 @@ class PackedEncoder:
     def states(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
         """Packed token ids ``[T]`` -> the final (normalized) states ``[T, d_model]``, as ``ops.norm(last=True)``
         gives them."""
-        cfg, ops, tokens = self.config, self.ops, input_ids.shape[0]
-        attention = ops.batch_attention(max_len, tokens)
+        ops = self.ops
+        attention = ops.batch_attention(max_len, input_ids.shape[0])
         residual = F.embedding(input_ids, self.embed_table)  # [T, d] float32
         h, _ = ops.norm(residual, self.layers[0].ln_attn)
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(h).view(tokens, 3, cfg.num_heads, cfg.d_kv).unbind(1)  # views [T, H, d_kv]
-            attn = attention(q, k, v, cu_seqlens)
-            h, residual = ops.norm(layer.o(ops.product_input(attn.reshape(tokens, -1))), layer.ln_ff, residual)
+            attn = attention(layer.qkv(h), cu_seqlens)
+            h, residual = ops.norm(layer.o(ops.product_input(attn)), layer.ln_ff, residual)
             ff = layer.wo(ops.product_input(layer.wi(h)))
             last = i + 1 == len(self.layers)
             h, residual = ops.norm(ff, self.ln_final if last else self.layers[i + 1].ln_attn, residual, last)

@@ -8,15 +8,17 @@ anyway: every op here then runs its reference in PyTorch. ``availability()`` say
 
 Each op is the CPU twin of a Triton kernel, with the same signature and the same reference in ``t5``:
 
-- ``varlen_attention(q, k, v, cu_seqlens, position_bias)``: packed T5 self-attention, each sequence reading its
-  block of the batch's ``[H, Lmax, Lmax]`` relative position bias (``kernels.attention``;
+- ``varlen_attention(q, k, v, cu_seqlens, position_bias, x_scale)``: packed T5 self-attention, each sequence
+  reading its block of the batch's ``[H, Lmax, Lmax]`` relative position bias (``kernels.attention``;
   ``t5.varlen_attention_ref``);
 - ``rms_norm(x, weight, eps, residual, out_dtype)``: the residual add and RMSNorm in one pass over each row
   (``kernels.rms_norm``; ``t5.rms_norm_ref``), and ``rms_norm_quantized``, its output quantized per row to int8
   (``t5.rms_norm_quantized_ref``);
-- ``quantize_rows(x)``: per-row symmetric int8 quantization (``kernels.quantize``; ``t5.quantize_rows_ref``);
-- ``scale_rows_(y, scale)``: ``y *= scale[:, None]`` in place, what finishes an int8 product (the Triton int8
-  products do it in their epilogue).
+- ``quantize_rows(x)``: per-row symmetric int8 quantization (``kernels.quantize``; ``t5.quantize_rows_ref``).
+
+Each reads its input as ``x * x_scale[:, None]`` when given a per-token ``x_scale``: the activations' scale an int8
+product (``backends.cpu.Int8Linear``) leaves to the op after it, where the Triton int8 products apply it in their
+epilogue.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ __all__ = [
     "quantize_rows",
     "rms_norm",
     "rms_norm_quantized",
-    "scale_rows_",
     "varlen_attention",
 ]
 
@@ -71,11 +72,19 @@ def availability() -> tuple[bool, str]:
 
 
 def varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, position_bias: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_bias: torch.Tensor,
+    x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Packed T5 self-attention (``t5.varlen_attention_ref``'s maths), natively where built."""
+    """Packed T5 self-attention (``t5.varlen_attention_ref``'s maths) of ``q``, ``k`` and ``v`` read as
+    ``x * x_scale[:, None, None]`` (``x_scale [T]`` or None), natively where built."""
     if availability()[0]:
-        return torch.ops.fastinstructor.varlen_attention(q, k, v, cu_seqlens, position_bias)
+        return torch.ops.fastinstructor.varlen_attention(q, k, v, cu_seqlens, position_bias, x_scale)
+    if x_scale is not None:  # each product rounded to the inputs' dtype, as the native op scales them
+        q, k, v = ((x.float() * x_scale[:, None, None]).to(x.dtype) for x in (q, k, v))
     return varlen_attention_ref(q, k, v, cu_seqlens, position_bias)
 
 
@@ -122,11 +131,3 @@ def quantize_rows(
     if availability()[0]:
         return torch.ops.fastinstructor.quantize_rows(x, relu, x_scale)
     return quantize_rows_ref(_scaled(x, x_scale), torch.int8, relu)
-
-
-def scale_rows_(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``y *= scale[:, None]`` in place (``y [T, N]`` float32 or bfloat16, ``scale [T]``), natively where built;
-    returns ``y``."""
-    if availability()[0]:
-        return torch.ops.fastinstructor.scale_rows_(y, scale)
-    return y.mul_(scale[:, None])

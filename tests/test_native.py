@@ -89,6 +89,25 @@ def test_the_native_op_attends_bfloat16_sequences_as_multiples_of_16(covered_by)
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_op_reads_q_k_v_scaled_per_token(dtype):
+    """With x_scale (the int8 qkv product's per-token scale), the op attends q, k and v as x * x_scale[:, None, None]
+    rounded to their dtype: the same result, to the bit, as attending inputs scaled beforehand, bfloat16 sequences
+    padded to 16 rows included (their padded rows are scaled too)."""
+    g = torch.Generator().manual_seed(5)
+    lengths = [46, 1, 17, 16, 33, 63, 5]
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int64)
+    qkv = torch.randn(int(cu[-1]), 3, 3, 40, generator=g).mul(0.3).to(dtype)
+    x_scale = torch.rand(int(cu[-1]), generator=g).add(0.5)
+    bias = position_bias_matrix(torch.randn(32, 3, generator=g), 63 + 15, 128).to(dtype)
+    scaled = (qkv.float() * x_scale[:, None, None, None]).to(dtype).unbind(1)
+    out = native.varlen_attention(*qkv.unbind(1), cu, bias, x_scale)
+    assert torch.equal(out, native.varlen_attention(*scaled, cu, bias))
+    torch.testing.assert_close(out.float(), varlen_attention_ref(*(x.float() for x in scaled), cu, bias.float()),
+                               atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)  # fmt: skip
+
+
+@needs_native
 def test_the_native_op_names_bad_input():
     q, k, v, cu, bias = packed_inputs([5, 6], 2, 16, torch.float32)
     op = torch.ops.fastinstructor.varlen_attention
@@ -98,6 +117,10 @@ def test_the_native_op_names_bad_input():
         op(q.half(), k.half(), v.half(), cu, bias)
     with pytest.raises(RuntimeError, match="cu_seqlens must run from 0 to T = 11"):
         op(q, k, v, torch.tensor([0, 5, 10], dtype=torch.int32), bias)
+    with pytest.raises(RuntimeError, match=r"x_scale must be \[11\]"):
+        op(q, k, v, cu, bias, torch.ones(10))
+    with pytest.raises(RuntimeError, match="with x_scale, q, k and v must be contiguous in their last dimension"):
+        op(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, cu, bias, torch.ones(11))
     with pytest.raises(RuntimeError, match="sequence 0 has 11 tokens; position_bias covers 6"):
         op(q, k, v, torch.tensor([0, 11], dtype=torch.int32), bias)
     with pytest.raises(RuntimeError, match=r"position_bias must be \[2, Lmax, Lmax\]"):
@@ -155,15 +178,6 @@ def test_the_native_quantizations_equal_the_references(dtype, with_scale):
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_native_row_scaling_equals_a_multiplication(dtype):
-    y, scale = rows((19, 130), dtype, 9), rows((19,), torch.float32, 10)
-    expected = (y.float() * scale[:, None]).to(dtype)
-    assert native.scale_rows_(y, scale) is y
-    torch.testing.assert_close(y, expected, atol=0, rtol=0)
-
-
-@needs_native
 def test_the_native_row_ops_name_bad_input():
     x, weight = rows((4, 8), torch.float32, 0), torch.ones(8)
     ops = torch.ops.fastinstructor
@@ -177,13 +191,11 @@ def test_the_native_row_ops_name_bad_input():
         ops.quantize_rows(x.half(), False, None)
     with pytest.raises(RuntimeError, match=r"quantize_rows: x_scale must be \[4\]"):
         ops.quantize_rows(x, False, torch.ones(3))
-    with pytest.raises(RuntimeError, match=r"scale_rows_: scale must be \[4\]"):
-        ops.scale_rows_(x, torch.ones(5))
 
 
 def test_the_int8_product_equals_the_dequantized_one():
     """The cpu backend's int8 projection: oneDNN's product of the quantized operands, scaled back, with the ReLU,
-    against the same quantized operands multiplied in float32; and with the activations' scale left to the caller."""
+    against the same quantized operands multiplied in float32, the activations' scale left to the caller."""
     from fastinstructor.backends.cpu import Int8Linear
 
     if not Int8Linear.available():
@@ -193,11 +205,9 @@ def test_the_int8_product_equals_the_dequantized_one():
     wq, w_scale = quantize_rows_ref(weight)
     expected = (xq.float() @ wq.float().t()) * w_scale[None, :] * x_scale[:, None]
     for activation, want in (("none", expected), ("relu", expected.relu())):
-        got = Int8Linear(weight, activation, torch.float32, deferred_scale=False)((xq, x_scale))
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
-    y, scale = Int8Linear(weight, "none", torch.float32, deferred_scale=True)((xq, x_scale))
-    assert scale is x_scale
-    torch.testing.assert_close(y * scale[:, None], expected, atol=1e-4, rtol=1e-5)
+        y, scale = Int8Linear(weight, activation, torch.float32)((xq, x_scale))
+        assert scale is x_scale
+        torch.testing.assert_close(y * scale[:, None], want, atol=1e-4, rtol=1e-5)
 
 
 def test_the_fallback_runs_the_reference(monkeypatch):
@@ -208,13 +218,15 @@ def test_the_fallback_runs_the_reference(monkeypatch):
         assert native.availability() == (False, "turned off by FASTINSTRUCTOR_NATIVE=0: PyTorch fallback")
         q, k, v, cu, bias = packed_inputs([3, 9], 2, 16, torch.float32)
         torch.testing.assert_close(native.varlen_attention(q, k, v, cu, bias), varlen_attention_ref(q, k, v, cu, bias))
+        scale = torch.rand(q.shape[0]).add(0.5)
+        scaled = (x * scale[:, None, None] for x in (q, k, v))
+        assert torch.equal(native.varlen_attention(q, k, v, cu, bias, scale), varlen_attention_ref(*scaled, cu, bias))
         x, weight, residual, x_scale = rows((5, 12), torch.float32, 1), torch.ones(12), torch.ones(5, 12), torch.ones(5)
         scaled = x * x_scale[:, None]
         y, s = native.rms_norm(x, weight, 1e-6, residual, None, x_scale)
         y_ref, s_ref = rms_norm_ref(scaled, weight, 1e-6, residual)
         assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
         assert torch.equal(native.quantize_rows(x, True)[0], quantize_rows_ref(x, torch.int8, True)[0])
-        assert torch.equal(native.scale_rows_(x.clone(), x_scale), scaled)
     finally:
         monkeypatch.delenv("FASTINSTRUCTOR_NATIVE")
         native.availability.cache_clear()

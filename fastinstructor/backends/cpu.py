@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .. import native
 from ..batching import PackedBatch, pack_padded
 from ..checkpoint import Checkpoint
-from ..encoder import Attention, build_encoder, relative_attention_bias
+from ..encoder import Attention, build_encoder, qkv_views, relative_attention_bias
 from ..hardware import Hardware, cpu_flags
 from ..t5 import packed_mean_pool, position_bias_matrix, quantize_rows_ref
 from .base import BackendClass, Capability
@@ -65,15 +65,15 @@ class PackedLinear:
 class Int8Linear:
     """``y = (q @ Wq.T) * w_scale[None, :] * x_scale[:, None]`` (then ReLU if asked) from a per-token quantized
     input ``(q [T, K] int8, x_scale [T])``: oneDNN's int8 product with the weight quantized per output channel and
-    prepacked once, its output in ``out_dtype``. oneDNN applies the weight's scales; the activations' scale is a
-    pass of its own over ``y`` (``native.scale_rows_``) unless the caller takes ``(y, x_scale)`` to fold it into
-    its next op (``deferred_scale``: the RMSNorm and the quantization read their input scaled)."""
+    prepacked once, its output in ``out_dtype``. oneDNN applies the weight's scales (it takes one scale for the
+    whole input, not one per token); the activations' scale is left to the next op, which reads its input
+    scaled: the call returns ``(y, x_scale)`` (the RMSNorm, the quantization and the attention take such pairs)."""
 
-    def __init__(self, weight: torch.Tensor, activation: str, out_dtype: torch.dtype, deferred_scale: bool) -> None:
+    def __init__(self, weight: torch.Tensor, activation: str, out_dtype: torch.dtype) -> None:
         wq, self.weight_scale = quantize_rows_ref(weight, torch.int8)
         self.packed = torch.ops.onednn.qlinear_prepack(wq, None)
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
-        self.activation, self.out_dtype, self.deferred_scale = activation, out_dtype, deferred_scale
+        self.activation, self.out_dtype = activation, out_dtype
 
     @staticmethod
     def available() -> bool:
@@ -85,8 +85,7 @@ class Int8Linear:
             q, 1.0, 0, self.packed, self.weight_scale, self.zero_points, None, 1.0, 0, self.out_dtype,
             self.activation, [], "",
         )  # fmt: skip
-        # The ReLU commutes with the activations' scale (it is > 0).
-        return (y, x_scale) if self.deferred_scale else native.scale_rows_(y, x_scale)
+        return y, x_scale  # the ReLU commutes with the activations' scale (it is > 0)
 
 
 def _with_scale(x) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -124,7 +123,16 @@ class CpuOps:
         bias = position_bias_matrix(self.bias_table, max_len + 15, self.max_distance).to(self.dtype)
         if self.dtype == torch.bfloat16:
             bias[:, :, max_len:] = float("-inf")
-        return lambda q, k, v, cu_seqlens: native.varlen_attention(q, k, v, cu_seqlens, bias)
+        heads = self.bias_table.shape[1]
+
+        def attention(qkv, cu_seqlens: torch.Tensor) -> torch.Tensor:
+            # int8's qkv product leaves its per-token scale to the op, which applies it to each sequence's block
+            # as it reads it: no pass of its own over the [T, 3 * H * d_kv] output.
+            qkv, x_scale = _with_scale(qkv)
+            out = native.varlen_attention(*qkv_views(qkv, heads), cu_seqlens, bias, x_scale)
+            return out.view(tokens, -1)
+
+        return attention
 
     def pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
         return packed_mean_pool(hidden, cu_seqlens, pool_start)
@@ -175,7 +183,7 @@ class CpuBackend(BackendClass):
         def project(weight: torch.Tensor, name: str):
             activation = "relu" if name == "wi" else "none"
             if quantized:
-                return Int8Linear(weight, activation, dtype, deferred_scale=name != "qkv")  # attention takes q, k, v
+                return Int8Linear(weight, activation, dtype)
             if PackedLinear.available():
                 return PackedLinear(weight.to(dtype), activation)
             weight = weight.to(dtype, copy=True)  # a copy: the original is a view of the memory-mapped file

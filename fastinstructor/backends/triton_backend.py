@@ -33,7 +33,7 @@ import torch
 
 from ..batching import PackedBatch, pack_batch, pack_padded
 from ..checkpoint import Checkpoint
-from ..encoder import build_encoder, relative_attention_bias
+from ..encoder import build_encoder, qkv_views, relative_attention_bias
 from ..hardware import Hardware
 from .base import BackendClass, Capability
 
@@ -184,7 +184,13 @@ class TritonOps:
 
     def batch_attention(self, max_len: int, tokens: int):
         tile = self.tiles[self.shape_class(tokens)]
-        return lambda q, k, v, cu: self.t5_attention(q, k, v, cu, self.bias_table, self.max_distance, tile=tile)
+        heads = self.bias_table.shape[1]
+
+        def attention(qkv: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+            out = self.t5_attention(*qkv_views(qkv, heads), cu, self.bias_table, self.max_distance, tile=tile)
+            return out.reshape(tokens, -1)
+
+        return attention
 
     def pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
         return self.masked_mean_pool(hidden, cu_seqlens, pool_start)

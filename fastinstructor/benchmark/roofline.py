@@ -99,7 +99,7 @@ def _onednn_matmul(precision: str, size: int):
             if not Int8Linear.available():
                 return None
             a = torch.randint(-127, 128, (size, size), dtype=torch.int8), torch.ones(size)
-            linear = Int8Linear(torch.randn(size, size), "none", torch.bfloat16, deferred_scale=True)
+            linear = Int8Linear(torch.randn(size, size), "none", torch.bfloat16)
             return lambda: linear(a)
         if not PackedLinear.available():
             return None
