@@ -20,7 +20,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include "convert.h"
+#include "rows.h"
 
 #include <atomic>
 #include <cmath>
@@ -32,38 +32,10 @@
 
 namespace {
 
+using fastinstructor::abs_bits;
 using fastinstructor::load;
+using fastinstructor::quantize_row;
 using fastinstructor::store;
-
-constexpr float kQmax = 127.0f;
-
-// |v| as its bit pattern: for floats >= 0 the order of the patterns (as unsigned integers) is the order of the
-// values, and an integer max reduction vectorizes with no pragma. An `omp simd reduction(max : ...)` over floats
-// compiles to gathers under -fopenmp (1.5x slower than scalar code) and without it, to scalar code.
-inline uint32_t abs_bits(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return bits & 0x7FFFFFFFu;
-}
-inline float from_bits(uint32_t bits) {
-  float v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-
-// Row y (float32), the bits of its largest magnitude already known (abs_bits) -> int8 q and its scale
-// (t5.quantize_rows_ref's arithmetic).
-inline void quantize_row(const float* y, int64_t d, uint32_t most, int8_t* q, float* scale) {
-  const float amax = std::max(from_bits(most), 1e-8f);
-  const float inv = (1.0f / amax) * kQmax;  // as torch computes the reference's QMAX / amax: the same rounding
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) {
-    const float v = y[i] * inv;
-    const int32_t r = static_cast<int32_t>(v + std::copysign(0.5f, v));  // the cast truncates: half away from 0
-    q[i] = static_cast<int8_t>(std::min(std::max(r, -127), 127));
-  }
-  *scale = amax / kQmax;
-}
 
 void check_rows(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), op, ": the native op runs on the CPU");

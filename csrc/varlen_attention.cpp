@@ -24,11 +24,17 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <tuple>
 #include <vector>
 
-#include "convert.h"
+#include "rows.h"
 
 namespace {
+
+using fastinstructor::abs_bits;
+using fastinstructor::load;
+using fastinstructor::quantize_row;
+using fastinstructor::store;
 
 constexpr int64_t kPadTo = 16;
 
@@ -44,7 +50,7 @@ void scaled_block(const T* x, int64_t row_stride, int64_t head_stride, const flo
       T* o = out + (h * rows + r) * d;
       const float f = scale[r];
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) fastinstructor::store(fastinstructor::load(in[i]) * f, o + i);
+      for (int64_t i = 0; i < d; ++i) store(load(in[i]) * f, o + i);
     }
   }
 }
@@ -64,9 +70,41 @@ bool masked_from(const at::Tensor& bias, int64_t first) {
   return all;
 }
 
-at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& cu_seqlens, const at::Tensor& position_bias,
-                            const c10::optional<at::Tensor>& x_scale) {
+// n tokens of an attention output x [1, H, >= n, D] (any strides) -> each token's H * D values quantized per row
+// into q [n, H * D] and scale [n] (the quantization that the o product's input takes).
+template <typename T>
+void quantize_tokens(const at::Tensor& x, int64_t n, int8_t* q, float* scale) {
+  const int64_t heads = x.size(1), d = x.size(3), width = heads * d;
+  const int64_t head_stride = x.stride(1), token_stride = x.stride(2), step = x.stride(3);
+  const T* data = x.data_ptr<T>();
+  std::vector<float> row(width);
+  for (int64_t t = 0; t < n; ++t) {
+    uint32_t most = 0;
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* in = data + t * token_stride + h * head_stride;
+      float* r = row.data() + h * d;
+      for (int64_t i = 0; i < d; ++i) {
+        r[i] = load(in[i * step]);
+        most = std::max(most, abs_bits(r[i]));
+      }
+    }
+    quantize_row(row.data(), width, most, q + t * width, scale + t);
+  }
+}
+
+void quantize_tokens(const at::Tensor& x, int64_t n, int8_t* q, float* scale) {
+  if (x.scalar_type() == at::kFloat) {
+    quantize_tokens<float>(x, n, q, scale);
+  } else {
+    quantize_tokens<c10::BFloat16>(x, n, q, scale);
+  }
+}
+
+// The ops' body: the attention output [T, H, D] in q's dtype, or with `quantize` its rows quantized as
+// (q [T, H * D] int8, scale [T]).
+std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& cu_seqlens, const at::Tensor& position_bias,
+                                          const c10::optional<at::Tensor>& x_scale, bool quantize) {
   TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "varlen_attention: q, k, v must be [T, H, D] of one shape, got ", q.sizes(), ", ", k.sizes(), ", ",
               v.sizes());
@@ -129,7 +167,6 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
     const int64_t padded = (length + kPadTo - 1) / kPadTo * kPadTo;
     return pad && start + padded <= tokens ? padded : length;
   };
-  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   // A task is one sequence and a group of its heads. A sequence whose share of the work (about L^2) is more than
   // a quarter of a thread's is split into groups of fewer heads, at most one group per thread (one head at the
   // least), so that a batch with one long sequence still uses every thread; the others keep all their heads in one
@@ -144,13 +181,24 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
   for (int64_t b = 0; b < batch; ++b) total += (bounds[b + 1] - bounds[b]) * (bounds[b + 1] - bounds[b]);
   const int64_t share = std::max<int64_t>(1, total / (4 * threads));
   std::vector<Task> tasks;
+  std::vector<int64_t> split;  // the sequences split over tasks
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t length = bounds[b + 1] - bounds[b], work = length * length;
     if (length == 0) continue;
     int64_t groups = std::min({heads, threads, (work + share - 1) / share});
     while (heads % groups != 0) ++groups;  // groups of equal size
     for (int64_t g = 0; g < groups; ++g) tasks.push_back({b, g * (heads / groups), heads / groups, work / groups});
+    if (groups > 1) split.push_back(b);
   }
+  // Quantized, a task that has all its sequence's heads quantizes the output's rows as it has them; the others
+  // write theirs to `out`, whose rows are quantized once every task is done.
+  const int64_t width = heads * q.size(2);
+  at::Tensor quantized, scale, out;
+  if (quantize) {
+    quantized = at::empty({tokens, width}, q.options().dtype(at::kChar));
+    scale = at::empty({tokens}, q.options().dtype(at::kFloat));
+  }
+  if (!quantize || !split.empty()) out = at::empty_like(q, at::MemoryFormat::Contiguous);
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.work > b.work; });
   // The tasks call ATen ops on other threads, which do not inherit the caller's thread-local state (inference
   // mode: `out` is an inference tensor when the caller runs in one, and only inference mode may write it).
@@ -187,10 +235,36 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
       };
       const at::Tensor result = at::scaled_dot_product_attention(input(q), input(k), input(v), mask, 0.0, false,
                                                                  /*scale=*/1.0);
-      heads_of(out, length).copy_(rows == length ? result : result.narrow(2, 0, length));
+      const at::Tensor kept = rows == length ? result : result.narrow(2, 0, length);
+      if (quantize && group == heads) {
+        quantize_tokens(kept, length, quantized.data_ptr<int8_t>() + start * width, scale.data_ptr<float>() + start);
+      } else {
+        heads_of(out, length).copy_(kept);
+      }
     }
   });
-  return out;
+  if (!quantize) return {out, at::Tensor()};
+  at::parallel_for(0, static_cast<int64_t>(split.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t start = bounds[split[i]], length = bounds[split[i] + 1] - start;
+      const at::Tensor rows = out.narrow(0, start, length).permute({1, 0, 2}).unsqueeze(0);  // [1, H, length, D]
+      quantize_tokens(rows, length, quantized.data_ptr<int8_t>() + start * width, scale.data_ptr<float>() + start);
+    }
+  });
+  return {quantized, scale};
+}
+
+at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cu_seqlens, const at::Tensor& position_bias,
+                            const c10::optional<at::Tensor>& x_scale) {
+  return std::get<0>(attend(q, k, v, cu_seqlens, position_bias, x_scale, /*quantize=*/false));
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_quantized(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                              const at::Tensor& position_bias,
+                                                              const c10::optional<at::Tensor>& x_scale) {
+  return attend(q, k, v, cu_seqlens, position_bias, x_scale, /*quantize=*/true);
 }
 
 }  // namespace
@@ -199,6 +273,12 @@ TORCH_LIBRARY(fastinstructor, m) {
   m.def(
       "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor position_bias, Tensor? x_scale=None)"
       " -> Tensor");
+  m.def(
+      "varlen_attention_quantized(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor position_bias,"
+      " Tensor? x_scale=None) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastinstructor, CPU, m) { m.impl("varlen_attention", &varlen_attention); }
+TORCH_LIBRARY_IMPL(fastinstructor, CPU, m) {
+  m.impl("varlen_attention", &varlen_attention);
+  m.impl("varlen_attention_quantized", &varlen_attention_quantized);
+}

@@ -35,11 +35,12 @@ from .t5 import dense_and_normalize
 
 __all__ = ["EncoderOps", "Layer", "PackedEncoder", "build_encoder", "qkv_views", "relative_attention_bias"]
 
-# A projection: its input as the op set's ``norm``/``product_input`` made it (a tensor, or a quantized pair)
-# -> its output [T, N] as the op set's next op reads it (the cpu int8 products': ``(y, x_scale)`` pairs).
+# A projection: its input as the op set's ``norm``, ``product_input`` or attention made it (a tensor, or a quantized
+# pair) -> its output [T, N] as the op set's next op reads it (the cpu int8 products': ``(y, x_scale)`` pairs).
 Projection = Callable[[Any], torch.Tensor]
-# The batch's attention: (the qkv projection's output as it returns it, cu_seqlens) -> [T, H * d_kv].
-Attention = Callable[[Any, torch.Tensor], torch.Tensor]
+# The batch's attention: (the qkv projection's output as it returns it, cu_seqlens) -> its output [T, H * d_kv] as
+# the o projection takes it (quantized, for int8).
+Attention = Callable[[Any, torch.Tensor], Any]
 
 
 def qkv_views(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,10 +58,11 @@ class EncoderOps(Protocol):
         takes it, or, ``last``, the final states as the pooling takes them (``t5.rms_norm_ref``'s maths)."""
 
     def product_input(self, x: torch.Tensor) -> Any:
-        """An op's output (attention's, or wi's) as the next product takes it (quantized, for int8)."""
+        """wi's output as wo takes it (quantized, for int8)."""
 
     def batch_attention(self, max_len: int, tokens: int) -> Attention:
-        """The attention for a batch whose longest sequence has ``max_len`` tokens, ``tokens`` in all."""
+        """The attention for a batch whose longest sequence has ``max_len`` tokens, ``tokens`` in all: its output as
+        the o projection takes it."""
 
     def pool(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, pool_start: torch.Tensor) -> torch.Tensor:
         """``[B, d_model]`` float32: each sequence's mean from ``pool_start`` on (``t5.packed_mean_pool``)."""
@@ -94,8 +96,7 @@ class PackedEncoder:
         residual = F.embedding(input_ids, self.embed_table)  # [T, d] float32
         h, _ = ops.norm(residual, self.layers[0].ln_attn)
         for i, layer in enumerate(self.layers):
-            attn = attention(layer.qkv(h), cu_seqlens)
-            h, residual = ops.norm(layer.o(ops.product_input(attn)), layer.ln_ff, residual)
+            h, residual = ops.norm(layer.o(attention(layer.qkv(h), cu_seqlens)), layer.ln_ff, residual)
             ff = layer.wo(ops.product_input(layer.wi(h)))
             last = i + 1 == len(self.layers)
             h, residual = ops.norm(ff, self.ln_final if last else self.layers[i + 1].ln_attn, residual, last)

@@ -10,7 +10,8 @@ Each op is the CPU twin of a Triton kernel, with the same signature and the same
 
 - ``varlen_attention(q, k, v, cu_seqlens, position_bias, x_scale)``: packed T5 self-attention, each sequence
   reading its block of the batch's ``[H, Lmax, Lmax]`` relative position bias (``kernels.attention``;
-  ``t5.varlen_attention_ref``);
+  ``t5.varlen_attention_ref``), and ``varlen_attention_quantized``, its output quantized per token to int8 as it is
+  written (``t5.quantize_rows_ref``);
 - ``rms_norm(x, weight, eps, residual, out_dtype)``: the residual add and RMSNorm in one pass over each row
   (``kernels.rms_norm``; ``t5.rms_norm_ref``), and ``rms_norm_quantized``, its output quantized per row to int8
   (``t5.rms_norm_quantized_ref``);
@@ -39,6 +40,7 @@ __all__ = [
     "rms_norm",
     "rms_norm_quantized",
     "varlen_attention",
+    "varlen_attention_quantized",
 ]
 
 
@@ -86,6 +88,22 @@ def varlen_attention(
     if x_scale is not None:  # each product rounded to the inputs' dtype, as the native op scales them
         q, k, v = ((x.float() * x_scale[:, None, None]).to(x.dtype) for x in (q, k, v))
     return varlen_attention_ref(q, k, v, cu_seqlens, position_bias)
+
+
+def varlen_attention_quantized(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_bias: torch.Tensor,
+    x_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [T, H * d] int8, scale [T] float32)``: ``varlen_attention``'s output with each token's row quantized
+    (``t5.quantize_rows_ref``), as the o product takes it; natively where built, in one op."""
+    if availability()[0]:
+        return torch.ops.fastinstructor.varlen_attention_quantized(q, k, v, cu_seqlens, position_bias, x_scale)
+    out = varlen_attention(q, k, v, cu_seqlens, position_bias, x_scale)
+    return quantize_rows_ref(out.reshape(out.shape[0], -1), torch.int8)
 
 
 def _scaled(x: torch.Tensor, x_scale: torch.Tensor | None) -> torch.Tensor:

@@ -108,6 +108,24 @@ def test_the_native_op_reads_q_k_v_scaled_per_token(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [[46, 1, 17, 16, 33, 63, 5], [300, 3, 9], [1]])
+def test_the_quantized_native_op_equals_the_op_then_the_quantization(dtype, lengths):
+    """varlen_attention_quantized: the output's rows quantized as the tasks write them (those of a sequence split
+    over head groups, [300] among short ones, once every task is done), the same to the bit as varlen_attention
+    followed by the quantization of its rows; with x_scale too; and the fallback's the same maths."""
+    q, k, v, cu, _ = packed_inputs(lengths, 4, 24, dtype, seed=sum(lengths))
+    bias = position_bias_matrix(torch.randn(32, 4, generator=torch.Generator().manual_seed(2)), max(lengths) + 15, 128)
+    x_scale = torch.rand(q.shape[0], generator=torch.Generator().manual_seed(3)).add(0.5)
+    for scale in (None, x_scale):
+        out = native.varlen_attention(q, k, v, cu, bias.to(dtype), scale)
+        expected = quantize_rows_ref(out.reshape(out.shape[0], -1), torch.int8)
+        got = native.varlen_attention_quantized(q, k, v, cu, bias.to(dtype), scale)
+        assert got[0].shape == (q.shape[0], 4 * 24) and got[0].dtype == torch.int8
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@needs_native
 def test_the_native_op_names_bad_input():
     q, k, v, cu, bias = packed_inputs([5, 6], 2, 16, torch.float32)
     op = torch.ops.fastinstructor.varlen_attention
@@ -219,8 +237,11 @@ def test_the_fallback_runs_the_reference(monkeypatch):
         q, k, v, cu, bias = packed_inputs([3, 9], 2, 16, torch.float32)
         torch.testing.assert_close(native.varlen_attention(q, k, v, cu, bias), varlen_attention_ref(q, k, v, cu, bias))
         scale = torch.rand(q.shape[0]).add(0.5)
-        scaled = (x * scale[:, None, None] for x in (q, k, v))
+        scaled = [x * scale[:, None, None] for x in (q, k, v)]
         assert torch.equal(native.varlen_attention(q, k, v, cu, bias, scale), varlen_attention_ref(*scaled, cu, bias))
+        expected = quantize_rows_ref(varlen_attention_ref(*scaled, cu, bias).flatten(1), torch.int8)
+        got = native.varlen_attention_quantized(q, k, v, cu, bias, scale)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
         x, weight, residual, x_scale = rows((5, 12), torch.float32, 1), torch.ones(12), torch.ones(5, 12), torch.ones(5)
         scaled = x * x_scale[:, None]
         y, s = native.rms_norm(x, weight, 1e-6, residual, None, x_scale)

@@ -12,10 +12,12 @@ compute a padding token. The op set (``CpuOps``):
   reaches 200 GFLOP/s on the project's AMD EPYC machines where oneDNN reaches 460; without oneDNN, float32 and
   bfloat16 fall back to ``torch.nn.functional.linear`` (and int8 is not offered);
 - the residual add + RMSNorm in one pass, quantizing its output per token for an int8 product, and the
-  per-token quantization of attention's and the FFN's outputs: native C++ ops (``fastinstructor.native``, or
-  their PyTorch references where the install did not build them);
+  per-token quantization of the FFN's inner output: native C++ ops (``fastinstructor.native``, or their PyTorch
+  references where the install did not build them);
 - attention per sequence (``native.varlen_attention``), each reading its block of the batch's relative position
-  bias ``[H, Lmax, Lmax]``, built once per batch and shared by every layer; no 1/sqrt(d_kv) scaling;
+  bias ``[H, Lmax, Lmax]``, built once per batch and shared by every layer; no 1/sqrt(d_kv) scaling; for int8,
+  the qkv product's per-token scale applied and the output quantized for the o product in the same op
+  (``native.varlen_attention_quantized``);
 - bfloat16 and int8 run attention and the states between products in bfloat16 (int8 in float32 on a CPU
   without native bfloat16); the residual stream, the RMSNorm statistics and the pooling head stay float32.
 """
@@ -125,12 +127,14 @@ class CpuOps:
             bias[:, :, max_len:] = float("-inf")
         heads = self.bias_table.shape[1]
 
-        def attention(qkv, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        def attention(qkv, cu_seqlens: torch.Tensor):
             # int8's qkv product leaves its per-token scale to the op, which applies it to each sequence's block
-            # as it reads it: no pass of its own over the [T, 3 * H * d_kv] output.
+            # as it reads it, and quantizes the output's rows for the o product as it writes them: no pass of its
+            # own over the [T, 3 * H * d_kv] input or the output.
             qkv, x_scale = _with_scale(qkv)
-            out = native.varlen_attention(*qkv_views(qkv, heads), cu_seqlens, bias, x_scale)
-            return out.view(tokens, -1)
+            if self.quantized:
+                return native.varlen_attention_quantized(*qkv_views(qkv, heads), cu_seqlens, bias, x_scale)
+            return native.varlen_attention(*qkv_views(qkv, heads), cu_seqlens, bias).view(tokens, -1)
 
         return attention
 

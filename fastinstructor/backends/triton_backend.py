@@ -188,7 +188,7 @@ class TritonOps:
 
         def attention(qkv: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
             out = self.t5_attention(*qkv_views(qkv, heads), cu, self.bias_table, self.max_distance, tile=tile)
-            return out.reshape(tokens, -1)
+            return self.product_input(out.reshape(tokens, -1))
 
         return attention
 
