@@ -31,6 +31,22 @@ def _notice(why: str) -> None:
     print(f"fastinstructor: native CPU ops not built ({why}); the PyTorch fallback will run", file=sys.stderr)
 
 
+def build_native(source: Path, output: Path, build: Path) -> None:
+    """The library ``output`` from ``source``'s CMakeLists.txt, configured and built in ``build`` (raises
+    ``CalledProcessError`` when CMake or the compiler fails). ``bench/compare_commits.py`` builds other commits'
+    libraries with it."""
+    import torch
+
+    configure = [
+        "cmake", "-S", str(source), "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        f"-DFASTINSTRUCTOR_OUTPUT={output}", "-DCMAKE_BUILD_TYPE=Release",
+    ]  # fmt: skip
+    if shutil.which("ninja"):
+        configure += ["-G", "Ninja"]
+    subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build)], check=True, stdout=subprocess.DEVNULL)
+
+
 class CMakeBuild(build_ext):
     def run(self) -> None:
         why = self._missing()
@@ -56,18 +72,7 @@ class CMakeBuild(build_ext):
         return None
 
     def _build(self, ext: Extension) -> None:
-        import torch
-
-        output = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build = Path(self.build_temp).resolve() / "native"
-        configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-            f"-DFASTINSTRUCTOR_OUTPUT={output}", "-DCMAKE_BUILD_TYPE=Release",
-        ]  # fmt: skip
-        if shutil.which("ninja"):
-            configure += ["-G", "Ninja"]
-        subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build)], check=True, stdout=subprocess.DEVNULL)
+        build_native(ROOT, Path(self.get_ext_fullpath(ext.name)).resolve(), Path(self.build_temp).resolve() / "native")
 
     def get_outputs(self) -> list[str]:  # only what was built: a skipped library is not an output to install
         return [path for path in super().get_outputs() if Path(path).is_file()]

@@ -293,4 +293,30 @@ def test_the_fresh_shapes_script_times_filled_and_unfilled_forwards(tiny_model, 
     assert too_few.returncode != 0 and "has 16 texts" in too_few.stderr
 
 
+def test_the_commit_comparison_times_two_checkouts_in_turn(tiny_model, tmp_path):
+    """bench/compare_commits.py on tiny: HEAD in a worktree of its own (its native library built there where a
+    compiler exists) against this checkout, each process importing its own commit's package; a revision that is not
+    a commit is named."""
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"sentence number {i} " * (1 + i % 5)}) + "\n" for i in range(8)))
+    work = tmp_path / "worktrees"
+    common = ("--model", tiny_model, "--precisions", "float32", "--rounds", 1, "--passes", 1, "--work", work)
+    try:
+        done = _bench_script("compare_commits.py", "HEAD", *common, "--workloads", f"{texts}:8", "--out", tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (json_path,) = tmp_path.glob("compare-commits-*.json")
+        result = json.loads(json_path.read_text())
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert result["before"] == head[:12] and result["after"] == "this checkout"
+        (row,) = result["rows"]
+        assert row["workload"] == str(texts) and row["before_s"] > 0 and row["after_s"] > 0
+        assert row["ratio"] == pytest.approx(row["before_s"] / row["after_s"])
+        assert f"round 1/1 {head[:12]} float32" in done.stderr
+        wrong = _bench_script("compare_commits.py", "no-such-revision", *common)
+        assert wrong.returncode != 0 and "'no-such-revision' is not a commit of this repository" in wrong.stderr
+    finally:
+        for folder in work.glob("*"):
+            subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", folder], capture_output=True)
+
+
 GROUPS = ("matrix products", "attention", "row ops", "other ops", "tokenization", "Python and the rest")
