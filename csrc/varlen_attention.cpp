@@ -15,7 +15,9 @@
 // (t5.position_bias_matrix of that length, as the cpu backend builds it): ATen's kernel runs such lengths up to
 // twice as fast. With x_scale [T] (the per-token scale the int8 qkv product leaves to apply), q, k and v are read
 // as x * x_scale[:, None, None]: each task scales its block into a buffer of its own as it reads it, in q's
-// dtype, the arithmetic of a pass over the whole product's output (which this replaces).
+// dtype, the arithmetic of a pass over the whole product's output (which this replaces). varlen_attention_quantized
+// returns the output's rows quantized per token (t5.quantize_rows_ref), as int8's o product takes them: each task
+// that has all its sequence's heads quantizes its rows as it has them, so no [T, H, D] output is written.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -244,11 +246,15 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q, const at::Tensor&
     }
   });
   if (!quantize) return {out, at::Tensor()};
+  std::vector<at::Tensor> split_rows;  // [1, H, L, D] views, made here: the threads run no ATen op
+  for (const int64_t b : split) {
+    split_rows.push_back(out.narrow(0, bounds[b], bounds[b + 1] - bounds[b]).permute({1, 0, 2}).unsqueeze(0));
+  }
   at::parallel_for(0, static_cast<int64_t>(split.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
-      const int64_t start = bounds[split[i]], length = bounds[split[i] + 1] - start;
-      const at::Tensor rows = out.narrow(0, start, length).permute({1, 0, 2}).unsqueeze(0);  // [1, H, length, D]
-      quantize_tokens(rows, length, quantized.data_ptr<int8_t>() + start * width, scale.data_ptr<float>() + start);
+      const int64_t start = bounds[split[i]];
+      quantize_tokens(split_rows[i], split_rows[i].size(2), quantized.data_ptr<int8_t>() + start * width,
+                      scale.data_ptr<float>() + start);
     }
   });
   return {quantized, scale};

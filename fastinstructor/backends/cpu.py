@@ -154,7 +154,7 @@ class CpuBackend(BackendClass):
     @classmethod
     def rank(cls, capability: Capability, hardware: Hardware) -> int | None:
         # With AMX (bfloat16 and int8 tile units) bfloat16, then int8, come before onnx/int8 (rank 10): on the
-        # 2-core Xeon, evidence sentences, same run, cpu bfloat16 is 2.0x onnx int8's tokens/s and int8 2.5x;
+        # 2-core Xeon, evidence sentences, same run, cpu bfloat16 is 1.9x onnx int8's tokens/s and int8 2.6x;
         # bfloat16 first, the more exact (bench/results/2026-12-01-vm/evidence.md).
         if {"amx_bf16", "amx_int8"} <= hardware.cpu_flags and capability.precision in _AMX_RANKS:
             return _AMX_RANKS[capability.precision]
