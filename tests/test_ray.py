@@ -218,7 +218,15 @@ def test_the_readme_serve_engine_ray_command(tiny_model, model, real_texts, serv
     )
     environment = {**os.environ, "FASTINSTRUCTOR_SERVED_MODEL_NAME": "tiny-ray"}
     command = [sys.executable, "-m", "fastinstructor", *argv, "--max-inputs", "4"]
-    process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
+    # The Ctrl-C below reaches the command only if it does not inherit an ignored SIGINT, as every command of a
+    # shell run in the background (`pytest &`, nohup) does: the test's process gives it the default instead.
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     url, deadline = f"http://127.0.0.1:{serve_port}", time.monotonic() + 180
     try:
         while True:
