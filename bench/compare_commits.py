@@ -31,10 +31,11 @@ from harness import DEFAULT_MODEL, DEFAULT_OUT, ROOT, command, ensure_model, mac
 def _child(args: argparse.Namespace) -> dict:
     """One process: one commit's package (first on ``PYTHONPATH``), one precision, every workload."""
     import fastinstructor
+    from fastinstructor import native
     from fastinstructor.benchmark import load_workload
 
     model = fastinstructor.load(args.model, backend="cpu", precision=args.precision)
-    figures = {"package": str(Path(fastinstructor.__file__).parent), "native": _native_report()}
+    figures = {"package": str(Path(fastinstructor.__file__).parent), "native": native.availability()[1]}
     for workload, texts in _workloads(args.workloads):
         pairs = load_workload(workload, texts, model.tokenizer).pairs
         model.encode(pairs)
@@ -45,12 +46,6 @@ def _child(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
         figures[workload] = statistics.median(times)
     return figures
-
-
-def _native_report() -> str:
-    from fastinstructor import native
-
-    return native.availability()[1]
 
 
 def _workloads(spec: str) -> list[tuple[str, int]]:
