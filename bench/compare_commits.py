@@ -1,14 +1,14 @@
 """The cpu backend's ``encode`` time at two commits of this repository, in fresh processes taking turns: what a
 change gained on this machine, measured the same way before and after it.
 
-Each commit is checked out into a worktree of its own under ``--work`` (``git worktree add --detach``), its
-``kernels/`` and ``export/`` linked in as the install maps them, and its native ops built there by CMake as
-``setup.py`` builds them; ``AFTER`` left out (or ``.``) is this checkout as it is, uncommitted changes included,
-with the library it was installed with. Each round runs one process per commit and precision, the commits in
-turn; a process loads the model, encodes each workload once to warm up, then ``--passes`` times, and reports the
-median. The table gives each commit's median over the rounds and the ratio before / after (> 1: faster after).
-On these shared machines a figure from one run says little against one from another hour; a ratio taken this
-way, in one run, is what to quote.
+Each commit is checked out into a worktree of its own under ``--work`` (``git worktree add --detach``), with (for a
+commit from before they moved into the package) its top-level ``kernels/`` and ``export/`` linked in as its install
+mapped them, and its native ops built there by CMake as ``setup.py`` builds them; ``AFTER`` left out (or ``.``) is
+this checkout as it is, uncommitted changes included, with the library it was installed with. Each round runs one
+process per commit and precision, the commits in turn; a process loads the model, encodes each workload once to warm
+up, then ``--passes`` times, and reports the median. The table gives each commit's median over the rounds and the
+ratio before / after (> 1: faster after). On these shared machines a figure from one run says little against one
+from another hour; a ratio taken this way, in one run, is what to quote.
 
     .venv/bin/python bench/compare_commits.py BEFORE [AFTER] [--precisions int8,bfloat16]
         [--workloads evidence:256,mixed:128] [--rounds 4] [--passes 3] [--name compare-commits]
@@ -68,9 +68,14 @@ def _checkout(rev: str, work: Path) -> tuple[str, Path]:
         print(f"checking out {rev} ({sha[:12]}) into {folder}", file=sys.stderr, flush=True)
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), sha], check=True,
                        capture_output=True)  # fmt: skip
-        for name in ("kernels", "export"):
-            (folder / "fastinstructor" / name).symlink_to(Path("..") / name)
+        for name in ("kernels", "export"):  # a commit from before they moved into the package: as setup mapped them
+            if (folder / name).is_dir() and not (folder / "fastinstructor" / name).exists():
+                (folder / "fastinstructor" / name).symlink_to(Path("..") / name)
         _build_native(folder)
+        # The processes import the package from a folder that holds nothing else: on the worktree's root, such a
+        # commit's top-level kernels/ would shadow the Hugging Face `kernels` package that transformers imports.
+        (folder / "build" / "path").mkdir(parents=True, exist_ok=True)
+        (folder / "build" / "path" / "fastinstructor").symlink_to(folder / "fastinstructor")
     return sha[:12], folder
 
 
@@ -118,7 +123,8 @@ def main() -> int:
     for round_ in range(args.rounds):
         for precision in precisions:
             for commit, folder in commits:
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+                path = folder if folder == ROOT else folder / "build" / "path"
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")])}
                 argv = [*child, "--precision", precision]
                 done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
                 if done.returncode != 0:

@@ -20,10 +20,11 @@ import sys
 
 import torch
 import triton
-from fastinstructor.kernels import attention, matmul, pooling, quantize, rms_norm
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
+
+from fastinstructor.kernels import attention, matmul, pooling, quantize, rms_norm
 
 # Shared memory one block may use (the opt-in maximum), by compute capability: H100/H200, A100, L4/L40/4090.
 SHARED_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastinstructor.export.onnx_export import export_onnx
 from harness import DEFAULT_OUT, ROOT, command, machine, write_results
 
 import fastinstructor
 from fastinstructor.benchmark import interleaved, markdown_table, record
 from fastinstructor.checkpoint import load_checkpoint
 from fastinstructor.data import read_jsonl_texts, shared_data_dir
+from fastinstructor.export.onnx_export import export_onnx
 from fastinstructor.parity import TOLERANCES, compare
 from fastinstructor.testmodel import make_test_model
 

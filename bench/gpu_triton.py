@@ -126,8 +126,8 @@ def _attention_impls(length: int, batch: int, table, head_dim: int, flex, device
     """SDPA with the bias materialized, FlexAttention with a T5 ``score_mod``, and the Triton kernel on packed
     q, k, v: bfloat16 ``[batch, heads, length, head_dim]``, each returned in that layout."""
     import torch
-    from fastinstructor.kernels.attention import t5_attention
 
+    from fastinstructor.kernels.attention import t5_attention
     from fastinstructor.t5 import relative_position_bucket
 
     heads = table.shape[1]
@@ -198,6 +198,7 @@ def _matmul_tiles(shape: str, m: int, n: int, k: int, activation: str, device: s
     """bfloat16: cuBLAS (the ReLU in cuBLASLt's epilogue) and each tile; int8: cuBLAS (torch._int_mm) and each
     tile; float8: torch._scaled_mm, where the GPU has FP8. Each as the backend runs it (``Projection.run``)."""
     import torch
+
     from fastinstructor.kernels import matmul, quantize
     from fastinstructor.kernels.projection import CUBLAS as CUBLAS_CHOICE
     from fastinstructor.kernels.projection import Projection
@@ -238,6 +239,7 @@ def _has_fp8(device: str) -> bool:
 
 def _attention_tiles(length: int, batch: int, cfg, device: str, repeat: int) -> list[dict]:
     import torch
+
     from fastinstructor.kernels import attention
 
     g = torch.Generator(device=device).manual_seed(length)
@@ -263,6 +265,7 @@ def _head_rows(tokens: int, cfg, device: str, repeat: int) -> list[dict]:
     L2 normalize in torch. Beside the encoder's time per batch, it says whether fusing them could pay."""
     import torch
     import torch.nn.functional as F
+
     from fastinstructor.kernels.pooling import masked_mean_pool, masked_mean_pool_ref
 
     g = torch.Generator(device=device).manual_seed(tokens)

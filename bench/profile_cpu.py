@@ -96,6 +96,7 @@ def _profile_cpu(model, pairs) -> tuple[dict[str, float], float]:
 
 def _profile_onnx(model, pairs) -> tuple[dict[str, float], float]:
     import onnxruntime
+
     from fastinstructor.export.onnx_export import MODEL_FILE
 
     backend = model.backend

@@ -23,7 +23,7 @@ are close to the real models' for this text). What each group measures:
   the native op (``fastinstructor.native``, csrc/varlen_attention.cpp; skipped with the reason when it is not
   built), its PyTorch fallback (``t5.varlen_attention_ref``, one sequence at a time), and the padded cpu
   backend's attention on the same sequences (SDPA with the bias + padding mask ``[B, H, L, L]``).
-- ``triton``: the Triton kernels (kernels/, imported as ``fastinstructor.kernels``) need CUDA, and the CPU
+- ``triton``: the Triton kernels (``fastinstructor.kernels``) need CUDA, and the CPU
   interpreter's timings are meaningless, so this group is skipped unless ``torch.cuda.is_available()`` and
   triton imports. Then it times the fused residual add +
   RMSNorm and the packed masked mean pooling on small CUDA tensors, synchronizing after each call.

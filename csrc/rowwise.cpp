@@ -1,5 +1,5 @@
 // Row-wise ops on the CPU: the residual add + T5 RMSNorm and per-row int8 quantization (the twins of the Triton
-// kernels in kernels/rms_norm.py and kernels/quantize.py).
+// kernels in fastinstructor/kernels/rms_norm.py and quantize.py).
 // The maths and their references are fastinstructor/t5.py's rms_norm_ref, rms_norm_quantized_ref and
 // quantize_rows_ref:
 //

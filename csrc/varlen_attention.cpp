@@ -1,5 +1,5 @@
 // Packed (varlen) self-attention with a relative position bias, on the CPU: the twin of the Triton kernel in
-// kernels/attention.py. The maths and its reference are fastinstructor/t5.py's varlen_attention_ref:
+// fastinstructor/kernels/attention.py. The maths and its reference are fastinstructor/t5.py's varlen_attention_ref:
 //
 //     o[i] = sum_j softmax_j(q[i] . k[j] + position_bias[h, i, j]) v[j]        over the tokens j of i's sequence
 //

@@ -12,12 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Where each subpackage lives in the source tree (setup installs kernels/ and export/ under fastinstructor).
-SOURCES = {
-    "fastinstructor": ROOT / "fastinstructor",
-    "fastinstructor.kernels": ROOT / "kernels",
-    "fastinstructor.export": ROOT / "export",
-}
 # Lowest first: a module may import its own layer's modules and those of lower layers, never a higher layer's.
 LAYERS = [
     ("foundation", ["version", "precisions", "locking", "hardware", "data", "batching", "prefetch", "vectors"]),
@@ -39,11 +33,9 @@ MAX_LINES = 500
 
 def modules() -> dict[str, Path]:
     found = {}
-    for package, folder in SOURCES.items():
-        for path in sorted(folder.rglob("*.py")):
-            parts = list(path.relative_to(folder).with_suffix("").parts)
-            name = ".".join([package, *parts])
-            found[name.removesuffix(".__init__") if parts[-1] == "__init__" else name] = path
+    for path in sorted((ROOT / "fastinstructor").rglob("*.py")):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        found[name.removesuffix(".__init__")] = path
     return found
 
 

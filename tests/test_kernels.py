@@ -10,10 +10,9 @@ INTERPRET = not torch.cuda.is_available()
 pytest.importorskip("triton", reason="triton is not installed (pip install '.[dev]' brings it for these tests)")
 import fastinstructor.kernels.attention  # noqa: E402, F401
 import fastinstructor.kernels.matmul  # noqa: E402, F401
+from fastinstructor.batching import pad_batch  # noqa: E402
 from fastinstructor.kernels.pooling import masked_mean_pool, masked_mean_pool_ref  # noqa: E402
 from fastinstructor.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
-
-from fastinstructor.batching import pad_batch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -160,7 +159,6 @@ def test_t5_attention_padded_matches_the_materialized_bias():
     """The [B, H, L, D] entry point with a key padding mask, against SDPA with the bias materialized, as the
     cpu backend runs it."""
     from fastinstructor.kernels.attention import t5_attention_padded
-
     from fastinstructor.t5 import relative_position_bucket
 
     lengths, heads, head_dim, max_len = [5, 40, 1], 2, 64, 40
@@ -233,6 +231,7 @@ def test_triton_backend_with_every_product_in_triton(make_model, real_pairs, mon
     """The same with the Triton matmul kernel for every projection, where the interpreter's tuner would run
     cuBLAS (its first candidate): both implementations a GPU may choose give the reference's embeddings."""
     from conftest import assert_parity
+
     from fastinstructor.kernels import tuning
 
     candidates = tuning.Site.candidates

@@ -23,10 +23,9 @@ from fastinstructor.checkpoint import load_checkpoint
 from fastinstructor.parity import compare
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'fastinstructor[onnx]')")
+from fastinstructor.backends.onnx import OnnxBackend  # noqa: E402
 from fastinstructor.export import onnx_export  # noqa: E402
 from fastinstructor.export.onnx_export import FP16_KEEP_FLOAT32_OPS, METADATA, export_onnx, read_metadata  # noqa: E402
-
-from fastinstructor.backends.onnx import OnnxBackend  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -208,15 +207,18 @@ def test_export_command(tiny_model, tmp_path):
             "--out",
             str(tmp_path / "x"),
             "--precision",
-            "int8",
+            "float32",
         ],
         capture_output=True,
         text=True,
     )
+    # float32 on tiny (float16's parity is measured on CUDA only): int8's tolerance is for real shapes
+    # (test_int8_on_base); a random d_model-64 model sits at its edge (min cosine 0.989-0.991, moved by as little as
+    # a new SentencePiece version's segmentation of the calibration set).
     assert result.returncode == 0, result.stderr
     assert "parity vs the float32 reference" in result.stdout and "PASS" in result.stdout
     meta = read_metadata(tmp_path / "x")
-    assert meta["precision"] == "int8" and meta["parity"]["passed"] and meta["parity"]["rows"] >= 30
+    assert meta["precision"] == "float32" and meta["parity"]["passed"] and meta["parity"]["rows"] >= 30
 
 
 def test_missing_onnxruntime_is_reported(monkeypatch):
@@ -230,20 +232,20 @@ def test_missing_onnxruntime_is_reported(monkeypatch):
         fastinstructor.backends.get_backend_class("onnx")
 
 
-def test_large_models_use_external_data(make_model, tmp_path, monkeypatch, real_pairs):
-    """Past protobuf's 2 GB limit the weights go to model.onnx.data (threshold lowered to exercise it)."""
+def test_large_models_use_external_data(make_model, exported, tmp_path, monkeypatch):
+    """Past protobuf's 2 GB limit the weights go to model.onnx.data (threshold lowered to exercise it), and the graph
+    computes what the one-file export computes, to the bit (int8 too: its quantization is the same)."""
     import fastinstructor.export.onnx_export as onnx_export
 
+    checkpoint = load_checkpoint(make_model("tiny"))
+    inputs = pad_batch([[5, 6, 7, 8, 1], [9, 10, 1]], [2, 0])
     monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_THRESHOLD", 0)
     for precision in ("float32", "int8"):
         folder = tmp_path / precision
-        export_onnx(load_checkpoint(make_model("tiny")), folder, precision=precision)
+        export_onnx(checkpoint, folder, precision=precision)
         assert (folder / "model.onnx.data").stat().st_size > (folder / "model.onnx").stat().st_size
-        model = fastinstructor.load(
-            make_model("tiny"), backend="onnx", precision=precision, backend_options={"onnx_dir": folder}
-        )
-        expected = fastinstructor.load(make_model("tiny"), backend="reference").encode(real_pairs[:8])
-        assert_parity(model.encode(real_pairs[:8]), expected, precision)
+        one_file = OnnxBackend.from_folder(checkpoint, exported("tiny", precision)).embed(*inputs)
+        assert torch.equal(OnnxBackend.from_folder(checkpoint, folder).embed(*inputs), one_file)
 
 
 def _sha256(path: Path) -> str:
