@@ -15,12 +15,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Hardware", "probe", "cpu_flags", "cpu_model", "set_threads", "threads"]
+__all__ = ["VNNI", "Hardware", "probe", "cpu_flags", "cpu_model", "set_threads", "threads"]
 
 # The packages that decide which backends run here; their versions key cached parity results.
 PACKAGES = ("fastinstructor", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "triton")
 # The CPU features the backends' speed depends on, as /proc/cpuinfo names them.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+# Int8 dot products accumulated in 32 bits. Without them, x86 int8 kernels (oneDNN's, ONNX Runtime's U8S8) multiply
+# u8 x s8 pairs into 16 bits (vpmaddubsw), which saturates when the weights use the whole int8 range.
+VNNI = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fastinstructor.data import read_jsonl_texts, sample_passages, shared_data_dir
+from fastinstructor.hardware import VNNI, cpu_flags, cpu_model
 from fastinstructor.parity import TOLERANCES, compare
 from fastinstructor.testmodel import make_test_model
 
@@ -146,6 +147,26 @@ def real_pairs(real_texts) -> list[list[str]]:
     """Real text under several instructions, plus plain strings."""
     pairs = [[INSTRUCTIONS[i % len(INSTRUCTIONS)], text] for i, text in enumerate(real_texts)]
     return pairs + real_texts[:4]
+
+
+# What the cpu backend offers depends on the CPU (backends/cpu.py: CpuBackend.unavailable); tests of those paths
+# skip, saying why, on a CPU that lacks them (an AVX2-only AMD EPYC lacks both).
+needs_cpu_int8 = pytest.mark.skipif(
+    not VNNI & cpu_flags(),
+    reason=f"the cpu backend offers int8 only with VNNI (oneDNN's int8 products saturate without it); {cpu_model()} "
+    "has none",
+)
+needs_cpu_bfloat16 = pytest.mark.skipif(
+    not {"avx512_bf16", "amx_bf16"} & cpu_flags(),
+    reason=f"the cpu backend offers bfloat16 only with native bfloat16 (avx512_bf16 or AMX); {cpu_model()} has none",
+)
+
+# The cpu backend's precisions as parameters, each skipped where this CPU lacks it.
+PRECISIONS_HERE = [
+    "float32",
+    pytest.param("bfloat16", marks=needs_cpu_bfloat16),
+    pytest.param("int8", marks=needs_cpu_int8),
+]
 
 
 def assert_parity(actual: np.ndarray, expected: np.ndarray, precision: str) -> None:

@@ -19,6 +19,7 @@ from conftest import REPO
 
 from fastinstructor import calibration
 from fastinstructor.calibration import CALIBRATION_FILE, CalibrationError, calibration_pairs, calibration_sha256
+from fastinstructor.hardware import VNNI, cpu_flags
 from fastinstructor.tokenization import PairTokenizer, load_tokenizer
 
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -193,7 +194,7 @@ def test_broken_file_is_a_clear_error(fake_file, content, problem):
 
 REPORT = (
     "import json, sys, fastinstructor; "
-    "m = fastinstructor.load(sys.argv[1], backend='cpu', precision='int8', parity_cache=False); "
+    "m = fastinstructor.load(sys.argv[1], backend='cpu', precision=sys.argv[2], parity_cache=False); "
     "r = m.backend_report; "
     "print(json.dumps({'file': fastinstructor.__file__, 'calibration': r['calibration_sha256'], "
     "'parity': {k: v for k, v in r['parity'].items() if k != 'cached'}}))"
@@ -202,6 +203,7 @@ REPORT = (
 
 def test_same_parity_report_with_or_without_the_shared_data_and_from_the_wheel(tiny_model, installed_wheel, tmp_path):
     """The dispatcher's judgement of one backend does not depend on where the package runs or what text is near."""
+    precision = "int8" if VNNI & cpu_flags() else "float32"  # cpu int8 needs VNNI (backends/cpu.py)
     empty = tmp_path / "empty"
     empty.mkdir()
     places = {"checkout, no shared data": {"FASTINSTRUCTOR_DATA": str(empty)}}
@@ -211,7 +213,7 @@ def test_same_parity_report_with_or_without_the_shared_data_and_from_the_wheel(t
     reports = {}
     for place, env in places.items():
         done = subprocess.run(
-            [sys.executable, "-c", REPORT, str(tiny_model)],
+            [sys.executable, "-c", REPORT, str(tiny_model), precision],
             cwd=tmp_path,
             env={**os.environ, **env},
             capture_output=True,

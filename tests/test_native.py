@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PRECISIONS_HERE, needs_cpu_int8
 
 import fastinstructor
 from fastinstructor import native
@@ -211,6 +212,7 @@ def test_the_native_row_ops_name_bad_input():
         ops.quantize_rows(x, False, torch.ones(3))
 
 
+@needs_cpu_int8
 def test_the_int8_product_equals_the_dequantized_one():
     """The cpu backend's int8 projection: oneDNN's product of the quantized operands, scaled back, with the ReLU,
     against the same quantized operands multiplied in float32, the activations' scale left to the caller."""
@@ -320,7 +322,7 @@ def test_a_failing_build_is_a_notice_not_a_failed_install(tmp_path, monkeypatch,
     assert "native CPU ops not built (the build failed: Command '['cmake', '--build']'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("precision", ["float32", "int8"])
+@pytest.mark.parametrize("precision", ["float32", pytest.param("int8", marks=needs_cpu_int8)])
 def test_the_cpu_backend_runs_the_fallbacks_within_its_tolerance(tiny_model, real_pairs, precision, monkeypatch):
     """With the native ops turned off, the same backend runs every op's PyTorch reference: same tolerances."""
     from conftest import assert_parity
@@ -348,7 +350,7 @@ def test_the_cpu_forwards_token_counts_fall_in_few_shapes():
     assert [shape_bucket(t) for t in (1, 20, 1000, 1024, 1100, 2730)] == [8, 24, 1024, 1024, 1152, 2816]
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS_HERE)
 def test_the_packed_cpu_forward_equals_the_reference(tiny_model, real_pairs, precision):
     """The cpu backend (packed) against the float32 reference at its precision's tolerance, at batch sizes 1, 7, 32
     and under a token budget, on real text and the edge cases; ``embed`` of the same rows padded gives the same."""

@@ -435,3 +435,21 @@ def test_parity_cache_never_vouches_for_a_graph_it_did_not_measure(
     skipped = second.backend_report["skipped"][0]
     assert skipped["candidate"] == "onnx/float32/cpu" and skipped["why"].startswith("parity failed: min cosine")
     assert not skipped["parity"]["cached"]
+
+
+def test_an_8_bit_int8_graph_is_refused_on_a_cpu_without_vnni(make_model, tmp_path, monkeypatch):
+    """Without VNNI, ONNX Runtime's U8S8 products saturate on weights that use the whole int8 range: the export keeps
+    them in 7 bits there, records which it did, and the backend refuses an 8-bit graph on such a CPU."""
+    import fastinstructor.backends.onnx as onnx_backend
+
+    checkpoint = load_checkpoint(make_model("tiny"))
+    monkeypatch.setattr(onnx_export, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    assert export_onnx(checkpoint, tmp_path / "vnni", precision="int8")["int8_reduce_range"] is False
+    monkeypatch.setattr(onnx_export, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert export_onnx(checkpoint, tmp_path / "avx2", precision="int8")["int8_reduce_range"] is True
+    monkeypatch.setattr(onnx_backend, "cpu_flags", lambda: frozenset({"avx2"}))
+    OnnxBackend.from_folder(checkpoint, tmp_path / "avx2")
+    with pytest.raises(ValueError, match=r"int8 weights in 8 bits.*saturate; export it again here"):
+        OnnxBackend.from_folder(checkpoint, tmp_path / "vnni")
+    monkeypatch.setattr(onnx_backend, "cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))
+    OnnxBackend.from_folder(checkpoint, tmp_path / "vnni")

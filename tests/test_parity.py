@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import PRECISIONS_HERE, assert_parity, needs_cpu_bfloat16, needs_cpu_int8
 
 import fastinstructor
 from fastinstructor.backends.cpu import Int8Linear, PackedLinear
@@ -23,7 +23,9 @@ def test_cpu_float32_matches_reference(make_model, real_pairs, preset):
     assert np.median(off_diagonal) < 0.95
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+@pytest.mark.parametrize(
+    "precision", [pytest.param("bfloat16", marks=needs_cpu_bfloat16), pytest.param("int8", marks=needs_cpu_int8)]
+)
 def test_cpu_reduced_precision_on_base(make_model, real_pairs, precision):
     path = make_model("base")
     expected = fastinstructor.load(path, backend="reference").encode(real_pairs)
@@ -44,7 +46,9 @@ def test_batch_size_does_not_change_results(tiny_model, real_pairs, backend):
 
 
 @pytest.mark.skipif(not PackedLinear.available(), reason="this torch build has no oneDNN (mkldnn) linear")
-@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.02)])
+@pytest.mark.parametrize(
+    "dtype, atol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 0.02, marks=needs_cpu_bfloat16)]
+)
 def test_packed_linear_matches_torch(dtype, atol):
     torch.manual_seed(0)
     weight, x = torch.randn(96, 64).to(dtype), torch.randn(3, 17, 64).to(dtype)  # a 3-d input, odd lengths
@@ -54,7 +58,7 @@ def test_packed_linear_matches_torch(dtype, atol):
 
 
 @pytest.mark.skipif(not PackedLinear.available(), reason="this torch build has no oneDNN (mkldnn) linear")
-@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS_HERE)
 def test_cpu_backend_packs_its_linears(tiny_model, precision):
     """The fast paths are the ones tested on their own: float32 and bfloat16 run on PackedLinear, int8 on
     Int8Linear (tests/test_native.py)."""

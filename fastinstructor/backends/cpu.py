@@ -33,13 +33,23 @@ from .. import native
 from ..batching import PackedBatch, pack_padded
 from ..checkpoint import Checkpoint
 from ..encoder import Attention, build_encoder, qkv_views, relative_attention_bias
-from ..hardware import Hardware, cpu_flags
+from ..hardware import VNNI, Hardware, cpu_flags
 from ..t5 import packed_mean_pool, position_bias_matrix, quantize_rows_ref
 from .base import BackendClass, Capability
 
 _NATIVE_BFLOAT16 = {"avx512_bf16", "amx_bf16"}
 _AMX_RANKS = {"bfloat16": 5, "int8": 7}  # ahead of onnx/int8 (10) on a CPU with AMX
 _FORWARD_BYTES = 16 * 2**20  # the most one forward's FFN activation takes (CpuBackend.forward_tokens)
+
+
+def state_dtype(precision: str) -> torch.dtype:
+    """The dtype of the states between the products, and of an int8 product's output: bfloat16 for bfloat16, and for
+    int8 on a CPU with native bfloat16; float32 otherwise. (On an AVX2-only CPU oneDNN has no int8 kernel with a
+    bfloat16 output and runs its reference one: 0.1 GFLOP/s, where the same product with a float32 output runs at
+    50-90 on a 2-core AMD EPYC.)"""
+    if precision == "float32" or (precision == "int8" and not _NATIVE_BFLOAT16 & cpu_flags()):
+        return torch.float32
+    return torch.bfloat16
 
 
 def shape_bucket(tokens: int) -> int:
@@ -168,6 +178,10 @@ class CpuBackend(BackendClass):
     def unavailable(cls, precision: str, device: str, hardware: Hardware) -> str | None:
         if precision == "bfloat16" and not (_NATIVE_BFLOAT16 & hardware.cpu_flags):
             return "the CPU has no native bfloat16 (avx512_bf16 or AMX): slower than float32"
+        if precision == "int8" and not VNNI & hardware.cpu_flags:
+            # oneDNN's products saturate there (hardware.VNNI): on an AVX2-only AMD EPYC an Int8Linear product was
+            # off by up to 10, of values about 1, in 7% of its elements.
+            return "the CPU has no VNNI (avx512_vnni, avx_vnni or amx_int8): oneDNN's int8 products saturate there"
         if precision == "int8" and not Int8Linear.available():
             return "this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise): use onnx int8"
         return None
@@ -175,11 +189,7 @@ class CpuBackend(BackendClass):
     def __init__(self, checkpoint: Checkpoint, precision: str = "float32", device: str = "cpu") -> None:
         self.precision = precision = self.check_supported(precision, device)
         self.device = torch.device(device)
-        quantized = precision == "int8"
-        if precision == "float32" or (quantized and not _NATIVE_BFLOAT16 & cpu_flags()):
-            dtype = torch.float32
-        else:
-            dtype = torch.bfloat16
+        quantized, dtype = precision == "int8", state_dtype(precision)
         cfg = checkpoint.config
         ops = CpuOps(dtype, quantized, relative_attention_bias(checkpoint).clone(), cfg.max_distance,
                      cfg.layer_norm_epsilon)  # fmt: skip

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from ..hardware import Hardware
+from ..hardware import VNNI, Hardware, cpu_flags
 from ..hardware import threads as configured_threads
 from ..locking import cache_dir, hold
 from .base import BackendClass, Capability
@@ -62,6 +62,11 @@ def _verified(folder: Path, checkpoint: Checkpoint, precision: str) -> dict:
         )
     if metadata.get("precision") != precision:
         raise ValueError(f"{folder} holds a {metadata.get('precision')} graph, not {precision}")
+    if precision == "int8" and not metadata.get("int8_reduce_range") and not VNNI & cpu_flags():
+        raise ValueError(
+            f"{folder} holds int8 weights in 8 bits, exported on a CPU with VNNI: on this one (no VNNI) ONNX Runtime's "
+            "int8 products saturate; export it again here (fastinstructor export), which keeps them in 7 bits"
+        )
     return metadata
 
 

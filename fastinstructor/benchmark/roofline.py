@@ -37,13 +37,12 @@ _CEILING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float1
 def matmul_ceilings(precisions: Sequence[str], device: str = "cpu", size: int = 2048, repeat: int = 3) -> dict:
     """GFLOP/s of a large ``size``-cube matmul per precision on ``device``: the best library, best of ``repeat``.
 
-    Each library the backends use is measured and the fastest counts, so that no backend can beat its ceiling
-    by using a faster GEMM than the one measured: torch (``a @ a``; int8 is ``torch._int_mm``, int8 x int8 ->
-    int32, what VNNI / AMX / tensor cores run; float8 is ``torch._scaled_mm`` on e4m3) and, on the CPU, oneDNN
-    with a prepacked weight (the cpu backend's ``PackedLinear``, and its ``Int8Linear`` for int8, bfloat16 out)
-    and ONNX Runtime (``MatMul``; int8 is ``MatMulInteger`` on uint8 x int8, as its
-    dynamically quantized graphs run). A precision nothing here can
-    multiply in is recorded with the reason instead of a figure.
+    Each library the backends use is measured and the fastest counts, so that no backend can beat its ceiling by
+    using a faster GEMM than the one measured: torch (``a @ a``; int8 is ``torch._int_mm``, int8 x int8 -> int32,
+    what VNNI / AMX / tensor cores run; float8 is ``torch._scaled_mm`` on e4m3) and, on the CPU, oneDNN with a
+    prepacked weight (the cpu backend's ``PackedLinear``, and its ``Int8Linear`` for int8, its output as the backend
+    has it) and ONNX Runtime (``MatMul``; int8 is ``MatMulInteger`` on uint8 x int8, as its dynamically quantized
+    graphs run). A precision nothing here can multiply in is recorded with the reason instead of a figure.
     """
     out = {}
     for precision in dict.fromkeys(precisions):
@@ -93,13 +92,13 @@ def _torch_matmul(precision: str, device: str, size: int):
 
 def _onednn_matmul(precision: str, size: int):
     def make():
-        from ..backends.cpu import Int8Linear, PackedLinear
+        from ..backends.cpu import Int8Linear, PackedLinear, state_dtype
 
         if precision == "int8":
             if not Int8Linear.available():
                 return None
             a = torch.randint(-127, 128, (size, size), dtype=torch.int8), torch.ones(size)
-            linear = Int8Linear(torch.randn(size, size), "none", torch.bfloat16)
+            linear = Int8Linear(torch.randn(size, size), "none", state_dtype("int8"))  # as the cpu backend runs it
             return lambda: linear(a)
         if not PackedLinear.available():
             return None
