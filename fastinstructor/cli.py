@@ -61,7 +61,7 @@ def _check(args: argparse.Namespace) -> int:
     if args.threads is not None:
         set_threads(args.threads)
     if args.clear_cache:
-        print(f"removed {clear_cache()} cached parity result(s)")
+        print(f"removed {clear_cache()} cached parity file(s): results and the reference's calibration embeddings")
     hardware = probe()
     checkpoint = load_checkpoint(args.model)
     rows = check_backends(

@@ -124,8 +124,10 @@ def _cache_path(
 
 
 def clear_cache() -> int:
-    """Delete every cached parity result; returns how many there were."""
-    files = list(cache_dir("parity").glob("*.json"))  # none where the folder is missing
+    """Delete every cached parity result and the reference's kept calibration embeddings; returns how many files
+    there were."""
+    folder = cache_dir("parity")
+    files = [*folder.glob("*.json"), *folder.glob("reference-*.npy")]  # none where the folder is missing
     for f in files:
         f.unlink()
     return len(files)
@@ -148,7 +150,7 @@ def check_parity(
         return ParityResult(**{**json.loads(path.read_text()), "cached": True}).require(min_cosine)
     if reference is None:
         reference = BACKENDS["reference"](checkpoint, device=candidate.device)
-    result = measure(backend, reference, tokenizer, candidate.precision, label=str(candidate))
+    result = measure(backend, reference, tokenizer, candidate.precision, label=str(candidate), use_cache=use_cache)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")

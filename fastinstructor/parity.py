@@ -8,14 +8,22 @@ and judges the result against the precision's tolerance; the dispatcher, ``fasti
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
+import os
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from .backends.base import Backend
 from .batching import DEFAULT_EMBED_POLICY, pad_batch
 from .calibration import calibration_pairs, calibration_sha256
+from .hardware import cpu_model
+from .locking import cache_dir
 from .precisions import canonical_precision
 from .tokenization import PairTokenizer
 
@@ -137,12 +145,48 @@ def calibration_embeddings(tokenizer: PairTokenizer, *backends: Backend) -> list
 _REFERENCE_EMBEDDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _reference_embeddings(tokenizer: PairTokenizer, reference: Backend) -> np.ndarray:
+def reference_cache_path(tokenizer: PairTokenizer, reference: Backend) -> Path:
+    """Where the reference's calibration embeddings are kept on disk, in the parity cache: the key is all that
+    decides them, the checkpoint (its files include the tokenizer's), the tokenizer settings, the calibration set,
+    the device and the versions of torch and transformers."""
+    device = reference.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    versions = [importlib.metadata.version(name) for name in ("torch", "transformers")]
+    inputs = [tokenizer.max_length, tokenizer.pooling_rule, calibration_sha256()]
+    key = json.dumps([reference.checkpoint.fingerprint, inputs, device.type, device_name, versions])
+    return cache_dir("parity") / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
+
+
+def _read_kept(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The embeddings kept at ``path``; None where there are none, or they are torn or of another shape."""
+    try:
+        embeddings = np.load(path)
+    except (OSError, ValueError):
+        return None
+    return embeddings if embeddings.shape == shape else None
+
+
+def _reference_embeddings(tokenizer: PairTokenizer, reference: Backend, use_cache: bool) -> np.ndarray:
+    """The reference's calibration embeddings, once per reference instance and, with ``use_cache``, once per
+    ``reference_cache_path``: the reference is most of a first check's time (for base on a 2-core AMD EPYC, a
+    first cpu/float32 load took 112 s, and 27 s with them kept), and every other candidate of that model on that
+    machine is measured against the same embeddings."""
+    kept = _REFERENCE_EMBEDDINGS.setdefault(reference, {})
     key = (tokenizer.max_length, tokenizer.pooling_rule, calibration_sha256())
-    cached = _REFERENCE_EMBEDDINGS.setdefault(reference, {})
-    if key not in cached:
-        cached[key] = calibration_embeddings(tokenizer, reference)[0]
-    return cached[key]
+    if key in kept:
+        return kept[key]
+    path = reference_cache_path(tokenizer, reference) if use_cache else None
+    shape = (len(calibration_pairs()), reference.checkpoint.out_dim)
+    embeddings = None if path is None else _read_kept(path, shape)
+    if embeddings is None:
+        (embeddings,) = calibration_embeddings(tokenizer, reference)
+        if path is not None:  # replaces a torn file too
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
+            np.save(tmp, embeddings)
+            os.replace(tmp, path)  # whole or absent for a concurrent reader
+    kept[key] = embeddings
+    return embeddings
 
 
 def _topk_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5) -> float:
@@ -189,11 +233,13 @@ def measure(
     *,
     label: str | None = None,
     min_cosine: float | None = None,
+    use_cache: bool = True,
 ) -> ParityResult:
-    """``candidate`` against ``reference`` on the calibration set, judged by ``TOLERANCES[precision]``."""
+    """``candidate`` against ``reference`` on the calibration set, judged by ``TOLERANCES[precision]``; with
+    ``use_cache``, the reference's embeddings come from disk where this machine has measured them before."""
     tolerance = TOLERANCES[canonical_precision(precision)]
     (actual,) = calibration_embeddings(tokenizer, candidate)
-    expected = _reference_embeddings(tokenizer, reference)
+    expected = _reference_embeddings(tokenizer, reference, use_cache)
     report = compare(actual, expected)
     failures = report.failures(tolerance)
     result = ParityResult(

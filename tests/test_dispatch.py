@@ -165,6 +165,40 @@ def test_parity_cache_hit_and_invalidation(tiny_model, tmp_path, monkeypatch):
     assert dispatch.clear_cache() >= 3
 
 
+def test_a_further_check_reuses_the_references_calibration_embeddings(tiny_model, monkeypatch):
+    """The reference's calibration embeddings are measured once per model and machine: a check whose own result
+    is not cached (here: removed) runs only its candidate, and gets the figures of the first check."""
+    from fastinstructor.backends.reference import ReferenceBackend
+    from fastinstructor.locking import cache_dir
+
+    def check(**options) -> dict:
+        return fastinstructor.load(tiny_model, backend="cpu", precision="float32", **options).backend_report["parity"]
+
+    def forget_results() -> None:
+        for result in cache_dir("parity").glob("*.json"):
+            result.unlink()
+
+    first = check()
+    (kept,) = cache_dir("parity").glob("reference-*.npy")
+    assert np.load(kept).shape == (first["rows"], 48)  # tiny's Dense output
+    forget_results()
+    runs = []
+    embed = ReferenceBackend.embed
+    monkeypatch.setattr(ReferenceBackend, "embed", lambda self, *batch: runs.append(1) or embed(self, *batch))
+    second = check()
+    assert not runs and not second["cached"]
+    assert (second["min_cos"], second["max_abs"]) == (first["min_cos"], first["max_abs"])
+
+    # parity_cache=False measures the reference again, and neither reads nor writes the kept embeddings.
+    kept.write_bytes(kept.read_bytes()[:100])  # torn
+    assert check(parity_cache=False)["min_cos"] == first["min_cos"] and runs and kept.stat().st_size == 100
+    # A torn file is measured again and replaced.
+    forget_results()
+    runs.clear()
+    assert check()["min_cos"] == first["min_cos"] and runs and np.load(kept).shape == (first["rows"], 48)
+    assert dispatch.clear_cache() == 2 and not kept.exists()  # the result and the embeddings
+
+
 def test_cuda_machine_order_and_reasons():
     """A CUDA machine without onnxruntime-gpu (faked: this machine has no GPU, which the backends' own probes
     still see)."""

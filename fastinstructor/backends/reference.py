@@ -28,6 +28,7 @@ class ReferenceBackend(BackendClass):
 
     def __init__(self, checkpoint: Checkpoint, precision: str = "float32", device: str = "cpu") -> None:
         self.precision = self.check_supported(precision, device)
+        self.checkpoint = checkpoint  # its fingerprint keys the calibration embeddings kept on disk (parity.py)
         self.model = hf_encoder(checkpoint, device)
         self.device = torch.device(device)
         self.dense_weight = None if checkpoint.dense_weight is None else checkpoint.dense_weight.to(device)
