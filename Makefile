@@ -43,8 +43,11 @@ demo: $(VENV)/.installed $(DEMO_MODEL)/modules.json
 	$(PY) -m fastinstructor embed --model $(DEMO_MODEL) --instruction "Represent the Wikipedia document for retrieval:" \
 		--input $(DEMO_INPUT) --limit 500 --on-error skip --output $(DEMO_OUT) --overwrite
 
+# Two processes, each given whole modules (--dist loadfile: a module's session fixtures, such as its ONNX exports,
+# are made once): the suite is mostly single-threaded (the Triton interpreter, subprocesses), and took 25 min in one
+# process on a 2-core AMD EPYC, 19 min in two.
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: $(VENV)/.installed $(DEMO_MODEL)/modules.json
 	$(PY) -m fastinstructor bench --model $(DEMO_MODEL)
