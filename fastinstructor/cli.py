@@ -305,8 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=precisions,
         help=f"only this precision {aliases} (exit 1 if it fails parity)",
     )
-    check.add_argument("--no-cache", action="store_true", help="measure parity again instead of using the cache")
-    check.add_argument("--clear-cache", action="store_true", help="delete every cached parity result first")
+    check.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="measure parity again (the reference's run too) instead of using the cache",
+    )
+    check.add_argument(
+        "--clear-cache",
+        action="store_true",
+        help="delete every cached parity result and kept reference embedding first",
+    )
     check.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     check.set_defaults(run=_check)
 
