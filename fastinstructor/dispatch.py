@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from .backends.base import Backend, why_not
 from .calibration import calibration_sha256
 from .checkpoint import Checkpoint
 from .hardware import Hardware, probe
-from .locking import cache_dir
+from .locking import cache_dir, write_atomic
 from .parity import ParityResult, measure
 from .precisions import canonical_precision
 from .tokenization import PairTokenizer
@@ -153,9 +152,8 @@ def check_parity(
     result = measure(backend, reference, tokenizer, candidate.precision, label=str(candidate), use_cache=use_cache)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({k: v for k, v in asdict(result).items() if k != "cached"}))
-        os.replace(tmp, path)
+        measured = json.dumps({k: v for k, v in asdict(result).items() if k != "cached"})
+        write_atomic(path, lambda tmp: tmp.write_text(measured))
     return result.require(min_cosine)
 
 

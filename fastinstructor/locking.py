@@ -1,5 +1,6 @@
-"""Inter-process locks on files, portable (``filelock``: fcntl on POSIX, msvcrt on Windows), that name their holder;
-and ``cache_dir``, where the folders they guard live.
+"""Files that several processes share: inter-process locks, portable (``filelock``: fcntl on POSIX, msvcrt on
+Windows), that name their holder; ``cache_dir``, where the folders they guard live; and ``write_atomic``, the one way
+the package replaces a file that another process may be reading.
 
 The operating system releases the lock when its holder dies, so a killed process never leaves a folder
 locked. Beside the lock file, the holder writes who it is (pid, host, command, since when) to
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-__all__ = ["LockHeld", "cache_dir", "hold"]
+__all__ = ["LockHeld", "cache_dir", "hold", "write_atomic"]
 
 
 def cache_dir(name: str) -> Path:
@@ -77,3 +78,16 @@ def hold(path: str | os.PathLike, *, wait: bool = True, what: str = "this file")
     finally:
         holder_file.unlink(missing_ok=True)
         lock.release()
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)``, fsync, rename: a crash leaves the old file or the new one, never half of one, and a
+    concurrent reader sees one of them whole. The temporary is ``.<name>.tmp-<pid>`` beside ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from .backends.base import Backend
 from .batching import DEFAULT_EMBED_POLICY, pad_batch
 from .calibration import calibration_pairs, calibration_sha256
 from .hardware import cpu_model
-from .locking import cache_dir
+from .locking import cache_dir, write_atomic
 from .precisions import canonical_precision
 from .tokenization import PairTokenizer
 
@@ -182,11 +181,14 @@ def _reference_embeddings(tokenizer: PairTokenizer, reference: Backend, use_cach
         (embeddings,) = calibration_embeddings(tokenizer, reference)
         if path is not None:  # replaces a torn file too
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
-            np.save(tmp, embeddings)
-            os.replace(tmp, path)  # whole or absent for a concurrent reader
+            write_atomic(path, lambda tmp: _save_npy(tmp, embeddings))
     kept[key] = embeddings
     return embeddings
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: given a name, np.save would append ".npy" to it
+        np.save(f, array)
 
 
 def _topk_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5) -> float:

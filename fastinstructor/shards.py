@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .batching import BatchPolicy
+from .locking import write_atomic
 from .vectors import quantize_embeddings
 
 __all__ = [
@@ -58,7 +59,6 @@ __all__ = [
     "shard_stem",
     "store_as",
     "stored_type",
-    "write_atomic",
     "write_json",
     "write_shard",
 ]
@@ -80,18 +80,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)``, fsync, rename: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: dict) -> None:

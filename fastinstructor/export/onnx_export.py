@@ -54,6 +54,7 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..hardware import VNNI, cpu_flags
+from ..locking import write_atomic
 from ..precisions import canonical_precision as _canonical
 from ..t5 import hf_encoder, pool_head
 
@@ -290,9 +291,7 @@ def export_onnx(
 
 
 def _write_metadata(folder: Path, metadata: dict) -> None:
-    tmp = folder / (METADATA + ".tmp")
-    tmp.write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / METADATA)
+    write_atomic(folder / METADATA, lambda tmp: tmp.write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8"))
 
 
 def record_parity(folder: str | os.PathLike, parity: dict) -> dict:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from ..locking import cache_dir, write_atomic
 from . import attention, matmul
 from .projection import CUBLAS, Projection
 from .quantize import quantize_rows_ref
@@ -101,9 +102,7 @@ def tuning_file() -> Path:
     import triton
 
     gpu = torch.cuda.get_device_name().replace(" ", "-").replace("/", "-")
-    # fastinstructor.locking.cache_dir("tuning"), spelled out: the kernels import nothing but fastinstructor.t5.
-    root = Path(os.environ.get("FASTINSTRUCTOR_CACHE", "~/.cache/fastinstructor")).expanduser()
-    return root / "tuning" / f"{gpu}-torch{torch.__version__}-triton{triton.__version__}.json"
+    return cache_dir("tuning") / f"{gpu}-torch{torch.__version__}-triton{triton.__version__}.json"
 
 
 def _do_bench(run: Callable[[], object]) -> float:
@@ -167,9 +166,8 @@ class Tuner:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(self.measured, indent=1, sort_keys=True))
-        os.replace(partial, self.path)  # atomic: a reader sees the old file or the new one
+        measured = json.dumps(self.measured, indent=1, sort_keys=True)
+        write_atomic(self.path, lambda tmp: tmp.write_text(measured))
 
 
 def gpu_tuner() -> Tuner:
