@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from fastinstructor.data import read_jsonl_texts, sample_passages, shared_data_dir
 from fastinstructor.hardware import VNNI, cpu_flags, cpu_model
@@ -77,40 +78,62 @@ def run_checked(args: list[str], cwd: Path, **kwargs) -> str:
     return done.stdout
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """``make(folder)``'s result, made once per test run: under pytest-xdist the workers share it (the first to ask
+    makes it while the others wait on a lock, as pytest-xdist's docs advise for a costly session fixture)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return make(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent  # every worker's basetemp is a folder in it
+    with FileLock(str(shared / f"{name}.lock")):
+        done = shared / f"{name}.made"
+        if not done.is_file():
+            folder = shared / name
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed left
+            folder.mkdir()
+            done.write_text(str(make(folder)))
+        return Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def built_wheel(tmp_path_factory) -> Path:
     """The wheel of a copy of the working tree (no build/ or egg-info lands in the checkout), built once per
-    session without build isolation (setuptools and wheel come from the dev extra)."""
-    root = tmp_path_factory.mktemp("wheel")
-    source = shutil.copytree(
-        REPO,
-        root / "src",
-        ignore=shutil.ignore_patterns(
-            ".venv",
-            ".git",
-            ".models",
-            "demo-output",
-            "build",
-            "dist",
-            "*.egg-info",
-            "__pycache__",
-            ".*cache",
-            "_native*",
-        ),
-    )
-    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w"]
-    run_checked([*pip_wheel, str(root / "dist"), str(source)], cwd=root)
-    return next((root / "dist").glob("fastinstructor-*.whl"))
+    run without build isolation (setuptools and wheel come from the dev extra)."""
+
+    def build(root: Path) -> Path:
+        source = shutil.copytree(
+            REPO,
+            root / "src",
+            ignore=shutil.ignore_patterns(
+                ".venv",
+                ".git",
+                ".models",
+                "demo-output",
+                "build",
+                "dist",
+                "*.egg-info",
+                "__pycache__",
+                ".*cache",
+                "_native*",
+            ),
+        )
+        pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w"]
+        run_checked([*pip_wheel, str(root / "dist"), str(source)], cwd=root)
+        return next((root / "dist").glob("fastinstructor-*.whl"))
+
+    return made_once(tmp_path_factory, "wheel", build)
 
 
 @pytest.fixture(scope="session")
 def installed_wheel(built_wheel, tmp_path_factory) -> Path:
     """A folder holding ``built_wheel`` installed with ``pip install --target``: put it first on sys.path
     (PYTHONPATH) and run from another folder to import the wheel's copy instead of the checkout."""
-    site = tmp_path_factory.mktemp("site")
-    pip_install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site)]
-    run_checked([*pip_install, str(built_wheel)], cwd=site.parent)
-    return site
+
+    def install(site: Path) -> Path:
+        pip_install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site)]
+        run_checked([*pip_install, str(built_wheel)], cwd=site.parent)
+        return site
+
+    return made_once(tmp_path_factory, "site", install)
 
 
 @pytest.fixture(scope="session")
