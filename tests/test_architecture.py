@@ -172,3 +172,21 @@ def test_no_module_probes_processes_with_os_kill():
             if isinstance(node, ast.Attribute) and node.attr == "kill" and ast.unparse(node.value) == "os":
                 calls.append(f"{module}:{node.lineno}")
     assert not calls, calls
+
+
+def test_files_are_replaced_only_by_write_atomic():
+    """One way to replace a file that a reader or a crash may catch half-written: ``locking.write_atomic``. Whole
+    folders (an ONNX export, a model shipped to a Ray node) are renamed into place by their builders."""
+    folder_renames = {"fastinstructor.export.onnx_export", "fastinstructor.ray.shipping"}
+    calls = []
+    for module, path in modules().items():
+        if module == "fastinstructor.locking" or module in folder_renames:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("replace", "rename")
+                and ast.unparse(node.value) == "os"
+            ):
+                calls.append(f"{module}:{node.lineno}")
+    assert not calls, f"{calls}: write through fastinstructor.locking.write_atomic"
