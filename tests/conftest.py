@@ -16,8 +16,10 @@ import pytest
 import torch
 from filelock import FileLock
 
+from fastinstructor.backends.base import Backend
 from fastinstructor.data import read_jsonl_texts, sample_passages, shared_data_dir
 from fastinstructor.hardware import VNNI, cpu_flags, cpu_model
+from fastinstructor.model import Instructor
 from fastinstructor.parity import TOLERANCES, compare
 from fastinstructor.testmodel import make_test_model
 
@@ -190,6 +192,13 @@ PRECISIONS_HERE = [
     pytest.param("bfloat16", marks=needs_cpu_bfloat16),
     pytest.param("int8", marks=needs_cpu_int8),
 ]
+
+
+def ungated(reference: Instructor, backend: Backend) -> Instructor:
+    """``backend`` (an instance) behind ``reference``'s checkpoint and tokenizer, without the dispatcher's parity gate
+    (tested on tiny, in test_dispatch.py): a test that compares it with the reference on real text need not pay the
+    gate's calibration run, most of such a test's time on base."""
+    return Instructor(reference.checkpoint, backend, reference.tokenizer, backend.precision, {})
 
 
 def assert_parity(actual: np.ndarray, expected: np.ndarray, precision: str) -> None:

@@ -15,12 +15,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import assert_parity, ungated
 
 import fastinstructor
 from fastinstructor.batching import pad_batch
 from fastinstructor.checkpoint import load_checkpoint
-from fastinstructor.model import Instructor
 from fastinstructor.parity import compare
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'fastinstructor[onnx]')")
@@ -76,13 +75,11 @@ def test_optimizer_fused_rmsnorm_and_recorded_counts(exported):
 
 
 def test_int8_on_base(make_model, exported, real_pairs):
-    """int8 at real sizes, on the backend itself: the dispatcher's parity gate in front of it is tested on tiny, and
-    its calibration run on base (the reference on 388 inputs) would be most of this test's time."""
     reference = fastinstructor.load(make_model("base"), backend="reference")
     expected = reference.encode(real_pairs)
     backend = OnnxBackend(reference.checkpoint, precision="int8", onnx_dir=exported("base", "int8"))
     assert "MatMulInteger" in backend.metadata["op_counts_after"]
-    actual = Instructor(reference.checkpoint, backend, reference.tokenizer, "int8", {}).encode(real_pairs)
+    actual = ungated(reference, backend).encode(real_pairs)
     assert_parity(actual, expected, "int8")
     assert not np.allclose(actual, expected, atol=1e-6), "int8 gave float32 results: was it quantized?"
 
