@@ -22,7 +22,8 @@ PACKAGES = ("fastinstructor", "torch", "transformers", "onnxruntime", "onnxrunti
 # The CPU features the backends' speed depends on, as /proc/cpuinfo names them.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 # Int8 dot products accumulated in 32 bits. Without them, x86 int8 kernels (oneDNN's, ONNX Runtime's U8S8) multiply
-# u8 x s8 pairs into 16 bits (vpmaddubsw), which saturates when the weights use the whole int8 range.
+# u8 x s8 pairs into 16 bits (vpmaddubsw), which saturates when the weights use the whole int8 range: there the cpu
+# and onnx backends keep their int8 weights in 7 bits (t5.quantize_rows_ref's reduce_range, the ONNX export's).
 VNNI = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 

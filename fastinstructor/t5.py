@@ -122,22 +122,26 @@ def check_quant_dtype(dtype: torch.dtype) -> float:
 
 
 def quantize_rows_ref(
-    x: torch.Tensor, dtype: torch.dtype = torch.int8, relu: bool = False
+    x: torch.Tensor, dtype: torch.dtype = torch.int8, relu: bool = False, reduce_range: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (per-token, or per output channel for a weight) symmetric quantization, in float32 arithmetic::
 
         amax  = max(max |x|, 1e-8)                 (of relu(x) with ``relu``)
         scale = amax / QMAX                        QMAX = 127 (int8) or 448 (float8 e4m3's largest finite value)
-        q     = round_half_away(x * QMAX / amax)   clamped to [-127, 127] (int8; float8: round to nearest even)
+        q     = round_half_away(x * QMAX / amax)   clamped to [-QMAX, QMAX] (int8; float8: round to nearest even)
 
     ``(q, scale [rows] float32)`` with ``x ~= q * scale[:, None]``. Reference of ``kernels.quantize`` and the
-    native op; the weights' quantization at load."""
-    qmax = check_quant_dtype(dtype)
+    native op; the weights' quantization at load. ``reduce_range`` (int8 only): 7 bits, QMAX = 63, for the weights
+    of an x86 int8 product on a CPU without VNNI, which multiplies u8 x s8 pairs into 16 bits (``hardware.VNNI``):
+    with |q| <= 63 no pair's sum passes 2 x 255 x 63 = 32130 < 2^15."""
+    if reduce_range and dtype != torch.int8:
+        raise ValueError(f"reduce_range is for int8, not {dtype}")
+    qmax = 63.0 if reduce_range else check_quant_dtype(dtype)
     x = torch.relu(x.float()) if relu else x.float()
     amax = x.abs().amax(dim=1).clamp_min(1e-8)
     y = x * (qmax / amax)[:, None]
     if dtype == torch.int8:
-        y = torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).clamp(-127, 127)
+        y = torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).clamp(-qmax, qmax)
     return y.to(dtype), amax / qmax
 
 

@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from fastinstructor.backends.base import Backend
 from fastinstructor.data import read_jsonl_texts, sample_passages, shared_data_dir
-from fastinstructor.hardware import VNNI, cpu_flags, cpu_model
+from fastinstructor.hardware import cpu_flags, cpu_model
 from fastinstructor.model import Instructor
 from fastinstructor.parity import TOLERANCES, compare
 from fastinstructor.testmodel import make_test_model
@@ -174,13 +174,8 @@ def real_pairs(real_texts) -> list[list[str]]:
     return pairs + real_texts[:4]
 
 
-# What the cpu backend offers depends on the CPU (backends/cpu.py: CpuBackend.unavailable); tests of those paths
-# skip, saying why, on a CPU that lacks them (an AVX2-only AMD EPYC lacks both).
-needs_cpu_int8 = pytest.mark.skipif(
-    not VNNI & cpu_flags(),
-    reason=f"the cpu backend offers int8 only with VNNI (oneDNN's int8 products saturate without it); {cpu_model()} "
-    "has none",
-)
+# What the cpu backend offers depends on the CPU (backends/cpu.py: CpuBackend.unavailable); tests of bfloat16 skip,
+# saying why, on a CPU without native bfloat16 (an AVX2-only AMD EPYC).
 needs_cpu_bfloat16 = pytest.mark.skipif(
     not {"avx512_bf16", "amx_bf16"} & cpu_flags(),
     reason=f"the cpu backend offers bfloat16 only with native bfloat16 (avx512_bf16 or AMX); {cpu_model()} has none",
@@ -190,7 +185,7 @@ needs_cpu_bfloat16 = pytest.mark.skipif(
 PRECISIONS_HERE = [
     "float32",
     pytest.param("bfloat16", marks=needs_cpu_bfloat16),
-    pytest.param("int8", marks=needs_cpu_int8),
+    "int8",
 ]
 
 

@@ -24,7 +24,7 @@ from fastinstructor.calibration import calibration_sha256
 from fastinstructor.checkpoint import EncoderConfig
 from fastinstructor.cli import main
 from fastinstructor.dispatch import Candidate, unavailable_reason
-from fastinstructor.hardware import CPU_FLAGS, VNNI, cpu_flags, cpu_model, probe
+from fastinstructor.hardware import CPU_FLAGS, cpu_model, probe
 from fastinstructor.testmodel import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,8 +115,7 @@ def test_contenders_skip_what_this_machine_cannot_run():
     assert chosen[0] == ("reference", "float32")
     assert ("cpu", "float32") in chosen and ("onnx", "int8") in chosen
     assert ("onnx", "float16") not in chosen  # float16 graphs are for CUDA
-    # What the dispatcher would refuse here is skipped with its reason: cpu bfloat16 without native bfloat16, cpu
-    # int8 without VNNI.
+    # What the dispatcher would refuse here is skipped with its reason: cpu bfloat16 without native bfloat16.
     why = {p: unavailable_reason(Candidate("cpu", p, "cpu"), probe()) for p in ("bfloat16", "int8")}
     for precision, reason in why.items():
         assert (("cpu", precision) in chosen) == (reason is None)
@@ -257,15 +256,14 @@ def test_the_cpu_profile_script_splits_the_time_of_encode(tiny_model, tmp_path):
     call)."""
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": f"sentence number {i} " * (1 + i % 5)}) + "\n" for i in range(12)))
-    cpu = "int8" if VNNI & cpu_flags() else "float32"  # cpu int8 needs VNNI (backends/cpu.py)
     done = _bench_script(
         "profile_cpu.py", "--model", tiny_model, "--workloads", texts, "--texts", 12,
-        "--contenders", f"cpu:{cpu},onnx:int8", "--out", tmp_path,
+        "--contenders", "cpu:int8,onnx:int8", "--out", tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (json_path,) = tmp_path.glob("profile-cpu-*.json")
     rows = json.loads(json_path.read_text())["rows"]
-    assert [r["contender"] for r in rows] == [f"cpu {cpu}", "onnx int8"]
+    assert [r["contender"] for r in rows] == ["cpu int8", "onnx int8"]
     for row in rows:
         assert row["matrix products_s"] > 0 and row["attention_s"] > 0
         ops = sum(row[f"{g}_s"] for g in GROUPS[:4])
@@ -276,7 +274,7 @@ def test_the_cpu_profile_script_splits_the_time_of_encode(tiny_model, tmp_path):
     # The products alone are timed for the cpu backend only (its projections are callables to time).
     assert rows[0]["products_alone_gflops"] > 0 and rows[1]["products_alone_gflops"] is None
     markdown = json_path.with_suffix(".md").read_text()
-    assert f"| texts | cpu {cpu} |" in markdown and "| products in encode | products alone |" in markdown
+    assert "| texts | cpu int8 |" in markdown and "| products in encode | products alone |" in markdown
 
 
 def test_the_fresh_shapes_script_times_filled_and_unfilled_forwards(tiny_model, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import PRECISIONS_HERE, assert_parity, needs_cpu_bfloat16, needs_cpu_int8, ungated
+from conftest import PRECISIONS_HERE, assert_parity, needs_cpu_bfloat16, ungated
 
 import fastinstructor
 from fastinstructor.backends.cpu import CpuBackend, Int8Linear, PackedLinear
@@ -25,9 +25,7 @@ def test_cpu_float32_matches_reference(make_model, real_pairs, preset):
     assert np.median(off_diagonal) < 0.95
 
 
-@pytest.mark.parametrize(
-    "precision", [pytest.param("bfloat16", marks=needs_cpu_bfloat16), pytest.param("int8", marks=needs_cpu_int8)]
-)
+@pytest.mark.parametrize("precision", [pytest.param("bfloat16", marks=needs_cpu_bfloat16), "int8"])
 def test_cpu_reduced_precision_on_base(make_model, real_pairs, precision):
     path = make_model("base")
     expected = fastinstructor.load(path, backend="reference").encode(real_pairs)

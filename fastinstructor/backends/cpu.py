@@ -38,7 +38,7 @@ from ..t5 import packed_mean_pool, position_bias_matrix, quantize_rows_ref
 from .base import BackendClass, Capability
 
 _NATIVE_BFLOAT16 = {"avx512_bf16", "amx_bf16"}
-_AMX_RANKS = {"bfloat16": 5, "int8": 7}  # ahead of onnx/int8 (10) on a CPU with AMX
+_AHEAD_OF_ONNX_INT8 = {"bfloat16": 5, "int8": 7}  # onnx/int8's rank is 10 (CpuBackend.rank)
 _FORWARD_BYTES = 16 * 2**20  # the most one forward's FFN activation takes (CpuBackend.forward_tokens)
 
 
@@ -76,13 +76,21 @@ class PackedLinear:
 
 class Int8Linear:
     """``y = (q @ Wq.T) * w_scale[None, :] * x_scale[:, None]`` (then ReLU if asked) from a per-token quantized
-    input ``(q [T, K] int8, x_scale [T])``: oneDNN's int8 product with the weight quantized per output channel and
-    prepacked once, its output in ``out_dtype``. oneDNN applies the weight's scales (it takes one scale for the
-    whole input, not one per token); the activations' scale is left to the next op, which reads its input
-    scaled: the call returns ``(y, x_scale)`` (the RMSNorm, the quantization and the attention take such pairs)."""
+    input ``(q [T, K] int8, x_scale [T])``: oneDNN's int8 product with the weight quantized per output channel (in 7
+    bits on a CPU without VNNI) and prepacked once, its output in ``out_dtype``. oneDNN applies the weight's scales
+    (it takes one scale for the whole input, not one per token); the activations' scale is left to the next op,
+    which reads its input scaled: the call returns ``(y, x_scale)`` (the RMSNorm, the quantization and the attention
+    take such pairs).
+
+    Without VNNI (``hardware.VNNI``) oneDNN's product is u8 x s8 with pairs summed in 16 bits: the weights are in 7
+    bits, which cannot saturate it (8-bit ones did: on an AVX2-only AMD EPYC products were off by up to 30, of values
+    about 30, in 2-4% of their elements), and the input goes in as u8 with zero point 128 (``q + 128``: the same
+    output to the bit). An s8 input cost each call a conversion of its own, 1-3 ms at base's sizes whatever the
+    token count: one text took 5x onnx int8's time."""
 
     def __init__(self, weight: torch.Tensor, activation: str, out_dtype: torch.dtype) -> None:
-        wq, self.weight_scale = quantize_rows_ref(weight, torch.int8)
+        self.reduce_range = not VNNI & cpu_flags()
+        wq, self.weight_scale = quantize_rows_ref(weight, torch.int8, reduce_range=self.reduce_range)
         self.packed = torch.ops.onednn.qlinear_prepack(wq, None)
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
         self.activation, self.out_dtype = activation, out_dtype
@@ -93,8 +101,11 @@ class Int8Linear:
 
     def __call__(self, x: tuple[torch.Tensor, torch.Tensor]):
         q, x_scale = x
+        zero_point = 128 if self.reduce_range else 0
+        if zero_point:
+            q = q.view(torch.uint8) ^ 128  # q + 128, as u8
         y = torch.ops.onednn.qlinear_pointwise(
-            q, 1.0, 0, self.packed, self.weight_scale, self.zero_points, None, 1.0, 0, self.out_dtype,
+            q, 1.0, zero_point, self.packed, self.weight_scale, self.zero_points, None, 1.0, 0, self.out_dtype,
             self.activation, [], "",
         )  # fmt: skip
         return y, x_scale  # the ReLU commutes with the activations' scale (it is > 0)
@@ -163,11 +174,18 @@ class CpuBackend(BackendClass):
 
     @classmethod
     def rank(cls, capability: Capability, hardware: Hardware) -> int | None:
-        # With AMX (bfloat16 and int8 tile units) bfloat16, then int8, come before onnx/int8 (rank 10): on the
-        # 2-core Xeon, evidence sentences, same run, cpu bfloat16 is 1.9x onnx int8's tokens/s and int8 2.6x;
-        # bfloat16 first, the more exact (bench/results/2026-12-01-vm/evidence.md).
-        if {"amx_bf16", "amx_int8"} <= hardware.cpu_flags and capability.precision in _AMX_RANKS:
-            return _AMX_RANKS[capability.precision]
+        # Ahead of onnx/int8 (rank 10) where they were measured faster, `make bench` (evidence, same run):
+        # - with AMX (bfloat16 and int8 tile units), bfloat16 then int8: on the 2-core Xeon cpu bfloat16 ran 1.9x
+        #   onnx int8's tokens/s and int8 2.6x; bfloat16 first, the more exact (bench/results/2026-12-01-vm/);
+        # - without VNNI, int8: on the AVX2-only AMD EPYC 1.47x (1.42x on the mix with articles), faster from
+        #   8-text batches on, and no export at the first load; one text takes 67 ms against 36
+        #   (bench/results/2026-12-07-vm/evidence-cpu-int8.md).
+        # With VNNI and without AMX (the AMD EPYC family of 2026-11-29) onnx/int8 was the faster, and stays first.
+        flags, precision = hardware.cpu_flags, capability.precision
+        if precision in _AHEAD_OF_ONNX_INT8 and {"amx_bf16", "amx_int8"} <= flags:
+            return _AHEAD_OF_ONNX_INT8[precision]
+        if precision == "int8" and not VNNI & flags:
+            return _AHEAD_OF_ONNX_INT8[precision]
         return capability.rank
 
     @classmethod
@@ -178,10 +196,6 @@ class CpuBackend(BackendClass):
     def unavailable(cls, precision: str, device: str, hardware: Hardware) -> str | None:
         if precision == "bfloat16" and not (_NATIVE_BFLOAT16 & hardware.cpu_flags):
             return "the CPU has no native bfloat16 (avx512_bf16 or AMX): slower than float32"
-        if precision == "int8" and not VNNI & hardware.cpu_flags:
-            # oneDNN's products saturate there (hardware.VNNI): on an AVX2-only AMD EPYC an Int8Linear product was
-            # off by up to 10, of values about 1, in 7% of its elements.
-            return "the CPU has no VNNI (avx512_vnni, avx_vnni or amx_int8): oneDNN's int8 products saturate there"
         if precision == "int8" and not Int8Linear.available():
             return "this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise): use onnx int8"
         return None
