@@ -177,8 +177,8 @@ class CpuBackend(BackendClass):
         # Ahead of onnx/int8 (rank 10) where they were measured faster, `make bench` (evidence, same run):
         # - with AMX (bfloat16 and int8 tile units), bfloat16 then int8: on the 2-core Xeon cpu bfloat16 ran 1.9x
         #   onnx int8's tokens/s and int8 2.6x; bfloat16 first, the more exact (bench/results/2026-12-01-vm/);
-        # - without VNNI, int8: on the AVX2-only AMD EPYC 1.47x (1.42x on the mix with articles), faster from
-        #   8-text batches on, and no export at the first load; one text takes 67 ms against 36
+        # - without VNNI, int8: on the AVX2-only AMD EPYC 1.47x (1.49x on the mix with articles, one call),
+        #   faster from 8-text batches on, and no export at the first load; one text takes 67 ms against 36
         #   (bench/results/2026-12-07-vm/evidence-cpu-int8.md).
         # With VNNI and without AMX (the AMD EPYC family of 2026-11-29) onnx/int8 was the faster, and stays first.
         flags, precision = hardware.cpu_flags, capability.precision
