@@ -45,8 +45,8 @@ demo: $(VENV)/.installed $(DEMO_MODEL)/modules.json
 
 # Two processes, each given whole modules (--dist loadfile: a module's session fixtures, such as its ONNX exports,
 # are made once): the suite is mostly single-threaded (the Triton interpreter, subprocesses), and took 25 min in one
-# process on a 2-core AMD EPYC, 19 min in two (12-14 min since the slowest tests were trimmed). The 15 slowest tests
-# are listed at the end: where to look when the suite grows slow.
+# process on a 2-core AMD EPYC, 19 min in two (12-14 min since the slowest tests were trimmed, 13-15 min since cpu int8
+# runs there too). The 15 slowest tests are listed at the end: where to look when the suite grows slow.
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --dist loadfile --durations=15
 
