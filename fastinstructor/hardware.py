@@ -6,6 +6,7 @@ describes in its report).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -60,6 +61,7 @@ def _version(package: str) -> str | None:
         return None
 
 
+@functools.cache  # the CPU does not change under a process; the cpu backend asks once per int8 projection
 def _cpuinfo(field: str) -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
