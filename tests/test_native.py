@@ -228,23 +228,30 @@ def test_the_int8_product_equals_the_dequantized_one():
     """The cpu backend's int8 projection: oneDNN's product of the quantized operands, scaled back, with the ReLU,
     against the same quantized operands multiplied in float32, the activations' scale left to the caller. At
     base's width, where 8-bit weights saturate a product on a CPU without VNNI (in 2-4% of its elements on an
-    AVX2-only AMD EPYC): there the weights are in 7 bits."""
-    from fastinstructor.backends.cpu import Int8Linear
+    AVX2-only AMD EPYC): there the weights are in 7 bits, and fewer than FEW_TOKENS rows run on FBGEMM, whose
+    output must equal oneDNN's to the bit."""
+    from fastinstructor.backends.cpu import Int8Linear, _fbgemm_available
 
     if not Int8Linear.available():
         pytest.skip("this torch build has no oneDNN int8 linear: the cpu backend offers no int8 here")
-    x, weight = rows((45, 768), torch.float32, 11), rows((80, 768), torch.float32, 12).mul(0.1)
-    xq, x_scale = quantize_rows_ref(x)
-    for activation in ("none", "relu"):
-        linear = Int8Linear(weight, activation, torch.float32)
-        assert linear.reduce_range == (not VNNI & cpu_flags())
-        wq, w_scale = quantize_rows_ref(weight, reduce_range=linear.reduce_range)
-        assert wq.abs().max() == (63 if linear.reduce_range else 127)
-        expected = (xq.float() @ wq.float().t()) * w_scale[None, :] * x_scale[:, None]
-        y, scale = linear((xq, x_scale))
-        assert scale is x_scale
-        torch.testing.assert_close(y * scale[:, None], expected.relu() if activation == "relu" else expected,
-                                   atol=1e-4, rtol=1e-5)  # fmt: skip
+    weight = rows((80, 768), torch.float32, 12).mul(0.1)
+    for tokens in (45, Int8Linear.FEW_TOKENS + 3):
+        x = rows((tokens, 768), torch.float32, 11)
+        xq, x_scale = quantize_rows_ref(x)
+        for activation in ("none", "relu"):
+            linear = Int8Linear(weight, activation, torch.float32)
+            assert linear.reduce_range == (not VNNI & cpu_flags())
+            assert (linear.few_tokens_packed is not None) == (linear.reduce_range and _fbgemm_available())
+            wq, w_scale = quantize_rows_ref(weight, reduce_range=linear.reduce_range)
+            assert wq.abs().max() == (63 if linear.reduce_range else 127)
+            expected = (xq.float() @ wq.float().t()) * w_scale[None, :] * x_scale[:, None]
+            y, scale = linear((xq, x_scale))
+            assert scale is x_scale
+            torch.testing.assert_close(y * scale[:, None], expected.relu() if activation == "relu" else expected,
+                                       atol=1e-4, rtol=1e-5)  # fmt: skip
+            if linear.few_tokens_packed is not None:
+                linear.few_tokens_packed = None  # the same rows on oneDNN
+                assert torch.equal(linear((xq, x_scale))[0], y)
 
 
 def test_the_fallback_runs_the_reference(monkeypatch):

@@ -24,6 +24,7 @@ compute a padding token. The op set (``CpuOps``):
 
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar
 
 import torch
@@ -86,7 +87,17 @@ class Int8Linear:
     bits, which cannot saturate it (8-bit ones did: on an AVX2-only AMD EPYC products were off by up to 30, of values
     about 30, in 2-4% of their elements), and the input goes in as u8 with zero point 128 (``q + 128``: the same
     output to the bit). An s8 input cost each call a conversion of its own, 1-3 ms at base's sizes whatever the
-    token count: one text took 5x onnx int8's time."""
+    token count: one text took 5x onnx int8's time.
+
+    There, a product of fewer than ``FEW_TOKENS`` rows runs on FBGEMM (PyTorch's other x86 int8 library, built for
+    small batches), on a second packing of the same 7-bit weight, with the same zero point: the same output to the
+    bit, 2.8x faster at 8 tokens, 1.5x at 32, 1.15x at 64, even at 128 and slower above (a layer's four products at
+    base's sizes, 2-core AVX2-only AMD EPYC). oneDNN also builds a kernel for each new row count, which a server's
+    requests bring nearly every time, and FBGEMM does not. One text: 66 -> 41 ms
+    (bench/results/2026-12-07-vm/single-text-int8.md). The int8 weights take twice their memory there (still half
+    of float32's)."""
+
+    FEW_TOKENS: ClassVar[int] = 128
 
     def __init__(self, weight: torch.Tensor, activation: str, out_dtype: torch.dtype) -> None:
         self.reduce_range = not VNNI & cpu_flags()
@@ -94,6 +105,8 @@ class Int8Linear:
         self.packed = torch.ops.onednn.qlinear_prepack(wq, None)
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
         self.activation, self.out_dtype = activation, out_dtype
+        few = self.reduce_range and out_dtype == torch.float32 and _fbgemm_available()
+        self.few_tokens_packed = _fbgemm_prepack(wq, self.weight_scale) if few else None
 
     @staticmethod
     def available() -> bool:
@@ -101,6 +114,12 @@ class Int8Linear:
 
     def __call__(self, x: tuple[torch.Tensor, torch.Tensor]):
         q, x_scale = x
+        if self.few_tokens_packed is not None and q.shape[0] < self.FEW_TOKENS:
+            # The op takes a float input and quantizes it as u8 with (scale 1, zero point 128): q + 128 exactly.
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                q.float(), 1.0, 128, self.few_tokens_packed
+            )
+            return (y.relu_() if self.activation == "relu" else y), x_scale
         zero_point = 128 if self.reduce_range else 0
         if zero_point:
             q = q.view(torch.uint8) ^ 128  # q + 128, as u8
@@ -109,6 +128,26 @@ class Int8Linear:
             self.activation, [], "",
         )  # fmt: skip
         return y, x_scale  # the ReLU commutes with the activations' scale (it is > 0)
+
+
+def _fbgemm_available() -> bool:
+    """Whether PyTorch's FBGEMM int8 linear runs here: x86 builds, with the quantized engine left to x86 or fbgemm."""
+    return (
+        torch.backends.quantized.engine in ("x86", "fbgemm")
+        and hasattr(torch, "_make_per_channel_quantized_tensor")
+        and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+    )
+
+
+def _fbgemm_prepack(wq: torch.Tensor, scale: torch.Tensor):
+    """FBGEMM's packing of an int8 weight quantized per output channel (symmetric: zero points 0)."""
+    with warnings.catch_warnings():
+        # PyTorch marks its quantized tensor types deprecated; FBGEMM's packing still takes one, and this is its
+        # only use here (the packed weight is all that is kept).
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        zero_points = torch.zeros(wq.shape[0], dtype=torch.int64)
+        qweight = torch._make_per_channel_quantized_tensor(wq, scale.double(), zero_points, 0)
+    return torch.ops.quantized.linear_prepack(qweight, None)
 
 
 def _with_scale(x) -> tuple[torch.Tensor, torch.Tensor | None]:
