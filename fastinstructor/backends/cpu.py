@@ -93,9 +93,9 @@ class Int8Linear:
     small batches), on a second packing of the same 7-bit weight, with the same zero point: the same output to the
     bit, 2.8x faster at 8 tokens, 1.5x at 32, 1.15x at 64, even at 128 and slower above (a layer's four products at
     base's sizes, 2-core AVX2-only AMD EPYC). oneDNN also builds a kernel for each new row count, which a server's
-    requests bring nearly every time, and FBGEMM does not. One text: 66 -> 41 ms
-    (bench/results/2026-12-07-vm/single-text-int8.md). The int8 weights take twice their memory there (still half
-    of float32's)."""
+    requests bring nearly every time, and FBGEMM does not. One text, p50: 67 -> 46 ms, throughput unchanged
+    (bench/results/2026-12-07-vm/evidence-cpu-int8-fbgemm.md). The int8 weights take their memory twice there
+    (load: 191 -> 326 MiB for base; float32 takes 488)."""
 
     FEW_TOKENS: ClassVar[int] = 128
 
@@ -217,8 +217,8 @@ class CpuBackend(BackendClass):
         # - with AMX (bfloat16 and int8 tile units), bfloat16 then int8: on the 2-core Xeon cpu bfloat16 ran 1.9x
         #   onnx int8's tokens/s and int8 2.6x; bfloat16 first, the more exact (bench/results/2026-12-01-vm/);
         # - without VNNI, int8: on the AVX2-only AMD EPYC 1.47x (1.49x on the mix with articles, one call),
-        #   faster from 8-text batches on, and no export at the first load; one text takes 67 ms against 36
-        #   (bench/results/2026-12-07-vm/evidence-cpu-int8.md).
+        #   faster from 8-text batches on, and no export at the first load; one text takes 46 ms against 36
+        #   (bench/results/2026-12-07-vm/evidence-cpu-int8.md, evidence-cpu-int8-fbgemm.md).
         # With VNNI and without AMX (the AMD EPYC family of 2026-11-29) onnx/int8 was the faster, and stays first.
         flags, precision = hardware.cpu_flags, capability.precision
         if precision in _AHEAD_OF_ONNX_INT8 and {"amx_bf16", "amx_int8"} <= flags:
