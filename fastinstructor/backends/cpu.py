@@ -91,10 +91,12 @@ class Int8Linear:
 
     There, a product of fewer than ``FEW_TOKENS`` rows runs on FBGEMM (PyTorch's other x86 int8 library, built for
     small batches), on a second packing of the same 7-bit weight, with the same zero point: the same output to the
-    bit, 2.8x faster at 8 tokens, 1.5x at 32, 1.15x at 64, even at 128 and slower above (a layer's four products at
-    base's sizes, 2-core AVX2-only AMD EPYC). oneDNN also builds a kernel for each new row count, which a server's
-    requests bring nearly every time, and FBGEMM does not. One text, p50: 67 -> 46 ms, throughput unchanged
-    (bench/results/2026-12-07-vm/evidence-cpu-int8-fbgemm.md). The int8 weights take their memory twice there
+    bit; a layer's four products of base on a 2-core AVX2-only AMD EPYC 2.4x faster at 8 tokens, 1.5x at 32, 1.15x
+    at 64, even at 96-128, 0.75-0.9x from 160 on (bench/bench_int8_products.py,
+    bench/results/int8-products-2026-12-07-vm.md). oneDNN's first call at a new row count also costs more (about
+    0.5 ms a product at 20-120 rows there), and a server's requests bring a new one nearly every time. One text,
+    p50: 67 -> 46 ms, throughput unchanged (bench/results/2026-12-07-vm/evidence-cpu-int8-fbgemm.md). The int8
+    weights take their memory twice there
     (load: 191 -> 326 MiB for base; float32 takes 488)."""
 
     FEW_TOKENS: ClassVar[int] = 128
