@@ -277,6 +277,25 @@ def test_the_cpu_profile_script_splits_the_time_of_encode(tiny_model, tmp_path):
     assert "| texts | cpu int8 |" in markdown and "| products in encode | products alone |" in markdown
 
 
+def test_the_int8_products_script_compares_the_kernels_to_the_bit(tiny_model, tmp_path):
+    """bench/bench_int8_products.py on tiny: every way gives the same output, each has a time, and the way the
+    backend takes follows this CPU (FBGEMM below FEW_TOKENS only without VNNI)."""
+    from fastinstructor.backends.cpu import Int8Linear, _fbgemm_available
+    from fastinstructor.hardware import VNNI, cpu_flags
+
+    if not Int8Linear.available() or not _fbgemm_available():
+        pytest.skip("this torch has no oneDNN or no FBGEMM int8 linear: nothing to compare")
+    done = _bench_script("bench_int8_products.py", "--model", tiny_model, "--tokens", "3,200", "--repeat", 1,
+                         "--out", tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (json_path,) = tmp_path.glob("int8-products-*.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [3, 200] and all(r["same"] for r in rows)
+    assert all(ms > 0 for r in rows for ms in r["ms"].values())
+    without_vnni = not VNNI & cpu_flags()
+    assert [r["backend"] for r in rows] == (["FBGEMM", "oneDNN u8"] if without_vnni else ["oneDNN s8"] * 2)
+
+
 def test_the_fresh_shapes_script_times_filled_and_unfilled_forwards(tiny_model, tmp_path):
     """bench/bench_fresh_shapes.py on tiny: both modes, both scenarios, each in its own process."""
     texts = tmp_path / "texts.jsonl"
