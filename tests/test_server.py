@@ -336,6 +336,50 @@ def _batcher(policy, backend, max_wait_ms: float = 0.0, max_queued_rows: int = 1
     return Batcher(model, policy, defaultdict(_Instrument), max_wait_ms=max_wait_ms, max_queued_rows=max_queued_rows)
 
 
+def test_serve_loads_the_model_on_the_thread_its_batches_run_on(monkeypatch, tiny_model):
+    """``fastinstructor serve`` loads the model (its parity check included) on the batcher's thread, and hands that
+    thread to the app: a model loaded on one thread and run on another gives the process a second OpenMP team,
+    which makes every parallel CPU op wake its threads from sleep (fastinstructor.server.batcher)."""
+    import asyncio
+    import threading
+
+    import fastinstructor
+    import fastinstructor.server as server
+    from fastinstructor.batching import BatchPolicy
+    from fastinstructor.cli import main
+
+    seen, real_load = {}, fastinstructor.load
+
+    def load(*args, **kwargs):
+        seen["load"] = threading.get_ident()
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(fastinstructor, "load", load)
+    monkeypatch.setattr(server, "create_app", lambda model, settings, model_name, backend_thread: backend_thread)
+    monkeypatch.setattr(server, "serve", lambda app, *args: seen.setdefault("thread", app))
+    assert main(["serve", "--model", str(tiny_model), "--backend", "cpu", "--precision", "float32"]) == 0
+    worker = seen["thread"]
+    assert worker.submit(threading.get_ident).result() == seen["load"] != threading.get_ident()
+
+    class Where(_Recorder):
+        def embed(self, *inputs):
+            seen["embed"] = threading.get_ident()
+            return super().embed(*inputs)
+
+    async def one_row():
+        from collections import defaultdict
+        from types import SimpleNamespace
+
+        batcher = server.Batcher(SimpleNamespace(backend=Where()), BatchPolicy(max_rows=4, max_tokens=64),
+                                 defaultdict(_Instrument), max_wait_ms=0, max_queued_rows=8, worker=worker)  # fmt: skip
+        batcher.start()
+        await asyncio.gather(*batcher.submit(*_rows([3])))
+        await batcher.stop()
+
+    asyncio.run(one_row())
+    assert seen["embed"] == seen["load"]
+
+
 def _rows(lengths):
     return [[1] * n for n in lengths], [0] * len(lengths)
 

@@ -20,18 +20,29 @@ request headers. Clients are told the model's served name (``served_name``), nev
 
 Modules: ``settings`` (``ServerSettings``, ``served_name``, every flag and its environment variable: importable
 without the server extra), ``schemas`` (request and response models, the OpenAPI document), ``inputs`` (named
-instructions, left truncation, ``/tokenize``'s tokens), ``batcher`` (``Batcher``), ``app`` (the endpoints,
-``create_app``) and ``protocol`` (``HTTPError``, JSON error bodies, ``serve`` and its hardened h11 protocol).
+instructions, left truncation, ``/tokenize``'s tokens), ``batcher`` (``Batcher``, and ``backend_thread``: the thread
+the model is loaded and run on), ``app`` (the endpoints, ``create_app``) and ``protocol`` (``HTTPError``, JSON error
+bodies, ``serve`` and its hardened h11 protocol).
 """
 
 from .settings import ServerSettings, served_name
 
-__all__ = ["Batcher", "HTTPError", "QueueFull", "ServerSettings", "create_app", "serve", "served_name"]
+__all__ = [
+    "Batcher",
+    "HTTPError",
+    "QueueFull",
+    "ServerSettings",
+    "backend_thread",
+    "create_app",
+    "serve",
+    "served_name",
+]
 
 _LAZY = {
     "create_app": "app",
     "Batcher": "batcher",
     "QueueFull": "batcher",
+    "backend_thread": "batcher",
     "HTTPError": "protocol",
     "serve": "protocol",
 }

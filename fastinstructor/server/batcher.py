@@ -7,7 +7,13 @@ next batch. When ``pending`` runs dry before the batch is full, the task waits f
 oldest row has waited ``max_wait_ms`` (counted from its arrival, so a row that queued behind a busy backend has
 already waited). The event loop only gathers the rows: building the batch's tensors and the backend call both run
 in a worker thread, so the loop goes on serving requests meanwhile; each row's future gets its vector, or the batch's
-exception. A backend that takes packed batches (``packed_input``: the triton backend) gets a ``PackedBatch``
+exception. That thread (``backend_thread``) should be the one the model was loaded on, its parity check included:
+a second thread running PyTorch's parallel CPU ops gives the process a second OpenMP thread team, and from then on
+(more OpenMP threads than cores) libgomp wakes its threads from sleep for every parallel op, 50-100 us each, where
+they would otherwise spin. One climate claim at a time on cpu int8 (2-core AVX2-only AMD EPYC, in one process):
+48-58 ms p50 loaded on the main thread and embedded on another, 35-43 loaded and embedded on one; in the server
+(one client, the backend time of 150 claims, three runs each) 39-53 ms against 46-51, within the machine's noise.
+A backend that takes packed batches (``packed_input``: the cpu and triton backends) gets a ``PackedBatch``
 (``pack_batch``, pinned on CUDA) and ``embed_packed``; the others a padded batch (``pad_batch``) and ``embed``.
 """
 
@@ -25,7 +31,14 @@ import torch
 from ..backends.base import batch_inputs, embed_inputs
 from ..batching import BatchPolicy
 
-__all__ = ["Batcher", "QueueFull"]
+__all__ = ["Batcher", "QueueFull", "backend_thread"]
+
+
+def backend_thread() -> ThreadPoolExecutor:
+    """The one thread a server gives its model's work: load the model on it (``submit(fastinstructor.load,
+    ...).result()``) and hand it to the ``Batcher`` (``create_app(..., backend_thread=)``), so that all of the
+    model's PyTorch work runs on one thread (see the module's docstring)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastinstructor-backend")
 
 
 class QueueFull(Exception):
@@ -45,20 +58,30 @@ class _Row:
 
 
 class Batcher:
-    """One queue, one task: batches by ``policy`` with a short wait; tensors and backend in a worker thread.
+    """One queue, one task: batches by ``policy`` with a short wait; tensors and backend in ``worker``, a
+    ``backend_thread`` (the one the model was loaded on, or a new one).
 
     ``metrics`` holds the server's ``rejected``, ``queue_depth``, ``queue_seconds``, ``batch_rows`` and
     ``inference_seconds`` instruments.
     """
 
-    def __init__(self, model, policy: BatchPolicy, metrics: dict, *, max_wait_ms: float, max_queued_rows: int) -> None:
+    def __init__(
+        self,
+        model,
+        policy: BatchPolicy,
+        metrics: dict,
+        *,
+        max_wait_ms: float,
+        max_queued_rows: int,
+        worker: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.model, self.policy, self.metrics = model, policy, metrics
         self.max_wait_s = max_wait_ms / 1000
         self.max_queued_rows = max_queued_rows
         self.pending: deque[_Row] = deque()  # rows waiting for a batch, oldest first
         self.arrived = asyncio.Event()  # set by submit (and stop) to wake the task
         self.stopping = False
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastinstructor-backend")
+        self.worker = worker or backend_thread()  # the model's thread, where the caller loaded it on one
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
