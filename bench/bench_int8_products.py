@@ -30,6 +30,7 @@ from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, 
 from fastinstructor.backends import cpu
 from fastinstructor.benchmark import markdown_table, record
 from fastinstructor.checkpoint import load_checkpoint
+from fastinstructor.encoder import projection_weights
 from fastinstructor.t5 import quantize_rows_ref
 
 WAYS = ("oneDNN s8", "oneDNN u8", "FBGEMM")
@@ -39,17 +40,9 @@ def layer_products(model: Path) -> tuple[list[tuple[cpu.Int8Linear, int]], bool]
     """Layer 0's projections as the cpu backend builds them for int8 (float32 outputs, as on a CPU without native
     bfloat16), with their input widths, each given an FBGEMM packing of its weight where the backend keeps none;
     and whether the backend keeps them on this CPU."""
-    w = load_checkpoint(model).weights
-    attn, ff = "encoder.block.0.layer.0.SelfAttention.", "encoder.block.0.layer.1.DenseReluDense."
-    weights = [
-        (torch.cat([w[attn + n + ".weight"] for n in "qkv"]), "none"),
-        (w[attn + "o.weight"], "none"),
-        (w[ff + "wi.weight"], "relu"),
-        (w[ff + "wo.weight"], "none"),
-    ]
     products, kept = [], True
-    for weight, activation in weights:
-        linear = cpu.Int8Linear(weight.float(), activation, torch.float32)
+    for name, weight in projection_weights(load_checkpoint(model), 0).items():
+        linear = cpu.Int8Linear(weight, "relu" if name == "wi" else "none", torch.float32)
         if linear.few_tokens_packed is None:
             kept = False
             wq, _ = quantize_rows_ref(weight, torch.int8, reduce_range=linear.reduce_range)

@@ -33,7 +33,15 @@ import torch.nn.functional as F
 from .checkpoint import Checkpoint, EncoderConfig
 from .t5 import dense_and_normalize
 
-__all__ = ["EncoderOps", "Layer", "PackedEncoder", "build_encoder", "qkv_views", "relative_attention_bias"]
+__all__ = [
+    "EncoderOps",
+    "Layer",
+    "PackedEncoder",
+    "build_encoder",
+    "projection_weights",
+    "qkv_views",
+    "relative_attention_bias",
+]
 
 # A projection: its input as the op set's ``norm``, ``product_input`` or attention made it (a tensor, or a quantized
 # pair) -> its output [T, N] as the op set's next op reads it (the cpu int8 products': ``(y, x_scale)`` pairs).
@@ -124,16 +132,9 @@ def build_encoder(
     layers = []
     for i in range(checkpoint.config.num_layers):
         p = f"encoder.block.{i}.layer."
-        attn, ff = p + "0.SelfAttention.", p + "1.DenseReluDense."
+        projections = {name: project(weight, name) for name, weight in projection_weights(checkpoint, i).items()}
         layers.append(
-            Layer(
-                ln_attn=place(w[p + "0.layer_norm.weight"]),
-                qkv=project(torch.cat([w[attn + n + ".weight"] for n in "qkv"]), "qkv"),
-                o=project(w[attn + "o.weight"], "o"),
-                ln_ff=place(w[p + "1.layer_norm.weight"]),
-                wi=project(w[ff + "wi.weight"], "wi"),
-                wo=project(w[ff + "wo.weight"], "wo"),
-            )
+            Layer(ln_attn=place(w[p + "0.layer_norm.weight"]), ln_ff=place(w[p + "1.layer_norm.weight"]), **projections)
         )
     return PackedEncoder(
         config=checkpoint.config,
@@ -144,6 +145,20 @@ def build_encoder(
         dense=None if checkpoint.dense_weight is None else place(checkpoint.dense_weight),
         normalize=checkpoint.normalize,
     )
+
+
+def projection_weights(checkpoint: Checkpoint, layer: int) -> dict[str, torch.Tensor]:
+    """Layer ``layer``'s projection weights ``[out, in]`` by the encoder's names: ``qkv`` (q, k and v fused, in that
+    order), ``o``, ``wi`` and ``wo``."""
+    w = checkpoint.weights
+    attn = f"encoder.block.{layer}.layer.0.SelfAttention."
+    ff = f"encoder.block.{layer}.layer.1.DenseReluDense."
+    return {
+        "qkv": torch.cat([w[attn + n + ".weight"] for n in "qkv"]),
+        "o": w[attn + "o.weight"],
+        "wi": w[ff + "wi.weight"],
+        "wo": w[ff + "wo.weight"],
+    }
 
 
 def relative_attention_bias(checkpoint: Checkpoint) -> torch.Tensor:

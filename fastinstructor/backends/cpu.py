@@ -96,8 +96,7 @@ class Int8Linear:
     bench/results/int8-products-2026-12-07-vm.md). oneDNN's first call at a new row count also costs more (about
     0.5 ms a product at 20-120 rows there), and a server's requests bring a new one nearly every time. One text,
     p50: 67 -> 46 ms, throughput unchanged (bench/results/2026-12-07-vm/evidence-cpu-int8-fbgemm.md). The int8
-    weights take their memory twice there
-    (load: 191 -> 326 MiB for base; float32 takes 488)."""
+    weights take their memory twice there (load: 191 -> 326 MiB for base; float32 takes 488)."""
 
     FEW_TOKENS: ClassVar[int] = 128
 
