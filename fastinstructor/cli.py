@@ -154,7 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise ImportError("fastinstructor serve needs the server extra: pip install 'fastinstructor[server]'") from None
-    from .server import backend_thread, create_app, serve
+    from .server import create_app, serve
 
     values = resolve({o.dest: getattr(args, o.dest) for o in OPTIONS if hasattr(args, o.dest)})
     settings = settings_from(values)  # before the load: a bad limit or environment variable fails at once
@@ -162,23 +162,19 @@ def _serve(args: argparse.Namespace) -> int:
         from .ray.serving import serve_from_values
 
         return serve_from_values(values, settings)
-    compute = backend_thread()  # the model's work, its load and parity check included, on one thread
-    model = compute.submit(
-        load,
+    model = load(
         values["model"],
         backend=values["backend"],
         precision=values["precision"],
         max_seq_length=values["max_seq_length"],
         threads=values["threads"],
-    ).result()
+    )
     name = values["served_model_name"] or served_name(values["model"])
     keys = "on" if settings.api_keys else "off"
     print(
         f"serving {model} as {name!r} on http://{values['host']}:{values['port']} (API keys: {keys})", file=sys.stderr
     )
-    serve(
-        create_app(model, settings, model_name=name, backend_thread=compute), settings, values["host"], values["port"]
-    )
+    serve(create_app(model, settings, model_name=name), settings, values["host"], values["port"])
     return 0
 
 

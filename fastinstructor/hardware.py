@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from . import compute_thread
+
 __all__ = ["VNNI", "Hardware", "probe", "cpu_flags", "cpu_model", "set_threads", "threads"]
 
 # The packages that decide which backends run here; their versions key cached parity results.
@@ -93,7 +95,8 @@ def set_threads(count: int) -> None:
     global _threads
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"threads must be a whole number of at least 1, got {count!r}")
-    torch.set_num_threads(count)
+    torch.set_num_threads(count)  # this thread's and those that start PyTorch's threads from now on ...
+    compute_thread.run(torch.set_num_threads, count)  # ... but a thread that already has keeps its count
     os.environ.setdefault("RAYON_NUM_THREADS", str(count))
     _threads = count
 

@@ -2,20 +2,30 @@
 
 tokenize (for a backend off the CPU, a large input in chunks, the next chunk in a background thread) -> plan batches
 (sorted by length within a chunk, token budget) -> pad or pack (a background thread, ahead of the backend) ->
-backend.embed / embed_packed -> back to input order.
+backend.embed / embed_packed -> back to input order. For a backend that computes with PyTorch on the CPU, all of it
+runs on ``compute_thread``, whichever thread calls.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import closing
 
 import torch
 import torch.nn.functional as F
 
+from . import compute_thread
 from .backends import get_backend_class
-from .backends.base import Backend, batch_inputs, check_precision, embed_inputs, takes_large_batches
+from .backends.base import (
+    Backend,
+    batch_inputs,
+    check_precision,
+    embed_inputs,
+    takes_large_batches,
+    uses_compute_thread,
+)
 from .batching import DEFAULT_ENCODE_POLICY, BatchPolicy, default_policy
 from .checkpoint import Checkpoint, load_checkpoint
 from .hardware import set_threads
@@ -157,14 +167,19 @@ class Instructor:
             sentences = _with_prompt(sentences, prompt)
         check_sentences(sentences)  # every input, before any work (a chunk is tokenized only when its turn comes)
         progress = _progress(len(sentences), show_progress_bar)
+        stop = threading.Event()
         try:
-            out = self._tokenize_and_embed(sentences, policy, progress.update)
+            out = self._run(
+                self._embed_sentences,
+                sentences,
+                policy,
+                normalize_embeddings,
+                precision,
+                _stoppable(progress.update, stop),
+                stop=stop,
+            )
         finally:
             progress.close()
-        if normalize_embeddings:
-            out = F.normalize(out, p=2, dim=1)
-        if precision != "float32":
-            out = torch.from_numpy(quantize_embeddings(out.numpy(), precision))
         if convert_to_tensor:
             result = out
         elif convert_to_numpy:
@@ -186,7 +201,24 @@ class Instructor:
         ``[N1, N2]`` (numpy arrays, tensors, lists of either; a single vector is one row), as sentence-transformers'
         ``similarity`` with its default cosine function. INSTRUCTOR embeddings are unit norm: cosine is the dot product.
         """
-        return cos_sim(embeddings1, embeddings2)
+        return self._run(cos_sim, embeddings1, embeddings2)
+
+    def _run(self, fn: Callable[..., torch.Tensor], *args, stop: threading.Event | None = None) -> torch.Tensor:
+        """``fn(*args)`` on the compute thread when the backend computes with PyTorch on the CPU (``stop`` set if
+        this caller is interrupted meanwhile), else on this thread (``fastinstructor.compute_thread``)."""
+        if uses_compute_thread(self.backend):
+            return compute_thread.run(fn, *args, stop=stop)
+        return fn(*args)
+
+    def _embed_sentences(
+        self, sentences: Sequence, policy: BatchPolicy, normalize: bool, precision: str, on_batch: Callable
+    ) -> torch.Tensor:  # [N, dim] in input order: float32, or the output precision's integers
+        out = self._tokenize_and_embed(sentences, policy, on_batch)
+        if normalize:
+            out = F.normalize(out, p=2, dim=1)
+        if precision != "float32":
+            out = torch.from_numpy(quantize_embeddings(out.numpy(), precision))
+        return out
 
     def _tokenize_and_embed(
         self, sentences: Sequence, policy: BatchPolicy, on_batch: Callable[[int], object]
@@ -198,7 +230,7 @@ class Instructor:
         size = tokenize_chunk_rows(policy, self.backend.device)
         if size is None or len(sentences) <= size:
             tokenized = self.tokenizer(sentences)
-            return self.embed_tokens(tokenized.ids, tokenized.pool_start, policy, on_batch)
+            return self._embed_tokens(tokenized.ids, tokenized.pool_start, policy, on_batch)
         sentences = list(sentences)  # any Sequence: sliced below
         starts = range(0, len(sentences), size)
         out = torch.empty((len(sentences), self.dim), dtype=torch.float32)
@@ -207,7 +239,7 @@ class Instructor:
         ) as chunks:
             for start, tokenized in zip(starts, chunks, strict=True):
                 rows = slice(start, start + len(tokenized.ids))
-                out[rows] = self.embed_tokens(tokenized.ids, tokenized.pool_start, policy, on_batch)
+                out[rows] = self._embed_tokens(tokenized.ids, tokenized.pool_start, policy, on_batch)
         return out
 
     def embed_tokens(
@@ -225,7 +257,14 @@ class Instructor:
         one: ``pack_batch`` for a backend that takes packed batches (``packed_input``), else ``pad_batch``; in
         pinned memory when the backend runs on CUDA. Each batch's result is copied back to the host after the
         next batch has been handed to the backend, so that a GPU has the next batch queued while the host waits.
+        The whole of it runs on the compute thread when the backend computes with PyTorch on the CPU.
         """
+        stop = threading.Event()
+        return self._run(self._embed_tokens, ids, pool_start, policy, _stoppable(on_batch, stop), stop=stop)
+
+    def _embed_tokens(
+        self, ids: list[list[int]], pool_start: list[int], policy: BatchPolicy | None, on_batch: Callable[[int], object]
+    ) -> torch.Tensor:
         backend = self.backend
         policy = default_policy(takes_large_batches(backend)) if policy is None else policy
         plan = policy.plan([len(row) for row in ids])
@@ -237,8 +276,7 @@ class Instructor:
 
         def collect(rows: list[int], result: torch.Tensor) -> None:
             out[rows] = result.float().cpu()
-            if on_batch is not None:
-                on_batch(len(rows))
+            on_batch(len(rows))
 
         running: list = []  # the device batch handed to the backend last, copied back after the next is queued
         batches = prefetch(make, plan) if len(plan) > 1 else (make(rows) for rows in plan)  # 1 batch: no thread
@@ -269,6 +307,22 @@ def _with_prompt(sentences: Sequence, prompt: str) -> list[list[str]]:
                 "its instruction). Pass [instruction, text] pairs without prompt= instead."
             )
     return [[prompt, text] for text in sentences]
+
+
+class _Abandoned(Exception):
+    """Raised on the compute thread at a batch's end when the caller stopped waiting (``compute_thread.run``)."""
+
+
+def _stoppable(on_batch: Callable[[int], object] | None, stop: threading.Event) -> Callable[[int], None]:
+    """``on_batch``, raising ``_Abandoned`` instead once ``stop`` is set."""
+
+    def step(rows: int) -> None:
+        if stop.is_set():
+            raise _Abandoned("the caller stopped waiting")
+        if on_batch is not None:
+            on_batch(rows)
+
+    return step
 
 
 class _NoProgress:
@@ -326,11 +380,36 @@ def load(
     ``include_prompt=False``: no 1-token exception). ``max_seq_length``: tokens per input at most (instruction, text
     and ``</s>``), up to the checkpoint's own (512 for INSTRUCTOR), which is the default. ``query_instruction`` and
     ``document_instruction``: the model's instructions for ``encode_query`` and ``encode_document``.
+
+    The load runs on ``fastinstructor.compute_thread``, the thread a cpu or reference model then computes on.
     """
+    if threads is not None:
+        set_threads(threads)  # this thread's PyTorch and the compute thread's, before the backends start
+    options = {name: value for name, value in locals().items() if name != "threads"}  # every other argument
+    return compute_thread.run(_load, **options)
+
+
+def _load(
+    model: str | os.PathLike,
+    backend: str,
+    precision: str,
+    *,
+    device: str | None,
+    pooling_rule: str,
+    max_seq_length: int | None,
+    cache_dir: str | None,
+    revision: str | None,
+    backend_options: dict | None,
+    allow_int8: bool,
+    min_cosine: float | None,
+    allow_fallback: bool,
+    parity_cache: bool,
+    query_instruction: str,
+    document_instruction: str,
+) -> Instructor:
+    """``load``'s work, on the compute thread."""
     from .dispatch import choose
 
-    if threads is not None:
-        set_threads(threads)  # before the backends start and the parity check runs
     if backend == "auto":
         backend = os.environ.get("FASTINSTRUCTOR_BACKEND") or "auto"
     if precision == "auto":

@@ -14,7 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Lowest first: a module may import its own layer's modules and those of lower layers, never a higher layer's.
 LAYERS = [
-    ("foundation", ["version", "precisions", "locking", "hardware", "data", "batching", "prefetch", "vectors"]),
+    (
+        "foundation",
+        ["version", "precisions", "locking", "hardware", "data", "batching", "prefetch", "compute_thread", "vectors"],
+    ),
     ("model files", ["checkpoint", "tokenization", "calibration", "readers"]),
     ("T5 maths", ["t5", "encoder"]),
     ("kernels and export", ["kernels", "native", "export"]),

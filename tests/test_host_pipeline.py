@@ -611,7 +611,7 @@ def test_a_resumed_embed_job_keeps_the_batches_it_started_with(cpu_model, real_t
     np.testing.assert_allclose(read_embeddings(tmp_path / "out")[1], expected, rtol=0, atol=1e-5)
 
 
-def test_the_server_batcher_packs_for_a_packed_backend_in_its_worker_thread(cpu_model, monkeypatch):
+def test_the_server_batcher_packs_for_a_packed_backend_on_the_compute_thread(cpu_model, monkeypatch):
     import asyncio
     from collections import defaultdict
     from types import SimpleNamespace
@@ -657,7 +657,7 @@ def test_the_server_batcher_packs_for_a_packed_backend_in_its_worker_thread(cpu_
         return vectors, failed
 
     vectors, failed = asyncio.run(scenario())
-    assert built_in and all(name.startswith("fastinstructor-backend") for name in built_in), built_in
+    assert built_in and all(name.startswith("fastinstructor-compute") for name in built_in), built_in
     assert [type(error) for error in failed] == [ValueError, ValueError] and "1-token row" in str(failed[0])
     expected = cpu_model.backend.embed(*pad_batch(rows, [0] * len(rows))).numpy()
     np.testing.assert_allclose(np.stack(vectors), expected, atol=1e-5)

@@ -289,11 +289,14 @@ def test_rows_wait_at_most_the_max_wait_plus_one_batch(tiny_model, model):
             start = time.perf_counter()
             reply = httpx.post(url + "/embed", json={"inputs": [f"text {i}"]}, timeout=30)
             assert reply.status_code == 200, reply.text
-            np.testing.assert_allclose(reply.json()[0], model.encode([f"text {i}"])[0], atol=1e-6)
+            replies[i] = reply.json()[0]
             return time.perf_counter() - start
 
+        replies: dict[int, list] = {}
         with ThreadPoolExecutor(max_workers=4) as pool:
             latencies = list(pool.map(request, range(4)))
+    for i, vector in replies.items():  # after the timing: the model computes on the thread the server's batches ran on
+        np.testing.assert_allclose(vector, model.encode([f"text {i}"])[0], atol=1e-6)
     assert slow.backend.batches == [1, 3], f"batch sizes {slow.backend.batches}: expected [1] then [3]"
     assert latencies[0] < max_wait + delay + margin, latencies
     assert max(latencies[1:]) < delay + max_wait + delay + margin, latencies
@@ -336,30 +339,29 @@ def _batcher(policy, backend, max_wait_ms: float = 0.0, max_queued_rows: int = 1
     return Batcher(model, policy, defaultdict(_Instrument), max_wait_ms=max_wait_ms, max_queued_rows=max_queued_rows)
 
 
-def test_serve_loads_the_model_on_the_thread_its_batches_run_on(monkeypatch, tiny_model):
-    """``fastinstructor serve`` loads the model (its parity check included) on the batcher's thread, and hands that
-    thread to the app: a model loaded on one thread and run on another gives the process a second OpenMP team,
-    which makes every parallel CPU op wake its threads from sleep (fastinstructor.server.batcher)."""
+def test_serve_loads_the_model_on_the_thread_its_batches_run_on(monkeypatch, tmp_path, tiny_model):
+    """``fastinstructor serve`` loads the model (its parity check included) on the compute thread, and the batcher
+    runs its batches there: a model loaded on one thread and run on another gives the process a second OpenMP team,
+    which makes every parallel CPU op wake its threads from sleep (fastinstructor.compute_thread)."""
     import asyncio
     import threading
 
-    import fastinstructor
     import fastinstructor.server as server
+    from fastinstructor import compute_thread
+    from fastinstructor.backends.cpu import CpuBackend
     from fastinstructor.batching import BatchPolicy
     from fastinstructor.cli import main
 
-    seen, real_load = {}, fastinstructor.load
+    seen, real_embed_packed = {}, CpuBackend.embed_packed
 
-    def load(*args, **kwargs):
-        seen["load"] = threading.get_ident()
-        return real_load(*args, **kwargs)
+    def embed_packed(self, batch):  # the parity check at load runs the candidate
+        seen.setdefault("load", threading.get_ident())
+        return real_embed_packed(self, batch)
 
-    monkeypatch.setattr(fastinstructor, "load", load)
-    monkeypatch.setattr(server, "create_app", lambda model, settings, model_name, backend_thread: backend_thread)
-    monkeypatch.setattr(server, "serve", lambda app, *args: seen.setdefault("thread", app))
+    monkeypatch.setattr(CpuBackend, "embed_packed", embed_packed)
+    monkeypatch.setenv("FASTINSTRUCTOR_CACHE", str(tmp_path))  # no parity result cached: the check runs
+    monkeypatch.setattr(server, "serve", lambda app, *args: None)
     assert main(["serve", "--model", str(tiny_model), "--backend", "cpu", "--precision", "float32"]) == 0
-    worker = seen["thread"]
-    assert worker.submit(threading.get_ident).result() == seen["load"] != threading.get_ident()
 
     class Where(_Recorder):
         def embed(self, *inputs):
@@ -367,17 +369,14 @@ def test_serve_loads_the_model_on_the_thread_its_batches_run_on(monkeypatch, tin
             return super().embed(*inputs)
 
     async def one_row():
-        from collections import defaultdict
-        from types import SimpleNamespace
-
-        batcher = server.Batcher(SimpleNamespace(backend=Where()), BatchPolicy(max_rows=4, max_tokens=64),
-                                 defaultdict(_Instrument), max_wait_ms=0, max_queued_rows=8, worker=worker)  # fmt: skip
+        batcher = _batcher(BatchPolicy(max_rows=4, max_tokens=64), Where())
         batcher.start()
         await asyncio.gather(*batcher.submit(*_rows([3])))
         await batcher.stop()
 
     asyncio.run(one_row())
-    assert seen["embed"] == seen["load"]
+    compute = compute_thread.run(threading.get_ident)
+    assert seen["embed"] == seen["load"] == compute != threading.get_ident()
 
 
 def _rows(lengths):

@@ -29,6 +29,7 @@ __all__ = [
     "pool_head",
     "takes_packed",
     "takes_large_batches",
+    "uses_compute_thread",
 ]
 
 DEVICE_NAMES = {"cpu": "the CPU", "cuda": "CUDA"}
@@ -80,6 +81,9 @@ class BackendClass:
     # True: when the caller names no policy, encode and the embed job give it batches of up to 1,024 rows and 65,536
     # real tokens (batching.DEFAULT_PACKED_POLICY: what keeps a GPU busy); else their CPU defaults (32 rows).
     large_batches: ClassVar[bool] = False
+    # True: on the CPU its arithmetic is PyTorch's (OpenMP threads), so the model's calls run on the one compute
+    # thread (fastinstructor.compute_thread); ONNX Runtime has its own thread pool and serves concurrent callers.
+    pytorch_cpu: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -140,6 +144,11 @@ def takes_large_batches(backend: Backend) -> bool:
     """Whether the pipeline's default policy for ``backend`` is ``DEFAULT_PACKED_POLICY`` (``large_batches``); a
     stand-in without the flag gets it when it takes packed batches."""
     return bool(getattr(backend, "large_batches", takes_packed(backend)))
+
+
+def uses_compute_thread(backend: Backend) -> bool:
+    """Whether the model's calls on ``backend`` run on ``compute_thread`` (``pytorch_cpu``, on the CPU)."""
+    return bool(getattr(backend, "pytorch_cpu", False)) and backend.device.type == "cpu"
 
 
 def batch_inputs(backend: Backend, ids: list[list[int]], pool_start: list[int]) -> PackedBatch | tuple:

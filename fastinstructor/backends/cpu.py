@@ -211,6 +211,7 @@ class CpuBackend(BackendClass):
         Capability("int8", "cpu", 20),
     )
     packed_input: ClassVar[bool] = True
+    pytorch_cpu: ClassVar[bool] = True
 
     @classmethod
     def rank(cls, capability: Capability, hardware: Hardware) -> int | None:

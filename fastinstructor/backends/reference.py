@@ -19,6 +19,7 @@ class ReferenceBackend(BackendClass):
         Capability("float32", "cpu", 90),
         Capability("float32", "cuda", 90),
     )
+    pytorch_cpu: ClassVar[bool] = True
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:

@@ -9,6 +9,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
+from .. import compute_thread
 from ..batching import plan_batches
 from ..parity import TOLERANCES
 from .contenders import (
@@ -228,6 +229,9 @@ def _model_record(checkpoint, dense_out: int | None) -> dict:
     }
 
 
+# Every contender (sentence-transformers, the reference, the ceilings' matmuls too) on the thread the cpu backend
+# computes on: PyTorch work on a second thread would slow them all (fastinstructor.compute_thread).
+@compute_thread.on_compute_thread
 def run_benchmark(
     model: str | os.PathLike,
     *,

@@ -22,16 +22,13 @@ class _Replica:
     (built by Ray Serve through ``__serve_build_asgi_app__`` once the model is loaded)."""
 
     def __init__(self, model: ShippedFolder, settings, name: str, options: dict) -> None:
-        from ..server import backend_thread
-
-        self.compute = backend_thread()  # the model's work on one thread (fastinstructor.server.batcher)
-        self.model = self.compute.submit(load_on_worker, model, **options).result()
+        self.model = load_on_worker(model, **options)
         self.settings, self.name = settings, name
 
     def __serve_build_asgi_app__(self):
         from ..server import create_app
 
-        return create_app(self.model, self.settings, model_name=self.name, backend_thread=self.compute)
+        return create_app(self.model, self.settings, model_name=self.name)
 
 
 def serve_app(

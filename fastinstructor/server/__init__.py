@@ -12,17 +12,16 @@
 Requests are validated against pydantic schemas (``schemas``: an unknown field or a wrong type is a 422),
 tokenized off the event loop, then queued row by row; one batcher task forms batches by the server's
 ``BatchPolicy`` (rows, and tokens: padded, or real ones on a backend that takes packed batches), waiting for more
-rows until its oldest row has waited ``max_wait_ms``, runs the backend in a worker thread and resolves each
-request's future. The queue is bounded (429 with ``Retry-After`` when full), bodies are bounded while they are read
-and inputs are bounded (413), API keys are compared in constant time (401), every error is a JSON body, and
-shutdown finishes the queued work. ``serve`` runs the app in uvicorn with a connection limit and a timeout for
-request headers. Clients are told the model's served name (``served_name``), never its local path.
+rows until its oldest row has waited ``max_wait_ms``, runs the backend on ``fastinstructor.compute_thread`` and
+resolves each request's future. The queue is bounded (429 with ``Retry-After`` when full), bodies are bounded while
+they are read and inputs are bounded (413), API keys are compared in constant time (401), every error is a JSON
+body, and shutdown finishes the queued work. ``serve`` runs the app in uvicorn with a connection limit and a timeout
+for request headers. Clients are told the model's served name (``served_name``), never its local path.
 
 Modules: ``settings`` (``ServerSettings``, ``served_name``, every flag and its environment variable: importable
 without the server extra), ``schemas`` (request and response models, the OpenAPI document), ``inputs`` (named
-instructions, left truncation, ``/tokenize``'s tokens), ``batcher`` (``Batcher``, and ``backend_thread``: the thread
-the model is loaded and run on), ``app`` (the endpoints, ``create_app``) and ``protocol`` (``HTTPError``, JSON error
-bodies, ``serve`` and its hardened h11 protocol).
+instructions, left truncation, ``/tokenize``'s tokens), ``batcher`` (``Batcher``), ``app`` (the endpoints,
+``create_app``) and ``protocol`` (``HTTPError``, JSON error bodies, ``serve`` and its hardened h11 protocol).
 """
 
 from .settings import ServerSettings, served_name
@@ -32,7 +31,6 @@ __all__ = [
     "HTTPError",
     "QueueFull",
     "ServerSettings",
-    "backend_thread",
     "create_app",
     "serve",
     "served_name",
@@ -42,7 +40,6 @@ _LAZY = {
     "create_app": "app",
     "Batcher": "batcher",
     "QueueFull": "batcher",
-    "backend_thread": "batcher",
     "HTTPError": "protocol",
     "serve": "protocol",
 }

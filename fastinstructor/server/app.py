@@ -84,7 +84,7 @@ def _metrics():
 class _Api:
     """The endpoints serving ``model`` under ``name``, within ``settings``' limits, and what they share."""
 
-    def __init__(self, model: Instructor, settings: ServerSettings, name: str, backend_thread) -> None:
+    def __init__(self, model: Instructor, settings: ServerSettings, name: str) -> None:
         self.model, self.settings, self.name = model, settings, name
         self.created = int(time.time())
         self.openapi_json: dict | None = None
@@ -95,7 +95,6 @@ class _Api:
             self.metrics,
             max_wait_ms=settings.max_wait_ms,
             max_queued_rows=settings.max_queued_rows,
-            worker=backend_thread,
         )
         self.tokenize_pool = ThreadPoolExecutor(TOKENIZE_WORKERS, thread_name_prefix="fastinstructor-tokenize")
 
@@ -380,13 +379,10 @@ def create_app(
     model: Instructor,
     settings: ServerSettings | None = None,
     model_name: str | None = None,
-    backend_thread: ThreadPoolExecutor | None = None,
 ):
     """The ASGI app serving ``model``, under ``model_name`` (default: its checkpoint folder's name). Its routes are
-    those of ``schemas.ROUTES``, which the OpenAPI document lists. ``backend_thread``: the ``batcher.backend_thread``
-    that ``model`` was loaded on, where its batches then run (without one, a new thread: on the CPU, slower, as the
-    batcher module says)."""
-    api = _Api(model, settings or ServerSettings(), model_name or model.checkpoint.path.name, backend_thread)
+    those of ``schemas.ROUTES``, which the OpenAPI document lists."""
+    api = _Api(model, settings or ServerSettings(), model_name or model.checkpoint.path.name)
     endpoints = {
         "/v1/embeddings": api.openai_embeddings,
         "/v1/models": api.models,

@@ -7,12 +7,10 @@ next batch. When ``pending`` runs dry before the batch is full, the task waits f
 oldest row has waited ``max_wait_ms`` (counted from its arrival, so a row that queued behind a busy backend has
 already waited). The event loop only gathers the rows: building the batch's tensors and the backend call both run
 in a worker thread, so the loop goes on serving requests meanwhile; each row's future gets its vector, or the batch's
-exception. That thread (``backend_thread``) should be the one the model was loaded on, its parity check included:
-a second thread running PyTorch's parallel CPU ops gives the process a second OpenMP thread team, and from then on
-(more OpenMP threads than cores) libgomp wakes its threads from sleep for every parallel op, 50-100 us each, where
-they would otherwise spin. One climate claim at a time on cpu int8 (2-core AVX2-only AMD EPYC, in one process):
-48-58 ms p50 loaded on the main thread and embedded on another, 35-43 loaded and embedded on one; in the server
-(one client, the backend time of 150 claims, three runs each) 39-53 ms against 46-51, within the machine's noise.
+exception. That thread is ``fastinstructor.compute_thread``'s, the one ``fastinstructor.load`` loaded the model on
+(its parity check included): a second thread running PyTorch's parallel CPU ops would give the process a second
+OpenMP thread team, and from then on libgomp wakes its threads from sleep for every parallel op (that module says
+what it costs).
 A backend that takes packed batches (``packed_input``: the cpu and triton backends) gets a ``PackedBatch``
 (``pack_batch``, pinned on CUDA) and ``embed_packed``; the others a padded batch (``pad_batch``) and ``embed``.
 """
@@ -22,23 +20,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .. import compute_thread
 from ..backends.base import batch_inputs, embed_inputs
 from ..batching import BatchPolicy
 
-__all__ = ["Batcher", "QueueFull", "backend_thread"]
-
-
-def backend_thread() -> ThreadPoolExecutor:
-    """The one thread a server gives its model's work: load the model on it (``submit(fastinstructor.load,
-    ...).result()``) and hand it to the ``Batcher`` (``create_app(..., backend_thread=)``), so that all of the
-    model's PyTorch work runs on one thread (see the module's docstring)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastinstructor-backend")
+__all__ = ["Batcher", "QueueFull"]
 
 
 class QueueFull(Exception):
@@ -58,8 +49,7 @@ class _Row:
 
 
 class Batcher:
-    """One queue, one task: batches by ``policy`` with a short wait; tensors and backend in ``worker``, a
-    ``backend_thread`` (the one the model was loaded on, or a new one).
+    """One queue, one task: batches by ``policy`` with a short wait; tensors and backend on the compute thread.
 
     ``metrics`` holds the server's ``rejected``, ``queue_depth``, ``queue_seconds``, ``batch_rows`` and
     ``inference_seconds`` instruments.
@@ -73,7 +63,6 @@ class Batcher:
         *,
         max_wait_ms: float,
         max_queued_rows: int,
-        worker: ThreadPoolExecutor | None = None,
     ) -> None:
         self.model, self.policy, self.metrics = model, policy, metrics
         self.max_wait_s = max_wait_ms / 1000
@@ -81,7 +70,6 @@ class Batcher:
         self.pending: deque[_Row] = deque()  # rows waiting for a batch, oldest first
         self.arrived = asyncio.Event()  # set by submit (and stop) to wake the task
         self.stopping = False
-        self.worker = worker or backend_thread()  # the model's thread, where the caller loaded it on one
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -93,7 +81,6 @@ class Batcher:
         self.arrived.set()
         if self.task is not None:
             await self.task
-        self.worker.shutdown(wait=True)
 
     def submit(self, ids: list[list[int]], starts: list[int]) -> list[asyncio.Future]:
         """Queue a request's rows; their futures, in order. ``QueueFull`` (nothing queued) past the bound."""
@@ -157,7 +144,7 @@ class Batcher:
             return
         try:
             ids, starts = [r.ids for r in live], [r.pool_start for r in live]
-            out = await asyncio.get_running_loop().run_in_executor(self.worker, self._embed, ids, starts)
+            out = await asyncio.get_running_loop().run_in_executor(compute_thread.executor(), self._embed, ids, starts)
             for row, vector in zip(live, out, strict=True):
                 if not row.future.done():
                     row.future.set_result(vector)
@@ -170,7 +157,7 @@ class Batcher:
         self.metrics["inference_seconds"].observe(time.perf_counter() - started)
 
     def _embed(self, ids: list[list[int]], starts: list[int]) -> np.ndarray:
-        """In the worker thread: the batch's tensors (padded or packed, as the backend takes them), then its
+        """On the compute thread: the batch's tensors (padded or packed, as the backend takes them), then its
         embeddings on the host. A failure in either fails the batch."""
         backend = self.model.backend
         inputs = batch_inputs(backend, ids, starts)
