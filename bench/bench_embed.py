@@ -30,6 +30,7 @@ import torch
 from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, require_shared_data, write_results
 
 import fastinstructor
+from fastinstructor import compute_thread
 from fastinstructor.batching import pad_batch
 from fastinstructor.benchmark import interleaved, load_sentence_transformers, markdown_table, record
 from fastinstructor.corpus import EmbedSettings
@@ -204,4 +205,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # sentence-transformers on the thread the embed job's cpu model computes on: PyTorch work on a second thread
+    # would slow both (fastinstructor.compute_thread).
+    compute_thread.run(main)

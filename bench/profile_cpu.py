@@ -4,10 +4,10 @@ For each contender (backend x precision) and workload: ``encode`` of the workloa
 (tokenization, batching, the forward passes, the pooling head), timed whole, then again (warmed) under the backend's
 own profiler, whose op times are summed into groups, as shares of that profiled call's wall time:
 
-- cpu backend (``torch.profiler``, self CPU time per op on the calling thread): matrix products (oneDNN float,
-  bfloat16 and int8 linears), attention (the native varlen op and ATen's fused attention under it), row ops
-  (residual add + RMSNorm, quantization, scaling: the native ops, or the PyTorch ops of their fallbacks), other
-  torch ops (embedding, pooling head, packing);
+- cpu backend (``torch.profiler``, self CPU time per op on the calling thread, the compute thread): matrix products
+  (oneDNN float, bfloat16 and int8 linears), attention (the native varlen op and ATen's fused attention under it),
+  row ops (residual add + RMSNorm, quantization, scaling: the native ops, or the PyTorch ops of their fallbacks),
+  other torch ops (embedding, pooling head, packing);
 - onnx backend (ONNX Runtime's profiler, per node): matrix products (the projections' MatMul / MatMulInteger /
   DynamicQuantizeMatMul nodes), attention (the SelfAttention MatMuls between activations, Softmax, the bias),
   row ops (the RMSNorms and their fused residual adds, DynamicQuantizeLinear), other nodes;
@@ -41,6 +41,7 @@ import torch
 from harness import DEFAULT_MODEL, DEFAULT_OUT, command, ensure_model, machine, write_results
 
 import fastinstructor
+from fastinstructor import compute_thread
 from fastinstructor.batching import default_policy, pack_batch
 from fastinstructor.benchmark import encoder_flops, load_workload, markdown_table, matmul_ceilings, record
 
@@ -251,4 +252,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # The ceilings, the model and the profiler (which records its calling thread) on the thread the cpu backend
+    # computes on: PyTorch work on a second thread would slow every op (fastinstructor.compute_thread).
+    raise SystemExit(compute_thread.run(main))

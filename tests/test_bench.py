@@ -296,6 +296,26 @@ def test_the_int8_products_script_compares_the_kernels_to_the_bit(tiny_model, tm
     assert [r["backend"] for r in rows] == (["FBGEMM", "oneDNN u8"] if without_vnni else ["oneDNN s8"] * 2)
 
 
+def test_the_callers_script_times_each_way_of_calling_in_each_checkout(tiny_model, tmp_path):
+    """bench/bench_callers.py on tiny: every way it was asked for, this checkout and one given as ``--before``
+    (here the same code, so that both rows exist), a figure each."""
+    from fastinstructor.data import shared_data_dir
+
+    if shared_data_dir() is None:
+        pytest.skip("bench_callers.py embeds the shared climate claims: ../shared/data (FASTINSTRUCTOR_DATA) is absent")
+    ways = "loading thread,pool at once"
+    done = _bench_script("bench_callers.py", "--model", tiny_model, "--contenders", "cpu:float32", "--calls", 4,
+                         "--threads", 2, "--ways", ways, "--rounds", 1, "--before", REPO,
+                         "--out", tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (json_path,) = tmp_path.glob("callers-*.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [r["way"] for r in rows] == ways.split(",")  # one package: --before is this checkout
+    assert all(r["p50_ms"] > 0 and r["calls_per_s"] > 0 for r in rows)
+    bad = _bench_script("bench_callers.py", "--ways", "sideways", "--out", tmp_path)
+    assert bad.returncode == 2 and "unknown --ways sideways" in bad.stderr
+
+
 def test_the_fresh_shapes_script_times_filled_and_unfilled_forwards(tiny_model, tmp_path):
     """bench/bench_fresh_shapes.py on tiny: both modes, both scenarios, each in its own process."""
     texts = tmp_path / "texts.jsonl"
