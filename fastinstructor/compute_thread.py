@@ -4,11 +4,12 @@ PyTorch's parallel CPU ops run on an OpenMP thread team, and each thread that st
 Once a process has more OpenMP threads than cores (a second team does it when PyTorch uses every core), libgomp
 stops spinning its idle threads and wakes them from sleep for every parallel op, 50-100 us each. So a model loaded
 on one thread and called from others (a web framework's thread pool, LangChain's async methods, a server's worker
-thread) ran slower than one loaded and called on a single thread: one climate claim on cpu int8, 2-core AVX2-only
-AMD EPYC, 42-48 ms p50 called from a pool of threads against 31-33 ms on the loading thread
-(bench/results/threads-*.md). ``fastinstructor.load`` and the calls of a model whose backend computes with
-PyTorch on the CPU (``Instructor.encode``, ``embed_tokens``, ``similarity``) therefore run here, and so do the
-server's batches and the benchmark's runs; callers on other threads wait for them, one call at a time.
+thread) ran slower than one loaded and called on a single thread: one climate claim per call on cpu int8 from a
+pool of threads, 64.5 ms p50 before this module against 42.4 after, on a 2-core AVX2-only AMD EPYC
+(bench/bench_callers.py, bench/results/callers-2026-12-07-vm.md). ``fastinstructor.load`` and the calls of a model
+whose backend computes with PyTorch on the CPU (``Instructor.encode``, ``embed_tokens``, ``similarity``) therefore
+run here, and so do the server's batches and the benchmark's runs; callers on other threads wait for them, one call
+at a time.
 
 ``run(fn, *args)`` runs ``fn`` on the thread and returns its result or raises its exception; called on the thread
 itself, it runs ``fn`` inline. A caller interrupted while it waits (Ctrl-C) sets ``stop`` for ``fn`` to check

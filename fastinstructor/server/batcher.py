@@ -6,11 +6,10 @@ One task takes the oldest row and adds the rows behind it while ``BatchPolicy.fi
 next batch. When ``pending`` runs dry before the batch is full, the task waits for more rows until the batch's
 oldest row has waited ``max_wait_ms`` (counted from its arrival, so a row that queued behind a busy backend has
 already waited). The event loop only gathers the rows: building the batch's tensors and the backend call both run
-in a worker thread, so the loop goes on serving requests meanwhile; each row's future gets its vector, or the batch's
-exception. That thread is ``fastinstructor.compute_thread``'s, the one ``fastinstructor.load`` loaded the model on
-(its parity check included): a second thread running PyTorch's parallel CPU ops would give the process a second
-OpenMP thread team, and from then on libgomp wakes its threads from sleep for every parallel op (that module says
-what it costs).
+on ``fastinstructor.compute_thread``, the thread ``fastinstructor.load`` loaded the model on (its parity check
+included), so the loop goes on serving requests meanwhile; each row's future gets its vector, or the batch's
+exception. A second thread running PyTorch's parallel CPU ops would give the process a second OpenMP thread team,
+and from then on libgomp wakes its threads from sleep for every parallel op (that module says what it costs).
 A backend that takes packed batches (``packed_input``: the cpu and triton backends) gets a ``PackedBatch``
 (``pack_batch``, pinned on CUDA) and ``embed_packed``; the others a padded batch (``pad_batch``) and ``embed``.
 """
