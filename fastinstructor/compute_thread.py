@@ -15,6 +15,10 @@ at a time.
 itself, it runs ``fn`` inline. A caller interrupted while it waits (Ctrl-C) sets ``stop`` for ``fn`` to check
 between steps, so that the thread does not go on with work nobody waits for. A child process made by ``fork`` starts
 without the thread and makes its own on first use.
+
+``Coalescer`` runs the calls that wait for the thread at the same time as one: when its turn comes, a call takes
+every waiting call of the same kind with it, and each caller gets its own part of the result (``encode``'s texts
+from callers at once go to the backend in shared batches, as the server's batcher does for requests).
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
-__all__ = ["executor", "is_compute_thread", "on_compute_thread", "run"]
+__all__ = ["Coalescer", "executor", "is_compute_thread", "on_compute_thread", "run"]
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
@@ -75,6 +81,70 @@ def on_compute_thread(fn: Callable[..., R]) -> Callable[..., R]:
         return run(fn, *args, **kwargs)
 
     return on_thread
+
+
+@dataclass(eq=False)
+class _Call(Generic[T, R]):
+    key: Any
+    item: T
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
+    result: R | None = None
+    error: BaseException | None = None
+
+
+class Coalescer(Generic[T, R]):
+    """``coalescer(key, item)`` returns ``run_many(key, items, stopped)[i]`` for its ``item``, computed on the
+    compute thread together with every other call of the same ``key`` waiting there when its turn comes.
+
+    ``run_many`` gets the items in arrival order and returns one result per item; ``stopped()`` says that every
+    caller of the batch was interrupted, for ``run_many`` to check between steps. If the batch raises, each of its
+    items runs again alone, so that a failure reaches only the callers whose items cause it."""
+
+    def __init__(self, run_many) -> None:
+        self.run_many = run_many
+        self.lock = threading.Lock()
+        self.waiting: list[_Call] = []
+
+    def __call__(self, key, item: T) -> R:
+        call = _Call(key, item)
+        with self.lock:
+            self.waiting.append(call)
+        try:
+            run(self._serve, call, stop=call.stop)
+        except BaseException:
+            call.stop.set()  # a batch that took it along stops once all of its callers have
+            with self.lock:  # interrupted before its turn: nobody runs it now
+                if call in self.waiting:
+                    self.waiting.remove(call)
+            raise
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _serve(self, call: _Call) -> None:  # on the compute thread
+        if call.done:  # an earlier turn took it along
+            return
+        with self.lock:
+            batch = [c for c in self.waiting if c.key == call.key]
+            self.waiting = [c for c in self.waiting if c.key != call.key]
+        stopped = lambda: all(c.stop.is_set() for c in batch)  # noqa: E731
+        try:
+            results = self.run_many(call.key, [c.item for c in batch], stopped)
+            for c, result in zip(batch, results, strict=True):
+                c.result = result
+        except Exception as error:
+            if len(batch) == 1 or stopped():
+                for c in batch:
+                    c.error = error
+            else:
+                for c in batch:
+                    try:
+                        (c.result,) = self.run_many(c.key, [c.item], c.stop.is_set)
+                    except Exception as alone:
+                        c.error = alone
+        for c in batch:
+            c.done = True
 
 
 def _forget() -> None:  # in a forked child: the parent's thread does not exist there

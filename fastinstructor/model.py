@@ -90,6 +90,8 @@ class Instructor:
         self.backend_report = backend_report  # what the dispatcher chose, its parity figures, what it skipped
         self.query_instruction = query_instruction
         self.document_instruction = document_instruction
+        # encode calls waiting for the compute thread at once share its batches (compute_thread.Coalescer)
+        self._coalesce = compute_thread.Coalescer(self._embed_many)
 
     @property
     def backend_name(self) -> str:
@@ -147,6 +149,10 @@ class Instructor:
         ranges), ``"binary"`` or ``"ubinary"`` (one bit per dimension, packed); byte for byte as
         ``sentence_transformers.quantize_embeddings`` (``fastinstructor.vectors``). It is not the precision the model
         computes in (``fastinstructor.load``'s ``precision``).
+
+        On the CPU (cpu and reference backends) every call runs on ``fastinstructor.compute_thread``, whichever thread
+        makes it; calls from several threads at once (float32 output, no progress bar, the same batch arguments) are
+        embedded together there, as one input, and each caller gets its own rows.
         """
         if output_value != "sentence_embedding":
             raise ValueError(f"output_value {output_value!r} is not supported; only 'sentence_embedding' is")
@@ -166,20 +172,10 @@ class Instructor:
         if prompt is not None:
             sentences = _with_prompt(sentences, prompt)
         check_sentences(sentences)  # every input, before any work (a chunk is tokenized only when its turn comes)
-        progress = _progress(len(sentences), show_progress_bar)
-        stop = threading.Event()
-        try:
-            out = self._run(
-                self._embed_sentences,
-                sentences,
-                policy,
-                normalize_embeddings,
-                precision,
-                _stoppable(progress.update, stop),
-                stop=stop,
-            )
-        finally:
-            progress.close()
+        if uses_compute_thread(self.backend) and precision == "float32" and not show_progress_bar:
+            out = self._coalesce((policy, normalize_embeddings), list(sentences))
+        else:
+            out = self._encode_alone(sentences, policy, normalize_embeddings, precision, show_progress_bar)
         if convert_to_tensor:
             result = out
         elif convert_to_numpy:
@@ -187,6 +183,36 @@ class Instructor:
         else:
             result = list(out)
         return result[0] if single else result
+
+    def _encode_alone(
+        self, sentences: Sequence, policy: BatchPolicy, normalize: bool, precision: str, show_progress_bar: bool | None
+    ) -> torch.Tensor:
+        progress = _progress(len(sentences), show_progress_bar)
+        stop = threading.Event()
+        try:
+            return self._run(
+                self._embed_sentences,
+                sentences,
+                policy,
+                normalize,
+                precision,
+                _stoppable(progress.update, stop),
+                stop=stop,
+            )
+        finally:
+            progress.close()
+
+    def _embed_many(self, key: tuple[BatchPolicy, bool], items: list[list], stopped: Callable[[], bool]) -> list:
+        """On the compute thread: the texts of ``encode`` calls made at once (float32 output, no progress bar), as
+        one input; each call's embeddings."""
+        policy, normalize = key
+
+        def on_batch(rows: int) -> None:
+            if stopped():
+                raise _Abandoned("every caller stopped waiting")
+
+        out = self._embed_sentences([s for item in items for s in item], policy, normalize, "float32", on_batch)
+        return [part.clone() for part in out.split([len(item) for item in items])]
 
     def encode_query(self, sentences: Sequence[str] | str, prompt: str | None = None, **kwargs):
         """``encode(sentences, prompt=...)`` with ``prompt`` defaulting to ``query_instruction``."""

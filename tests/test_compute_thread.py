@@ -164,3 +164,63 @@ def test_set_threads_reaches_the_compute_thread_after_it_started(monkeypatch):
     finally:
         compute_thread.run(torch.set_num_threads, before[0])
         torch.set_num_threads(before[1])
+
+
+def _when_waiting(coalescer, count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(coalescer.waiting) < count:
+        assert time.monotonic() < deadline, f"{len(coalescer.waiting)} of {count} calls are waiting"
+        time.sleep(0.005)
+
+
+def test_calls_waiting_at_once_run_together_and_a_failure_reaches_only_its_caller():
+    """Calls of one key waiting while the compute thread is busy run as one batch when their turn comes; another key
+    runs apart; when the batch raises, each item runs alone, so only the failing item's caller gets the error."""
+    seen: list[tuple] = []
+
+    def run_many(key, items, stopped):
+        seen.append((key, tuple(items)))
+        if -1 in items:
+            raise ValueError("item -1 fails")
+        return [2 * item for item in items]
+
+    coalescer = compute_thread.Coalescer(run_many)
+    gate = threading.Event()
+    busy = compute_thread.executor().submit(gate.wait)  # the thread is busy until the calls are waiting
+    calls = [("a", 1), ("a", 2), ("b", 10), ("a", -1), ("a", 3)]
+    with ThreadPoolExecutor(len(calls)) as callers:
+        futures = []
+        for key, item in calls:  # in this order: each waits before the next is made
+            futures.append(callers.submit(coalescer, key, item))
+            _when_waiting(coalescer, len(futures))
+        gate.set()
+        busy.result()
+        outcomes = [f.exception() or f.result() for f in futures]
+    assert outcomes[:3] == [2, 4, 20] and outcomes[4] == 6
+    assert isinstance(outcomes[3], ValueError) and "item -1 fails" in str(outcomes[3])
+    assert seen == [("a", (1, 2, -1, 3)), ("a", (1,)), ("a", (2,)), ("a", (-1,)), ("a", (3,)), ("b", (10,))]
+    assert not coalescer.waiting
+    with pytest.raises(ValueError, match="item -1 fails"):  # alone, its caller gets the error
+        coalescer("a", -1)
+
+
+def test_encode_calls_from_threads_at_once_share_the_backends_batches(tiny_model):
+    """Four callers' texts, waiting at once, go to the cpu backend as one batch; each gets what it gets alone."""
+    model = fastinstructor.load(tiny_model, backend="cpu", precision="float32")
+    pairs = [["Represent the sentence:", f"sentence number {i} " * (1 + i)] for i in range(4)]
+    alone = [model.encode([pair])[0] for pair in pairs]
+    counting = model.backend = _Slow(model.backend, delay=0.0)
+    gate = threading.Event()
+    busy = compute_thread.executor().submit(gate.wait)
+    with ThreadPoolExecutor(len(pairs)) as callers:
+        futures = []
+        for pair in pairs:
+            futures.append(callers.submit(model.encode, [pair]))
+            _when_waiting(model._coalesce, len(futures))
+        gate.set()
+        busy.result()
+        together = [f.result()[0] for f in futures]
+    assert counting.batches == 1
+    np.testing.assert_allclose(np.stack(together), np.stack(alone), atol=1e-6)
+    model.encode(pairs[:2], precision="int8")  # an output precision of its own: not coalesced, and still right
+    assert counting.batches == 2
