@@ -196,7 +196,7 @@ class Instructor:
                 policy,
                 normalize,
                 precision,
-                _stoppable(progress.update, stop),
+                _stoppable(progress.update, stop.is_set),
                 stop=stop,
             )
         finally:
@@ -206,11 +206,7 @@ class Instructor:
         """On the compute thread: the texts of ``encode`` calls made at once (float32 output, no progress bar), as
         one input; each call's embeddings."""
         policy, normalize = key
-
-        def on_batch(rows: int) -> None:
-            if stopped():
-                raise _Abandoned("every caller stopped waiting")
-
+        on_batch = _stoppable(None, stopped)
         out = self._embed_sentences([s for item in items for s in item], policy, normalize, "float32", on_batch)
         return [part.clone() for part in out.split([len(item) for item in items])]
 
@@ -286,7 +282,7 @@ class Instructor:
         The whole of it runs on the compute thread when the backend computes with PyTorch on the CPU.
         """
         stop = threading.Event()
-        return self._run(self._embed_tokens, ids, pool_start, policy, _stoppable(on_batch, stop), stop=stop)
+        return self._run(self._embed_tokens, ids, pool_start, policy, _stoppable(on_batch, stop.is_set), stop=stop)
 
     def _embed_tokens(
         self, ids: list[list[int]], pool_start: list[int], policy: BatchPolicy | None, on_batch: Callable[[int], object]
@@ -336,14 +332,14 @@ def _with_prompt(sentences: Sequence, prompt: str) -> list[list[str]]:
 
 
 class _Abandoned(Exception):
-    """Raised on the compute thread at a batch's end when the caller stopped waiting (``compute_thread.run``)."""
+    """Raised on the compute thread at a batch's end when its callers stopped waiting (``compute_thread``)."""
 
 
-def _stoppable(on_batch: Callable[[int], object] | None, stop: threading.Event) -> Callable[[int], None]:
-    """``on_batch``, raising ``_Abandoned`` instead once ``stop`` is set."""
+def _stoppable(on_batch: Callable[[int], object] | None, stopped: Callable[[], bool]) -> Callable[[int], None]:
+    """``on_batch``, raising ``_Abandoned`` instead once ``stopped()``."""
 
     def step(rows: int) -> None:
-        if stop.is_set():
+        if stopped():
             raise _Abandoned("the caller stopped waiting")
         if on_batch is not None:
             on_batch(rows)

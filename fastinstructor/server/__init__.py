@@ -26,15 +26,7 @@ instructions, left truncation, ``/tokenize``'s tokens), ``batcher`` (``Batcher``
 
 from .settings import ServerSettings, served_name
 
-__all__ = [
-    "Batcher",
-    "HTTPError",
-    "QueueFull",
-    "ServerSettings",
-    "create_app",
-    "serve",
-    "served_name",
-]
+__all__ = ["Batcher", "HTTPError", "QueueFull", "ServerSettings", "create_app", "serve", "served_name"]
 
 _LAZY = {
     "create_app": "app",

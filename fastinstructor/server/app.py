@@ -375,11 +375,7 @@ def _routed(endpoints: dict):
             yield path, (method.upper(), endpoints[path])
 
 
-def create_app(
-    model: Instructor,
-    settings: ServerSettings | None = None,
-    model_name: str | None = None,
-):
+def create_app(model: Instructor, settings: ServerSettings | None = None, model_name: str | None = None):
     """The ASGI app serving ``model``, under ``model_name`` (default: its checkpoint folder's name). Its routes are
     those of ``schemas.ROUTES``, which the OpenAPI document lists."""
     api = _Api(model, settings or ServerSettings(), model_name or model.checkpoint.path.name)

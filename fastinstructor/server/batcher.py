@@ -54,15 +54,7 @@ class Batcher:
     ``inference_seconds`` instruments.
     """
 
-    def __init__(
-        self,
-        model,
-        policy: BatchPolicy,
-        metrics: dict,
-        *,
-        max_wait_ms: float,
-        max_queued_rows: int,
-    ) -> None:
+    def __init__(self, model, policy: BatchPolicy, metrics: dict, *, max_wait_ms: float, max_queued_rows: int) -> None:
         self.model, self.policy, self.metrics = model, policy, metrics
         self.max_wait_s = max_wait_ms / 1000
         self.max_queued_rows = max_queued_rows
