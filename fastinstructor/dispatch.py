@@ -21,7 +21,7 @@ import torch
 from . import native
 from .backends import BACKENDS
 from .backends.base import Backend, why_not
-from .calibration import calibration_sha256
+from .calibration import calibration_pairs, calibration_sha256
 from .checkpoint import Checkpoint
 from .hardware import Hardware, probe
 from .locking import cache_dir, write_atomic
@@ -147,6 +147,10 @@ def check_parity(
     path = _cache_path(checkpoint, tokenizer, candidate, hardware, backend)
     if use_cache and path.is_file():
         return ParityResult(**{**json.loads(path.read_text()), "cached": True}).require(min_cosine)
+    log.info(
+        "checking %s against the float32 reference on the %d calibration inputs (once per model, machine and "
+        "versions: the result is cached)", candidate, len(calibration_pairs()),
+    )  # fmt: skip
     if reference is None:
         reference = BACKENDS["reference"](checkpoint, device=candidate.device)
     result = measure(backend, reference, tokenizer, candidate.precision, label=str(candidate), use_cache=use_cache)

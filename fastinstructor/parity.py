@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .backends.base import Backend
-from .batching import DEFAULT_EMBED_POLICY, pad_batch
+from .batching import DEFAULT_EMBED_POLICY, BatchPolicy, pad_batch
 from .calibration import calibration_pairs, calibration_sha256
 from .hardware import cpu_model
 from .locking import cache_dir, write_atomic
@@ -113,29 +114,43 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> ParityReport:
     )
 
 
-def calibration_batches(tokenizer: PairTokenizer) -> list[tuple[list[int], tuple]]:
-    """The calibration set as the pipeline batches it (``DEFAULT_EMBED_POLICY``: sorted by length, bounded by
-    rows and tokens): ``(input rows, (input_ids, attention_mask, pool_start))`` per batch."""
+# The reference's batches: padded to at most 2,048 tokens. Under the pipeline's policy one batch of the set's 32
+# longest inputs (140 to 512 tokens) took 16,384 padded tokens for 6,666 real ones, and the reference (padded, eager)
+# took 63 s for the set; in batches of at most 2,048 tokens, 28-33 s, its embeddings within 1e-7 of those (base, 2-core
+# AVX2-only AMD EPYC, bench/results/parity-cost-2026-12-07-vm.md). The candidate keeps the pipeline's batches: the
+# shapes the embed job gives it are the ones checked.
+REFERENCE_POLICY = BatchPolicy(max_rows=32, max_tokens=2048)
+
+
+def calibration_batches(
+    tokenizer: PairTokenizer, policy: BatchPolicy = DEFAULT_EMBED_POLICY
+) -> list[tuple[list[int], tuple]]:
+    """The calibration set batched by ``policy`` (by default the pipeline's, ``DEFAULT_EMBED_POLICY``: sorted by
+    length, bounded by rows and tokens): ``(input rows, (input_ids, attention_mask, pool_start))`` per batch."""
     tokenized = tokenizer(calibration_pairs())
-    plan = DEFAULT_EMBED_POLICY.plan([len(row) for row in tokenized.ids])
+    plan = policy.plan([len(row) for row in tokenized.ids])
     return [
         (rows, pad_batch([tokenized.ids[i] for i in rows], [tokenized.pool_start[i] for i in rows])) for rows in plan
     ]
 
 
-def calibration_embeddings(tokenizer: PairTokenizer, *backends: Backend) -> list[np.ndarray]:
-    """Each backend's float32 embeddings ``[N, dim]`` of the calibration set in file order, fed the same batches."""
-    batches = calibration_batches(tokenizer)
-    results = []
-    for backend in backends:
-        out: np.ndarray | None = None
+def calibration_embeddings(
+    tokenizer: PairTokenizer, backend: Backend, policy: BatchPolicy = DEFAULT_EMBED_POLICY, label: str = ""
+) -> np.ndarray:
+    """The backend's float32 embeddings ``[N, dim]`` of the calibration set in file order, batched by ``policy``;
+    with ``label``, a progress bar on a terminal (a first check of base on a 2-core CPU takes a minute or more)."""
+    batches = calibration_batches(tokenizer, policy)
+    out: np.ndarray | None = None
+    rows_in_set = sum(len(rows) for rows, _ in batches)
+    # disable=None: shown only where stderr is a terminal; leave=False: gone once the check is done.
+    with tqdm(total=rows_in_set, desc=label, unit="text", disable=None if label else True, leave=False) as progress:
         for rows, batch in batches:
             embeddings = backend.embed(*batch).float().cpu().numpy()
             if out is None:
-                out = np.empty((sum(len(r) for r, _ in batches), embeddings.shape[1]), dtype=np.float32)
+                out = np.empty((rows_in_set, embeddings.shape[1]), dtype=np.float32)
             out[rows] = embeddings
-        results.append(out)
-    return results
+            progress.update(len(rows))
+    return out
 
 
 # The reference's embeddings of the calibration set, per reference instance and tokenizer setting: the
@@ -146,12 +161,12 @@ _REFERENCE_EMBEDDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def reference_cache_path(tokenizer: PairTokenizer, reference: Backend) -> Path:
     """Where the reference's calibration embeddings are kept on disk, in the parity cache: the key is all that
-    decides them, the checkpoint (its files include the tokenizer's), the tokenizer settings, the calibration set,
-    the device and the versions of torch and transformers."""
+    decides them, the checkpoint (its files include the tokenizer's), the tokenizer settings, the calibration set
+    and its batches, the device and the versions of torch and transformers."""
     device = reference.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     versions = [importlib.metadata.version(name) for name in ("torch", "transformers")]
-    inputs = [tokenizer.max_length, tokenizer.pooling_rule, calibration_sha256()]
+    inputs = [tokenizer.max_length, tokenizer.pooling_rule, calibration_sha256(), repr(REFERENCE_POLICY)]
     key = json.dumps([reference.checkpoint.fingerprint, inputs, device.type, device_name, versions])
     return cache_dir("parity") / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
 
@@ -178,7 +193,7 @@ def _reference_embeddings(tokenizer: PairTokenizer, reference: Backend, use_cach
     shape = (len(calibration_pairs()), reference.checkpoint.out_dim)
     embeddings = None if path is None else _read_kept(path, shape)
     if embeddings is None:
-        (embeddings,) = calibration_embeddings(tokenizer, reference)
+        embeddings = calibration_embeddings(tokenizer, reference, REFERENCE_POLICY, "parity check: float32 reference")
         if path is not None:  # replaces a torn file too
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, lambda tmp: _save_npy(tmp, embeddings))
@@ -240,7 +255,7 @@ def measure(
     """``candidate`` against ``reference`` on the calibration set, judged by ``TOLERANCES[precision]``; with
     ``use_cache``, the reference's embeddings come from disk where this machine has measured them before."""
     tolerance = TOLERANCES[canonical_precision(precision)]
-    (actual,) = calibration_embeddings(tokenizer, candidate)
+    actual = calibration_embeddings(tokenizer, candidate, label=f"parity check: {label or candidate.name}")
     expected = _reference_embeddings(tokenizer, reference, use_cache)
     report = compare(actual, expected)
     failures = report.failures(tolerance)

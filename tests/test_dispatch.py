@@ -198,6 +198,43 @@ def test_a_further_check_reuses_the_references_calibration_embeddings(tiny_model
     assert dispatch.clear_cache() == 2 and not kept.exists()  # the result and the embeddings
 
 
+def test_the_reference_runs_in_small_batches_the_candidate_in_the_pipelines_with_progress_on_a_terminal(
+    tiny_model, monkeypatch
+):
+    """The check feeds the candidate the embed job's batches (the shapes it will run) and the reference, whose
+    embeddings do not depend on its batches beyond rounding, batches of at most ``REFERENCE_POLICY.max_tokens``
+    padded tokens; on a terminal each run shows a progress bar."""
+    import io
+
+    from fastinstructor.backends.reference import ReferenceBackend
+    from fastinstructor.calibration import calibration_pairs
+    from fastinstructor.parity import REFERENCE_POLICY, calibration_batches
+
+    shapes = {"reference": [], "cpu": []}
+    for name, cls in (("reference", ReferenceBackend), ("cpu", CpuBackend)):
+        embed = cls.embed
+        monkeypatch.setattr(
+            cls,
+            "embed",
+            lambda self, ids, *rest, e=embed, n=name: shapes[n].append(tuple(ids.shape)) or e(self, ids, *rest),
+        )
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    model = fastinstructor.load(tiny_model, backend="cpu", precision="float32")
+    tokenizer = model.tokenizer
+    assert shapes["cpu"] == [tuple(batch[0].shape) for _, batch in calibration_batches(tokenizer)]
+    assert max(rows * length for rows, length in shapes["cpu"]) > REFERENCE_POLICY.max_tokens  # so the test bites
+    assert sum(rows for rows, _ in shapes["reference"]) == len(calibration_pairs())
+    assert all(rows * length <= REFERENCE_POLICY.max_tokens or rows == 1 for rows, length in shapes["reference"])
+    shown = terminal.getvalue()
+    assert "parity check: float32 reference" in shown and "parity check: cpu/float32/cpu" in shown
+
+
 def test_cuda_machine_order_and_reasons():
     """A CUDA machine without onnxruntime-gpu (faked: this machine has no GPU, which the backends' own probes
     still see)."""
