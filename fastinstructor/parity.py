@@ -183,8 +183,8 @@ def _read_kept(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
 def _reference_embeddings(tokenizer: PairTokenizer, reference: Backend, use_cache: bool) -> np.ndarray:
     """The reference's calibration embeddings, once per reference instance and, with ``use_cache``, once per
     ``reference_cache_path``: the reference is most of a first check's time (for base on a 2-core AMD EPYC, a
-    first cpu/float32 load took 112 s, and 27 s with them kept), and every other candidate of that model on that
-    machine is measured against the same embeddings."""
+    first cpu/float32 load took 112 s, and 27 s with them kept, before ``REFERENCE_POLICY``), and every other
+    candidate of that model on that machine is measured against the same embeddings."""
     kept = _REFERENCE_EMBEDDINGS.setdefault(reference, {})
     key = (tokenizer.max_length, tokenizer.pooling_rule, calibration_sha256())
     if key in kept:
