@@ -28,6 +28,7 @@ from .precisions import canonical_precision
 from .tokenization import PairTokenizer
 
 __all__ = [
+    "REFERENCE_POLICY",
     "TOLERANCES",
     "Tolerance",
     "ParityReport",
