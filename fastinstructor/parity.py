@@ -135,16 +135,15 @@ def calibration_batches(
     ]
 
 
-def calibration_embeddings(
-    tokenizer: PairTokenizer, backend: Backend, policy: BatchPolicy = DEFAULT_EMBED_POLICY, label: str = ""
-) -> np.ndarray:
-    """The backend's float32 embeddings ``[N, dim]`` of the calibration set in file order, batched by ``policy``;
-    with ``label``, a progress bar on a terminal (a first check of base on a 2-core CPU takes a minute or more)."""
+def calibration_embeddings(tokenizer: PairTokenizer, backend: Backend, policy: BatchPolicy, label: str) -> np.ndarray:
+    """The backend's float32 embeddings ``[N, dim]`` of the calibration set in file order, batched by ``policy``,
+    under a progress bar named ``label`` on a terminal (a first check of base on a 2-core CPU takes a minute or
+    more)."""
     batches = calibration_batches(tokenizer, policy)
     out: np.ndarray | None = None
     rows_in_set = sum(len(rows) for rows, _ in batches)
     # disable=None: shown only where stderr is a terminal; leave=False: gone once the check is done.
-    with tqdm(total=rows_in_set, desc=label, unit="text", disable=None if label else True, leave=False) as progress:
+    with tqdm(total=rows_in_set, desc=label, unit="text", disable=None, leave=False) as progress:
         for rows, batch in batches:
             embeddings = backend.embed(*batch).float().cpu().numpy()
             if out is None:
@@ -256,7 +255,9 @@ def measure(
     """``candidate`` against ``reference`` on the calibration set, judged by ``TOLERANCES[precision]``; with
     ``use_cache``, the reference's embeddings come from disk where this machine has measured them before."""
     tolerance = TOLERANCES[canonical_precision(precision)]
-    actual = calibration_embeddings(tokenizer, candidate, label=f"parity check: {label or candidate.name}")
+    actual = calibration_embeddings(
+        tokenizer, candidate, DEFAULT_EMBED_POLICY, f"parity check: {label or candidate.name}"
+    )  # the embed job's batches: the shapes it will run
     expected = _reference_embeddings(tokenizer, reference, use_cache)
     report = compare(actual, expected)
     failures = report.failures(tolerance)
