@@ -222,6 +222,29 @@ def test_export_command(tiny_model, tmp_path):
     assert meta["precision"] == "float32" and meta["parity"]["passed"] and meta["parity"]["rows"] >= 30
 
 
+def test_export_replaces_an_export_but_never_deletes_a_users_files(tiny_model, tmp_path, monkeypatch):
+    """The export replaces its folder whole: a folder holding anything but an earlier export is refused before any
+    work, whatever names it (".", the checkpoint's own folder), and is left as it was."""
+    checkpoint = load_checkpoint(tiny_model)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    monkeypatch.chdir(mine)
+    for out in (".", mine, tiny_model):
+        with pytest.raises(ValueError, match="holds files that are not an ONNX export .*pass an empty or new folder"):
+            export_onnx(checkpoint, out, optimize=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"] and load_checkpoint(tiny_model)
+    with pytest.raises(ValueError, match="is a file; pass a folder"):
+        export_onnx(checkpoint, mine / "thesis.tex", optimize=False)
+    command = [sys.executable, "-m", "fastinstructor", "export", "--model", str(tiny_model), "--out", str(mine)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode != 0 and "thesis.tex" in result.stderr and "Traceback" not in result.stderr
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    # An earlier export's folder is replaced.
+    first = export_onnx(checkpoint, tmp_path / "graph", optimize=False)
+    assert export_onnx(checkpoint, tmp_path / "graph", optimize=False)["files"] == first["files"]
+
+
 def test_missing_onnxruntime_is_reported(monkeypatch):
     import importlib.util
 

@@ -90,7 +90,8 @@ def _cached_export(checkpoint: Checkpoint, precision: str) -> tuple[Path, dict]:
             else:
                 log.info("%s", task)
         try:
-            metadata = onnx_export.export_onnx(checkpoint, folder, precision=precision, optimize=True)
+            # the cache's own entry: replaced whatever it holds (a user's folder only when it holds an export)
+            metadata = onnx_export.export_onnx(checkpoint, folder, precision=precision, optimize=True, replace_any=True)
         except Exception as err:  # whatever failed (torch, onnx, onnxruntime, the disk), it is named here
             raise RuntimeError(f"{task} failed: {type(err).__name__}: {err}") from err
     return folder, metadata

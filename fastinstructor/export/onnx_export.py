@@ -231,8 +231,12 @@ def export_onnx(
     *,
     precision: str = "float32",
     optimize: bool = True,
+    replace_any: bool = False,
 ) -> dict:
     """Write ``model.onnx`` and its metadata to ``out`` (created; replaced atomically); returns the metadata.
+
+    An existing ``out`` is replaced only when it is empty or holds an export's files alone (a ValueError otherwise,
+    before any work), unless ``replace_any`` (the onnx backend's own cache entry).
 
     The graph's parity is not measured here: the caller measures it with ``parity.measure`` where the
     backend runs this precision, and records it with ``record_parity``.
@@ -241,7 +245,9 @@ def export_onnx(
     import onnxruntime
 
     precision = canonical_precision(precision)
-    out = Path(out)
+    out = Path(out).expanduser().resolve()  # "." has no name: the temporary folder and the rename need one
+    if not replace_any:
+        _check_replaceable(out)
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))  # same filesystem: atomic rename
@@ -282,12 +288,30 @@ def export_onnx(
         }
         metadata["export_seconds"] = round(time.perf_counter() - start, 1)
         _write_metadata(work, metadata)
-        if out.exists():
+        if out.is_dir() and not out.is_symlink():
             shutil.rmtree(out)
+        elif out.exists() or out.is_symlink():
+            out.unlink()
         os.replace(work, out)
         return metadata
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_replaceable(out: Path) -> None:
+    """A ValueError unless ``out`` is absent, an empty folder, or a folder holding only an export's files: the
+    export replaces the folder whole, and must never delete what else a user keeps there."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} is a file; pass a folder for the export (it is created)")
+    others = sorted(p.name for p in out.iterdir() if p.name not in (*GRAPH_FILES, METADATA))
+    if others:
+        shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+        raise ValueError(
+            f"{out} holds files that are not an ONNX export ({shown}); the export replaces its folder whole, so "
+            "pass an empty or new folder"
+        )
 
 
 def _write_metadata(folder: Path, metadata: dict) -> None:
