@@ -42,6 +42,7 @@ _SETTINGS_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
     "sentence_bert_config.json",
     "modules.json",
 )
@@ -105,6 +106,8 @@ class EncoderConfig:
             )
         except KeyError as err:
             raise CheckpointError(f"{source}: missing key {err.args[0]!r} in the T5 config") from None
+        except (TypeError, ValueError) as err:  # a layer_norm_epsilon that is no number
+            raise CheckpointError(f"{source}: layer_norm_epsilon is not a number ({err})") from None
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every encoder tensor by its transformers ``T5EncoderModel`` name, with its shape."""
@@ -221,7 +224,21 @@ def resolve_model_path(model: str | os.PathLike, *, cache_dir: str | None = None
             "with `fastinstructor make-test-model --preset tiny --out DIR`."
         )
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise CheckpointError(
+            f"model {text!r}: no such folder, and not a valid hub id (letters, digits, '-', '_' and '.' only, "
+            "as in 'hkunlp/instructor-large'); pass a checkpoint folder or a hub id"
+        ) from None
 
     # Weights: safetensors when the repo has them, pytorch_model.bin otherwise; never both.
     metadata = ["*.json", "*.model", "*.txt", "*.md"]
@@ -247,16 +264,22 @@ def resolve_model_path(model: str | os.PathLike, *, cache_dir: str | None = None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise CheckpointError(
             f"hub id {text!r} is not in the local Hugging Face cache and could not be downloaded "
-            f"({type(err).__name__}). On an offline machine, download it elsewhere (`hf download {text}`) and "
-            "copy the folder here, then pass the folder path; or set HF_HOME to a cache that holds it."
+            f"({type(err).__name__}), and no folder {path} exists here. On an offline machine, download it elsewhere "
+            f"(`hf download {text}`) and copy the folder here, then pass the folder path; or set HF_HOME to a cache "
+            "that holds it."
         ) from None
 
 
-def _read_json(path: Path) -> dict | list:
+def _read_json(path: Path, kind: type = dict) -> dict | list:
+    """The JSON value of ``path``, a ``kind`` (an object unless said otherwise), or a CheckpointError."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is damaged, re-download it") from None
+    if not isinstance(value, kind):
+        expected = "a JSON list" if kind is list else "a JSON object"
+        raise CheckpointError(f"{path} holds {type(value).__name__}, not {expected}; the checkpoint is damaged")
+    return value
 
 
 def _find_weights(folder: Path) -> Path | None:
@@ -293,7 +316,7 @@ def _weight_files(path: Path) -> list[Path]:
     if not path.name.endswith(".index.json"):
         return [path]
     index = _read_json(path)
-    files = sorted(set(index.get("weight_map", {}).values())) if isinstance(index, dict) else []
+    files = sorted(set(index.get("weight_map", {}).values()))
     if not files:
         raise CheckpointError(f"{path} has no weight_map; the checkpoint index is damaged")
     return [path.parent / name for name in files]
@@ -392,22 +415,36 @@ def _load_encoder_weights(path: Path, config: EncoderConfig, config_path: Path) 
     else:
         weights = _encoder_names(_load_weights(files))
         _check_shapes({k: tuple(v.shape) for k, v in weights.items()}, config, config_path, path)
-    return {name: weights[name].to(torch.float32).contiguous() for name in config.expected_shapes()}
+    weights = {name: weights[name].to(torch.float32).contiguous() for name in config.expected_shapes()}
+    broken = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
+    if broken:
+        raise CheckpointError(
+            f"{path}: tensors {broken[:8]} hold NaN or infinite values; the checkpoint is damaged (or was saved "
+            "after a float16 overflow): re-download or re-create it"
+        )
+    return weights
 
 
 def _module_folders(folder: Path) -> dict[str, Path]:
     """Map module kind (Transformer, Pooling, Dense, Normalize) to its folder, from modules.json."""
-    modules = _read_json(folder / "modules.json")
-    if not isinstance(modules, list):
-        raise CheckpointError(f"{folder / 'modules.json'} must be a JSON list of modules")
+    modules = _read_json(folder / "modules.json", list)
     found: dict[str, Path] = {}
+    order = ("Transformer", "Pooling", "Dense", "Normalize")
     for entry in modules:
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{folder / 'modules.json'}: entry {entry!r} is not a module object")
         # sentence_transformers.models.Dense, or the authors' InstructorEmbedding.INSTRUCTOR_Transformer
         kind = str(entry.get("type", "")).rsplit(".", 1)[-1].removeprefix("INSTRUCTOR_")
-        if kind not in ("Transformer", "Pooling", "Dense", "Normalize"):
+        if kind not in order:
             raise CheckpointError(
                 f"{folder / 'modules.json'}: module type {entry.get('type')!r} is not supported; an INSTRUCTOR "
                 "checkpoint has Transformer, Pooling, Dense and Normalize modules"
+            )
+        # One of each, in this order: a second Dense, or Normalize before Dense, is other arithmetic than ours.
+        if kind in found or any(order.index(k) > order.index(kind) for k in found):
+            raise CheckpointError(
+                f"{folder / 'modules.json'}: modules {[*found, kind]} are not supported; fastinstructor runs "
+                "Transformer, Pooling, Dense, Normalize, each at most once and in this order"
             )
         found[kind] = folder / entry.get("path", "")
     if "Transformer" not in found:
@@ -420,7 +457,7 @@ def _load_dense(folder: Path, d_model: int) -> torch.Tensor:
     if cfg.get("bias", False):
         raise CheckpointError(f"{folder}: Dense with bias is not supported (INSTRUCTOR's Dense is bias-free)")
     activation = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
-    if not activation.endswith("Identity"):
+    if not str(activation).endswith("Identity"):
         raise CheckpointError(f"{folder}: Dense activation {activation!r} is not supported (INSTRUCTOR uses Identity)")
     weights_file = _find_weights(folder)
     if weights_file is None:
@@ -445,6 +482,12 @@ def load_checkpoint(
     """Resolve ``model`` and load it, validating every file against the config."""
     folder = resolve_model_path(model, cache_dir=cache_dir, revision=revision)
     has_modules = (folder / "modules.json").is_file()
+    if not has_modules and any((folder / name).is_dir() for name in ("1_Pooling", "2_Dense", "3_Normalize")):
+        raise CheckpointError(
+            f"{folder} has sentence-transformers module folders (1_Pooling, 2_Dense, 3_Normalize) but no "
+            "modules.json: as a plain T5 encoder folder its Dense and Normalize would be left out. Restore "
+            "modules.json (re-download the checkpoint)."
+        )
     modules = _module_folders(folder) if has_modules else {"Transformer": folder}
     root = modules["Transformer"]
     if not (root / "config.json").is_file():
@@ -477,7 +520,17 @@ def load_checkpoint(
     max_seq_length = 512
     st_config = root / "sentence_bert_config.json"
     if st_config.is_file():
-        max_seq_length = int(_read_json(st_config).get("max_seq_length") or max_seq_length)
+        settings = _read_json(st_config)
+        if settings.get("do_lower_case"):
+            raise CheckpointError(
+                f"{st_config}: do_lower_case is true; fastinstructor does not lowercase inputs (INSTRUCTOR "
+                "checkpoints set it false), so its embeddings would differ from the model's"
+            )
+        value = settings.get("max_seq_length", max_seq_length)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{st_config}: max_seq_length must be a positive integer, got {value!r}")
+            max_seq_length = value
     return Checkpoint(
         path=root,
         config=config,

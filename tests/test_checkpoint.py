@@ -209,3 +209,78 @@ def test_authors_module_type_names(tiny_copy, tiny_model, real_pairs):
     (tiny_copy / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(CheckpointError, match="module type 'sentence_transformers.models.LSTM' is not supported"):
         fastinstructor.load(tiny_copy)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: [m[0], m[1], m[3], m[2]], r"modules \['Transformer', 'Pooling', 'Normalize', 'Dense'\]"),
+        (lambda m: [*m[:3], m[2], m[3]], r"modules \['Transformer', 'Pooling', 'Dense', 'Dense'\]"),
+        (lambda m: [*m[:3], "3_Normalize"], r"entry '3_Normalize' is not a module object"),
+        (lambda m: {"modules": m}, r"modules.json holds dict, not a JSON list"),
+    ],
+)
+def test_modules_other_than_one_of_each_in_order_are_refused(tiny_copy, change, message):
+    """A second Dense, or Normalize before Dense, is other arithmetic than the pipeline's: refused, never dropped."""
+    modules = json.loads((tiny_copy / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling", "Dense", "Normalize"]
+    (tiny_copy / "modules.json").write_text(json.dumps(change(modules)))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tiny_copy)
+
+
+def test_module_folders_without_modules_json_are_refused(tiny_copy):
+    """Read as a plain T5 folder, it would lose its Dense and Normalize and embed differently, same shape."""
+    (tiny_copy / "modules.json").unlink()
+    with pytest.raises(CheckpointError, match=r"module folders .*but no modules.json.*Restore modules.json"):
+        load_checkpoint(tiny_copy)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"do_lower_case": True}, "do_lower_case is true; fastinstructor does not lowercase"),
+        ({"max_seq_length": 0}, "max_seq_length must be a positive integer, got 0"),
+        ({"max_seq_length": 1.7}, "max_seq_length must be a positive integer, got 1.7"),
+        ({"max_seq_length": "abc"}, "max_seq_length must be a positive integer, got 'abc'"),
+    ],
+)
+def test_sentence_bert_settings_the_pipeline_would_not_honour_are_refused(tiny_copy, settings, message):
+    path = tiny_copy / "sentence_bert_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tiny_copy)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "do_lower_case": False, "max_seq_length": None}))
+    assert load_checkpoint(tiny_copy).max_seq_length == 512  # null: the T5 default
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_named(tiny_copy, value):
+    weights = load_file(str(tiny_copy / "model.safetensors"))
+    weights["encoder.final_layer_norm.weight"][3] = value
+    save_file(weights, str(tiny_copy / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"\['encoder.final_layer_norm.weight'\] hold NaN or infinite values"):
+        load_checkpoint(tiny_copy)
+
+
+def test_config_files_of_the_wrong_kind_are_named(tiny_copy):
+    config = json.loads((tiny_copy / "config.json").read_text())
+    (tiny_copy / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": "x"}))
+    with pytest.raises(CheckpointError, match="layer_norm_epsilon is not a number"):
+        load_checkpoint(tiny_copy)
+    (tiny_copy / "config.json").write_text(json.dumps([config]))
+    with pytest.raises(CheckpointError, match=r"config.json holds list, not a JSON object"):
+        load_checkpoint(tiny_copy)
+
+
+def test_added_tokens_are_in_the_fingerprint(tiny_copy):
+    """They change the tokenizer's ids, so the parity and ONNX caches keyed by the fingerprint must not hold."""
+    before = load_checkpoint(tiny_copy).fingerprint
+    (tiny_copy / "added_tokens.json").write_text(json.dumps({"<extra>": 1000}))
+    assert load_checkpoint(tiny_copy).fingerprint != before
+
+
+def test_a_name_that_is_no_folder_and_no_hub_id_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="model 'my org/my model': no such folder, and not a valid hub id"):
+        load_checkpoint("my org/my model")
