@@ -16,14 +16,12 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from . import native
 from .backends import BACKENDS
 from .backends.base import Backend, why_not
 from .calibration import calibration_pairs, calibration_sha256
 from .checkpoint import Checkpoint
-from .hardware import Hardware, probe
+from .hardware import Hardware, device_type, probe
 from .locking import cache_dir, write_atomic
 from .parity import ParityResult, measure
 from .precisions import canonical_precision
@@ -146,7 +144,12 @@ def check_parity(
     """``parity.measure`` of the candidate against the float32 reference, cached on disk."""
     path = _cache_path(checkpoint, tokenizer, candidate, hardware, backend)
     if use_cache and path.is_file():
-        return ParityResult(**{**json.loads(path.read_text()), "cached": True}).require(min_cosine)
+        try:
+            cached = ParityResult(**{**json.loads(path.read_text()), "cached": True})
+        except (OSError, ValueError, TypeError) as err:  # torn, edited or from another layout: measure it again
+            log.warning("cached parity result %s is unreadable (%s); measuring again", path, err)
+        else:
+            return cached.require(min_cosine)
     log.info(
         "checking %s against the float32 reference on the %d calibration inputs (once per model, machine and "
         "versions: the result is cached)", candidate, len(calibration_pairs()),
@@ -183,7 +186,7 @@ def choose(
     hardware = hardware or probe()
     precision = canonical_precision(precision, allow_auto=True)
     skipped: list[dict] = []
-    here = torch.device(device).type if device else ("cuda" if hardware.cuda else "cpu")
+    here = device_type(device) if device else ("cuda" if hardware.cuda else "cpu")
     if backend != "auto" and precision != "auto":  # fully explicit: exactly this, even off the preference order
         wanted = [Candidate(backend, precision, here)]
     else:  # the preference order of the device asked for (a CUDA machine's CPU too)
@@ -232,6 +235,8 @@ def choose(
             log.info("chose %s%s", candidate, "" if result is None else f" (min cos {result.min_cos:.6f})")
             return instance, candidate, report
         why = "parity failed: " + "; ".join(result.failures)
+        if result.cached:
+            why += " (a cached result: parity_cache=False, or `fastinstructor check --clear-cache`, measures again)"
         log.warning("skipping %s: %s", candidate, why)
         skipped.append({"candidate": str(candidate), "why": why, "parity": asdict(result)})
         if not allow_fallback:

@@ -18,7 +18,7 @@ import torch
 
 from . import compute_thread
 
-__all__ = ["VNNI", "Hardware", "probe", "cpu_flags", "cpu_model", "set_threads", "threads"]
+__all__ = ["VNNI", "Hardware", "probe", "cpu_flags", "cpu_model", "device_type", "set_threads", "threads"]
 
 # The packages that decide which backends run here; their versions key cached parity results.
 PACKAGES = ("fastinstructor", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "triton")
@@ -104,6 +104,23 @@ def set_threads(count: int) -> None:
 def threads() -> int | None:
     """The thread count ``set_threads`` set in this process, or None."""
     return _threads
+
+
+def device_type(device: str | torch.device) -> str:
+    """``"cpu"`` or ``"cuda"``, the device a model runs on; a ValueError naming the fix for any other. A model runs on
+    the first visible GPU (the one ``probe`` describes), so ``"cuda:1"`` is refused rather than run on GPU 0."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a device; pass 'cpu' or 'cuda'") from err
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; fastinstructor runs on 'cpu' or 'cuda'")
+    if parsed.type == "cuda" and parsed.index not in (None, 0):
+        raise ValueError(
+            f"device {device!r}: fastinstructor runs on the first visible GPU (cuda:0); to run on GPU {parsed.index}, "
+            f"start the process with CUDA_VISIBLE_DEVICES={parsed.index}"
+        )
+    return parsed.type
 
 
 def probe() -> Hardware:

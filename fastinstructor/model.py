@@ -28,7 +28,7 @@ from .backends.base import (
 )
 from .batching import DEFAULT_ENCODE_POLICY, BatchPolicy, default_policy
 from .checkpoint import Checkpoint, load_checkpoint
-from .hardware import set_threads
+from .hardware import device_type, set_threads
 from .precisions import canonical_precision
 from .prefetch import prefetch
 from .tokenization import PairTokenizer, check_sentences, load_tokenizer
@@ -156,7 +156,7 @@ class Instructor:
         """
         if output_value != "sentence_embedding":
             raise ValueError(f"output_value {output_value!r} is not supported; only 'sentence_embedding' is")
-        if device is not None and torch.device(device) != self.backend.device:
+        if device is not None and device_type(device) != self.backend.device.type:
             raise ValueError(
                 f"this model runs on {self.backend.device}; pass device= to fastinstructor.load "
                 f"instead of encode (got device={device!r})"
@@ -281,6 +281,7 @@ class Instructor:
         next batch has been handed to the backend, so that a GPU has the next batch queued while the host waits.
         The whole of it runs on the compute thread when the backend computes with PyTorch on the CPU.
         """
+        _check_tokens(ids, pool_start, self.checkpoint.config.vocab_size)
         stop = threading.Event()
         return self._run(self._embed_tokens, ids, pool_start, policy, _stoppable(on_batch, stop.is_set), stop=stop)
 
@@ -363,6 +364,20 @@ def _progress(total: int, show: bool | None):
     return tqdm(total=total, unit="text", desc="Embedding")
 
 
+def _check_tokens(ids: list[list[int]], pool_start: list[int], vocab_size: int) -> None:
+    """A ValueError naming the first row no backend embeds right (ONNX's Gather would take a negative id silently)."""
+    if len(ids) != len(pool_start):
+        raise ValueError(f"ids has {len(ids)} rows and pool_start {len(pool_start)}: pass one pool start per row")
+    for i, (row, start) in enumerate(zip(ids, pool_start, strict=True)):
+        if len(row) == 0:
+            raise ValueError(f"ids[{i}] is empty: a row holds at least its </s> token")
+        if min(row) < 0 or max(row) >= vocab_size:
+            bad = min(row) if min(row) < 0 else max(row)
+            raise ValueError(f"ids[{i}] holds token id {bad}, outside the model's vocabulary (0 to {vocab_size - 1})")
+        if not 0 <= start < len(row):
+            raise ValueError(f"pool_start[{i}] is {start}: it must fall within its row of {len(row)} tokens")
+
+
 def load(
     model: str | os.PathLike,
     backend: str = "auto",
@@ -432,15 +447,23 @@ def _load(
     """``load``'s work, on the compute thread."""
     from .dispatch import choose
 
-    if backend == "auto":
-        backend = os.environ.get("FASTINSTRUCTOR_BACKEND") or "auto"
-    if precision == "auto":
-        precision = os.environ.get("FASTINSTRUCTOR_PRECISION") or "auto"
-    precision = canonical_precision(precision, allow_auto=True)  # "fp16" is "float16"
-    if backend != "auto":
-        backend_class = get_backend_class(backend)  # unknown or unavailable: raises with the choices
-        if precision != "auto":
-            check_precision(backend_class, precision)
+    from_environment = []
+    if backend == "auto" and os.environ.get("FASTINSTRUCTOR_BACKEND"):
+        backend = os.environ["FASTINSTRUCTOR_BACKEND"]
+        from_environment.append(f"FASTINSTRUCTOR_BACKEND={backend}")
+    if precision == "auto" and os.environ.get("FASTINSTRUCTOR_PRECISION"):
+        precision = os.environ["FASTINSTRUCTOR_PRECISION"]
+        from_environment.append(f"FASTINSTRUCTOR_PRECISION={precision}")
+    try:
+        precision = canonical_precision(precision, allow_auto=True)  # "fp16" is "float16"
+        if backend != "auto":
+            backend_class = get_backend_class(backend)  # unknown or unavailable: raises with the choices
+            if precision != "auto":
+                check_precision(backend_class, precision)
+    except (ValueError, ImportError) as err:
+        if from_environment:  # say where the value came from: the caller may not know the variable is set
+            raise type(err)(f"{err} (from the environment: {', '.join(from_environment)})") from err
+        raise
     if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)):
         raise TypeError(f"max_seq_length must be an int (tokens), got {type(max_seq_length).__name__}")
     if max_seq_length is not None and max_seq_length < 1:

@@ -110,7 +110,7 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> ParityReport:
         max_abs=float(np.max(diff)),
         worst_rows=tuple(int(i) for i in worst),
         worst_cos=tuple(float(cos[i]) for i in worst),
-        max_abs_at=tuple(int(i) for i in np.unravel_index(np.nanargmax(diff), diff.shape)),
+        max_abs_at=tuple(int(i) for i in np.unravel_index(np.argmax(np.nan_to_num(diff, nan=np.inf)), diff.shape)),
         non_finite_rows=tuple(int(i) for i in np.where(~np.isfinite(actual).all(1))[0]),
     )
 
@@ -172,12 +172,12 @@ def reference_cache_path(tokenizer: PairTokenizer, reference: Backend) -> Path:
 
 
 def _read_kept(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
-    """The embeddings kept at ``path``; None where there are none, or they are torn or of another shape."""
+    """The embeddings kept at ``path``; None where there are none, or they are torn, of another shape or not finite."""
     try:
         embeddings = np.load(path)
     except (OSError, ValueError):
         return None
-    return embeddings if embeddings.shape == shape else None
+    return embeddings if embeddings.shape == shape and np.isfinite(embeddings).all() else None
 
 
 def _reference_embeddings(tokenizer: PairTokenizer, reference: Backend, use_cache: bool) -> np.ndarray:

@@ -58,6 +58,7 @@ def check_sentences(sentences: Sequence) -> None:
         )
     for i, item in enumerate(sentences):
         if isinstance(item, str):
+            _check_text(item, f"sentences[{i}]")
             continue
         if not isinstance(item, (list, tuple)):
             raise TypeError(
@@ -69,6 +70,17 @@ def check_sentences(sentences: Sequence) -> None:
             if not isinstance(part, str):
                 what = "instruction" if j == 0 else "text"
                 raise TypeError(f"sentences[{i}][{j}] ({what}) is {type(part).__name__}; expected str")
+            _check_text(part, f"sentences[{i}][{j}]")
+
+
+def _check_text(text: str, where: str) -> None:
+    """A ValueError for a string that is not Unicode text (a lone surrogate): the tokenizer cannot take it."""
+    at = lone_surrogate(text)
+    if at is not None:
+        raise ValueError(
+            f"{where} holds a lone surrogate {text[at]!r} at character {at}: not Unicode text (bytes that were not "
+            "UTF-8, decoded with surrogateescape, or JSON's \\udXXX escapes); decode or clean it first"
+        )
 
 
 class Window(NamedTuple):

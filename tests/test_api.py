@@ -49,6 +49,7 @@ def test_progress_bar(model, real_pairs, capsys):
         (["fine", ["only one"]], ValueError, r"sentences\[1\] has 1 items"),
         ([[None, "text"]], TypeError, r"sentences\[0\]\[0\] \(instruction\) is NoneType"),
         ([b"bytes"], TypeError, r"sentences\[0\] is bytes"),
+        (["a", ["Represent:", "a lone \udc80 surrogate"]], ValueError, r"sentences\[1\]\[1\] holds a lone surrogate"),
         (42, TypeError, "sentences must be a list"),
     ],
 )
@@ -64,12 +65,44 @@ def test_bad_arguments(model, tiny_model):
         model.encode(["a"], batch_size=0)
     with pytest.raises(ValueError, match="pass device= to fastinstructor.load"):
         model.encode(["a"], device="cuda")
+    np.testing.assert_array_equal(model.encode(["a"], device="cpu:0"), model.encode(["a"]))  # the same device
+    with pytest.raises(ValueError, match="first visible GPU .* CUDA_VISIBLE_DEVICES=1"):  # not GPU 0 instead
+        fastinstructor.load(tiny_model, device="cuda:1")
+    with pytest.raises(ValueError, match="device 'gpu0' is not a device; pass 'cpu' or 'cuda'"):
+        fastinstructor.load(tiny_model, device="gpu0")
     with pytest.raises(ValueError, match="unknown backend 'gpu'; choose one of: reference .*cpu"):
         fastinstructor.load(tiny_model, backend="gpu")
     with pytest.raises(ValueError, match="does not support precision 'float16'; choose one of float32, bfloat16, int8"):
         fastinstructor.load(tiny_model, backend="cpu", precision="float16")
     with pytest.raises(ValueError, match="exceeds the checkpoint's max_seq_length"):
         fastinstructor.load(tiny_model, max_seq_length=4096)
+
+
+def test_a_bad_backend_or_precision_from_the_environment_names_the_variable(tiny_model, monkeypatch):
+    monkeypatch.setenv("FASTINSTRUCTOR_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"unknown backend 'bogus'.*\(from the environment: FASTINSTRUCTOR_BACKEND="):
+        fastinstructor.load(tiny_model)
+    monkeypatch.setenv("FASTINSTRUCTOR_BACKEND", "cpu")
+    monkeypatch.setenv("FASTINSTRUCTOR_PRECISION", "fp7")
+    with pytest.raises(ValueError, match=r"unknown precision 'fp7'.*FASTINSTRUCTOR_BACKEND=cpu, FASTINSTRUCTOR_PREC"):
+        fastinstructor.load(tiny_model)
+
+
+@pytest.mark.parametrize(
+    "ids, pool_start, message",
+    [
+        ([[5, 1], [7, 1]], [0], r"ids has 2 rows and pool_start 1"),
+        ([[5, 1], []], [0, 0], r"ids\[1\] is empty"),
+        ([[5, -3, 1]], [0], r"ids\[0\] holds token id -3, outside the model's vocabulary \(0 to \d+\)"),
+        ([[5, 10**6, 1]], [0], r"ids\[0\] holds token id 1000000"),
+        ([[5, 1]], [2], r"pool_start\[0\] is 2: it must fall within its row of 2 tokens"),
+    ],
+)
+def test_embed_tokens_names_ids_no_backend_embeds_right(model, ids, pool_start, message):
+    """The onnx backend's Gather would take a negative id silently (as the id counted from the vocabulary's end)."""
+    with pytest.raises(ValueError, match=message):
+        model.embed_tokens(ids, pool_start)
+    assert model.embed_tokens([[5, 1]], [1]).shape == (1, model.dim)  # the last token alone is a valid pool
 
 
 def test_shorter_max_seq_length_truncates(tiny_model):

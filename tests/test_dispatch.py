@@ -198,6 +198,34 @@ def test_a_further_check_reuses_the_references_calibration_embeddings(tiny_model
     assert dispatch.clear_cache() == 2 and not kept.exists()  # the result and the embeddings
 
 
+def test_a_damaged_cached_result_is_measured_again_and_a_cached_failure_says_so(tiny_model, caplog):
+    import json
+
+    from fastinstructor.locking import cache_dir
+
+    def load():
+        return fastinstructor.load(tiny_model, backend="cpu", precision="float32")
+
+    load()
+    (result,) = cache_dir("parity").glob("*.json")
+    for damage in ('{"passed": tr', "[]", '{"passed": true}'):  # torn, another kind, another layout
+        result.write_text(damage)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fastinstructor.dispatch"):
+            parity = load().backend_report["parity"]
+        assert parity["passed"] and not parity["cached"] and "is unreadable" in caplog.text
+        assert json.loads(result.read_text())["passed"]  # and written again
+    # Kept reference embeddings that are not finite are measured again, not used to fail every candidate.
+    (kept,) = cache_dir("parity").glob("reference-*.npy")
+    np.save(kept, np.full_like(np.load(kept), np.nan))
+    result.unlink()
+    assert load().backend_report["parity"]["passed"] and np.isfinite(np.load(kept)).all()
+    # A failure read from the cache says so, and how to measure again.
+    result.write_text(json.dumps({**json.loads(result.read_text()), "passed": False, "failures": ["min cosine 0.5"]}))
+    with pytest.raises(RuntimeError, match=r"min cosine 0.5 \(a cached result: parity_cache=False, or .*--clear-cache"):
+        load()
+
+
 def test_the_reference_runs_in_small_batches_the_candidate_in_the_pipelines_with_progress_on_a_terminal(
     tiny_model, monkeypatch
 ):

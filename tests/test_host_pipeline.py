@@ -505,10 +505,10 @@ def test_an_exception_while_tokenizing_a_chunk_reaches_the_caller(cpu_model, rea
     if failure == "raised":
         model, tokenizer, backend = _chunked(cpu_model, monkeypatch, 7, fail_at=3)
         error, message = ValueError, "chunk 3 is broken"
-    else:  # not a string the tokenizer takes: found only when chunk 3 is tokenized
+    else:  # not a string the tokenizer takes: refused before any chunk is tokenized
         model, tokenizer, backend = _chunked(cpu_model, monkeypatch, 7)
         sentences[3 * 7 + 2] = ["Represent the claim:", "a lone surrogate \ud800 here"]
-        error, message = TypeError, "TextEncodeInput"
+        error, message = ValueError, r"sentences\[23\]\[1\] holds a lone surrogate"
 
     def encode():
         with pytest.raises(error, match=message):
@@ -516,7 +516,10 @@ def test_an_exception_while_tokenizing_a_chunk_reaches_the_caller(cpu_model, rea
 
     _within(120, encode)  # raised in the caller, no hang
     assert not _prefetch_threads()  # and the thread is gone
-    assert len(tokenizer.calls) == 4 and sum(backend.rows) == 3 * 7  # the chunks before it ran; nothing after
+    if failure == "raised":
+        assert len(tokenizer.calls) == 4 and sum(backend.rows) == 3 * 7  # the chunks before it ran; nothing after
+    else:
+        assert not tokenizer.calls and not backend.rows
 
 
 # The embed job's batches on a packed backend.

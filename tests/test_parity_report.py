@@ -31,6 +31,8 @@ def test_nan_and_mean_cosine():
     actual = expected.copy()
     actual[2, 3] = np.nan
     assert any("non-finite values in rows [2]" in p for p in compare(actual, expected).failures(TOLERANCES["int8"]))
+    everywhere = compare(np.full_like(expected, np.nan), expected)  # a checkpoint with NaN weights, on the reference
+    assert everywhere.non_finite_rows == (0, 1, 2, 3) and everywhere.max_abs_at == (0, 0)
     rotated = np.eye(8)[:4] * 0.9 + np.eye(8)[1:5] * 0.436  # cos ≈ 0.9 for every row: min passes, mean fails
     problems = compare(rotated, np.eye(8)[:4]).failures(Tolerance(min_cos=0.8, mean_cos=0.95))
     assert problems == [p for p in problems if "mean cosine" in p] and problems
