@@ -27,15 +27,10 @@ from pathlib import Path
 
 import torch
 
+from .model_sources import WEIGHT_FILES, CheckpointError, find_weights, resolve_model_path
+
 __all__ = ["CheckpointError", "EncoderConfig", "Checkpoint", "resolve_model_path", "load_checkpoint"]
 
-# Weight files we read, in order of preference. safetensors first: it cannot execute code.
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 # Besides config, weights and Dense: the files AutoTokenizer reads and the sentence-transformers settings.
 _SETTINGS_FILES = (
     "spiece.model",
@@ -48,10 +43,6 @@ _SETTINGS_FILES = (
 )
 # The encoder of a full seq2seq T5 checkpoint is usable; its decoder and LM head are not needed.
 _IGNORED_PREFIXES = ("decoder.", "lm_head.")
-
-
-class CheckpointError(ValueError):
-    """A model path or checkpoint folder that cannot be used; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -204,72 +195,6 @@ class Checkpoint:
         return digest.hexdigest()
 
 
-def _looks_like_hub_id(model: str) -> bool:
-    parts = model.split("/")
-    return len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and os.sep not in model.replace("/", "")
-
-
-def resolve_model_path(model: str | os.PathLike, *, cache_dir: str | None = None, revision: str | None = None) -> Path:
-    """A local folder as is; a hub id (``org/name``) from the Hugging Face cache, downloading if allowed."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"model path {path} is a file; pass the checkpoint folder that contains it")
-        return path
-    text = str(model)
-    if not _looks_like_hub_id(text):
-        raise CheckpointError(
-            f"model {text!r}: no such folder, and it is not a hub id of the form 'org/name'. "
-            "Pass a checkpoint folder, a hub id such as 'hkunlp/instructor-large', or build a test checkpoint "
-            "with `fastinstructor make-test-model --preset tiny --out DIR`."
-        )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        raise CheckpointError(
-            f"model {text!r}: no such folder, and not a valid hub id (letters, digits, '-', '_' and '.' only, "
-            "as in 'hkunlp/instructor-large'); pass a checkpoint folder or a hub id"
-        ) from None
-
-    # Weights: safetensors when the repo has them, pytorch_model.bin otherwise; never both.
-    metadata = ["*.json", "*.model", "*.txt", "*.md"]
-    try:
-        local = Path(snapshot_download(text, revision=revision, cache_dir=cache_dir, local_files_only=True))
-        if _find_weights(local) is not None:
-            return local
-    except LocalEntryNotFoundError:
-        pass
-
-    def download(patterns: list[str]) -> Path:
-        return Path(snapshot_download(text, revision=revision, cache_dir=cache_dir, allow_patterns=metadata + patterns))
-
-    try:
-        local = download(["*.safetensors", "*.safetensors.index.json"])
-        if _find_weights(local) is None:
-            local = download(["*.bin", "*.bin.index.json"])
-        return local
-    except RepositoryNotFoundError:
-        raise CheckpointError(
-            f"hub id {text!r}: no such repository on the Hugging Face hub (check the spelling)"
-        ) from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise CheckpointError(
-            f"hub id {text!r} is not in the local Hugging Face cache and could not be downloaded "
-            f"({type(err).__name__}), and no folder {path} exists here. On an offline machine, download it elsewhere "
-            f"(`hf download {text}`) and copy the folder here, then pass the folder path; or set HF_HOME to a cache "
-            "that holds it."
-        ) from None
-
-
 def _read_json(path: Path, kind: type = dict) -> dict | list:
     """The JSON value of ``path``, a ``kind`` (an object unless said otherwise), or a CheckpointError."""
     try:
@@ -280,13 +205,6 @@ def _read_json(path: Path, kind: type = dict) -> dict | list:
         expected = "a JSON list" if kind is list else "a JSON object"
         raise CheckpointError(f"{path} holds {type(value).__name__}, not {expected}; the checkpoint is damaged")
     return value
-
-
-def _find_weights(folder: Path) -> Path | None:
-    for name in _WEIGHT_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    return None
 
 
 def _unreadable(path: Path, err: Exception) -> CheckpointError:
@@ -459,7 +377,7 @@ def _load_dense(folder: Path, d_model: int) -> torch.Tensor:
     activation = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
     if not str(activation).endswith("Identity"):
         raise CheckpointError(f"{folder}: Dense activation {activation!r} is not supported (INSTRUCTOR uses Identity)")
-    weights_file = _find_weights(folder)
+    weights_file = find_weights(folder)
     if weights_file is None:
         raise CheckpointError(f"{folder}: no Dense weights (expected model.safetensors or pytorch_model.bin)")
     tensors = _load_weights(_weight_files(weights_file))
@@ -497,9 +415,9 @@ def load_checkpoint(
         )
     hf_config = _read_json(root / "config.json")
     config = EncoderConfig.from_hf_config(hf_config, root / "config.json")
-    weights_file = _find_weights(root)
+    weights_file = find_weights(root)
     if weights_file is None:
-        raise CheckpointError(f"{root}: no weights file; expected one of {', '.join(_WEIGHT_FILES)}")
+        raise CheckpointError(f"{root}: no weights file; expected one of {', '.join(WEIGHT_FILES)}")
     if not ((root / "spiece.model").is_file() or (root / "tokenizer.json").is_file()):
         raise CheckpointError(f"{root}: no tokenizer; expected spiece.model and/or tokenizer.json")
     weights = _load_encoder_weights(weights_file, config, root / "config.json")
@@ -514,7 +432,7 @@ def load_checkpoint(
     dense = _load_dense(modules["Dense"], config.d_model) if "Dense" in modules else None
     files = [root / "config.json", *_weight_files(weights_file)]
     if dense is not None:
-        files += [modules["Dense"] / "config.json", *_weight_files(_find_weights(modules["Dense"]))]
+        files += [modules["Dense"] / "config.json", *_weight_files(find_weights(modules["Dense"]))]
     files += [base / name for base in (folder, root) for name in _SETTINGS_FILES]  # absent ones drop out below
 
     max_seq_length = 512

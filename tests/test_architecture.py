@@ -18,7 +18,7 @@ LAYERS = [
         "foundation",
         ["version", "precisions", "locking", "hardware", "data", "batching", "prefetch", "compute_thread", "vectors"],
     ),
-    ("model files", ["checkpoint", "tokenization", "calibration", "readers"]),
+    ("model files", ["model_sources", "checkpoint", "tokenization", "calibration", "readers"]),
     ("T5 maths", ["t5", "encoder"]),
     ("kernels and export", ["kernels", "native", "export"]),
     ("backends", ["backends"]),

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from ..checkpoint import resolve_model_path
 from ..locking import cache_dir, hold
 from ..model import Instructor, load
+from ..model_sources import resolve_model_path
 
 __all__ = ["ShippedFolder", "actor_threads", "load_on_worker", "ship_folder", "ship_model"]
 
