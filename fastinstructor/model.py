@@ -172,6 +172,7 @@ class Instructor:
         if prompt is not None:
             sentences = _with_prompt(sentences, prompt)
         check_sentences(sentences)  # every input, before any work (a chunk is tokenized only when its turn comes)
+        self.tokenizer.warn_if_full(sentences)
         if uses_compute_thread(self.backend) and precision == "float32" and not show_progress_bar:
             out = self._coalesce((policy, normalize_embeddings), list(sentences))
         else:

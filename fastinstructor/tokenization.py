@@ -10,6 +10,8 @@ A plain string pools over all its tokens.
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +30,10 @@ __all__ = [
 
 POOLING_RULES = ("instructor", "sentence-transformers")
 _FIRST_WINDOW = 8  # characters per token in PairTokenizer.window's first bound: twice what English takes
+# A transformers fast tokenizer sets its truncation on the shared Rust tokenizer before each call (truncation=True
+# in _ids, none in window), so two threads calling one tokenizer at once can tokenize with the other's setting:
+# window's encoding then comes back cut to max_length + 1 tokens. The server tokenizes on two threads.
+_HF_CALL = threading.Lock()
 
 
 def load_tokenizer(folder: Path):
@@ -136,7 +142,8 @@ class PairTokenizer:
         while True:
             whole = bound >= len(text)
             window = text if whole else (text[-bound:] if from_end else text[:bound])
-            encoding = self.tokenizer(window, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            with _HF_CALL:
+                encoding = self.tokenizer(window, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
             words = encoding.word_ids()
             first, last = 0, len(words)
             if not whole and words:
@@ -156,7 +163,8 @@ class PairTokenizer:
         is tokenized once, whole)."""
         short = _FIRST_WINDOW * self.max_length
         texts = [text if len(text) <= short else self.window(text, self.max_length).text for text in texts]
-        rows = self.tokenizer(texts, truncation=True, max_length=self.max_length + 1)["input_ids"]
+        with _HF_CALL:
+            rows = self.tokenizer(texts, truncation=True, max_length=self.max_length + 1)["input_ids"]
         cut = [len(row) > self.max_length for row in rows]
         return [row[: self.max_length - 1] + row[-1:] if c else row for row, c in zip(rows, cut, strict=True)], cut
 
@@ -165,6 +173,22 @@ class PairTokenizer:
         if self.pooling_rule == "instructor" and n <= 1:
             return 0
         return n
+
+    def fills_length(self, instruction: str) -> bool:
+        """Whether ``instruction`` takes every token of ``max_length`` but ``</s>``: no token of a text after it is
+        kept, only ``</s>`` is pooled, and every text gets the same embedding (the authors' package too, silently)."""
+        return 0 < self.instruction_length(instruction) >= self.max_length - 1
+
+    def warn_if_full(self, sentences: Sequence) -> None:
+        """A warning when an instruction of ``sentences`` ``fills_length``: ``encode`` keeps the authors' semantics,
+        and the server and the embed job refuse such inputs."""
+        full = sorted(i for i in {s[0] for s in sentences if not isinstance(s, str)} if self.fills_length(i))
+        if full:
+            warnings.warn(
+                f"the instruction {full[0][:80]!r} takes all {self.max_length - 1} tokens of max_seq_length before "
+                "</s>: no token of a text after it is embedded, so all those texts get the same embedding; shorten it",
+                stacklevel=3,
+            )
 
     def __call__(self, sentences: Sequence) -> Tokenized:
         """Token ids per sentence, the position where pooling starts, and which were truncated; input order."""

@@ -222,7 +222,12 @@ def test_openapi_json_is_a_valid_document_that_lists_every_route(named, model):
     document = httpx.get(named + "/openapi.json").json()
     validator.validate(document)
     app = create_app(model, ServerSettings())
-    served = {(route.path, method.lower()) for route in app.routes for method in route.methods - {"HEAD"}}
+    # {model:path}: a served name may hold a '/' (a hub id); OpenAPI writes the parameter as {model}
+    served = {
+        (route.path.replace(":path}", "}"), method.lower())
+        for route in app.routes
+        for method in route.methods - {"HEAD"}
+    }
     listed = {(path, method) for path, operations in document["paths"].items() for method in operations}
     assert served == listed, served ^ listed
     schema = document["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -343,3 +348,56 @@ def test_metrics_have_the_request_duration_histogram_and_the_process_collectors(
     assert after['fastinstructor_request_duration_seconds_bucket{endpoint="/embed",le="+Inf"}'] == after[count]
     assert after["process_resident_memory_bytes"] > 0 and after["process_open_fds"] > 0
     assert any(name.startswith("python_info") for name in after)
+
+
+def test_bodies_python_cannot_read_methods_and_instructions_that_crowd_out_the_text_are_4xx(named, model):
+    big = b'{"input": "a", "dimensions": 1' + b"0" * 5000 + b"}"  # an int past Python's 4,300 digits
+    _error(httpx.post(named + "/v1/embeddings", content=big, headers={"Content-Type": "application/json"}), 400)
+    surrogate_key = b'{"input": "a", "\\ud800": 1}'  # valid JSON; a field name that is no text
+    error = _error(
+        httpx.post(named + "/v1/embeddings", content=surrogate_key, headers={"Content-Type": "application/json"}), 422
+    )
+    assert "field name that is not valid text" in error["message"] and error["param"] is None
+    wrong_method = httpx.get(named + "/v1/embeddings")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    long = "Represent " + " ".join(f"w{i}" for i in range(600)) + ":"
+    for path, body in (
+        ("/v1/embeddings", {"input": ["hello", "cats"], "instruction": long}),
+        ("/embed", {"inputs": "hello", "instruction": long, "truncate": True}),
+    ):
+        error = _error(httpx.post(named + path, json=body), 400)
+        assert "its instruction takes all of the model's 512 tokens" in error["message"], error
+
+
+def test_a_served_name_with_a_slash_is_a_model_card_path(model):
+    """A hub id, the default served name, holds a '/': GET /v1/models/{id} must still find it."""
+    from starlette.testclient import TestClient
+
+    from fastinstructor.server import ServerSettings, create_app
+
+    with TestClient(create_app(model, ServerSettings(), model_name="hkunlp/instructor-large")) as client:
+        assert client.get("/v1/models/hkunlp/instructor-large").json()["id"] == "hkunlp/instructor-large"
+        assert client.get("/v1/models/hkunlp/other").status_code == 404
+
+
+def test_one_tokenizer_called_from_two_threads_keeps_each_calls_truncation(model):
+    """The server tokenizes on two threads. A fast tokenizer sets its truncation on the shared Rust tokenizer before
+    each call: unguarded, a window (no truncation) tokenized while a batch (truncation) ran came back cut short."""
+    tokenizer = model.tokenizer
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    texts = [" ".join(words[(i * j) % 8] for j in range(500)) for i in range(64)]
+    expected = list(tokenizer.window(texts[1] * 3, 512, from_end=True).encoding["input_ids"])
+    wrong = []
+
+    def batches():
+        for _ in range(100):
+            tokenizer(texts)
+
+    def windows():
+        for _ in range(200):
+            wrong.append(list(tokenizer.window(texts[1] * 3, 512, from_end=True).encoding["input_ids"]) != expected)
+
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(batches), pool.submit(windows)]:
+            future.result()
+    assert not any(wrong), f"{sum(wrong)} of {len(wrong)} windows were tokenized with the other call's truncation"

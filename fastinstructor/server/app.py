@@ -153,7 +153,7 @@ class _Api:
         raw = await self.read_body(request)
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError) as err:  # ValueError: JSONDecodeError, or an int of > 4300 digits
             raise HTTPError(400, f"the body is not valid JSON: {err}") from None
         except RecursionError:
             raise HTTPError(
@@ -164,6 +164,12 @@ class _Api:
         return validate(schema, body)
 
     def submit(self, ids: list[list[int]], starts: list[int]) -> list[asyncio.Future]:
+        if len(ids) > self.batcher.max_queued_rows:  # a 429 would be retried for ever: the queue never holds it
+            raise HTTPError(
+                413,
+                f"{len(ids)} inputs exceed the queue's {self.batcher.max_queued_rows} rows (--max-queued-rows); send "
+                "fewer per request",
+            )
         try:
             return self.batcher.submit(ids, starts)
         except QueueFull as err:
@@ -219,6 +225,14 @@ class _Api:
                 f"input {first} is longer than the model's {model.max_seq_length} tokens; "
                 "shorten it or send truncate=true",
             )
+        for i, sentence in enumerate(batch):  # only </s> would be pooled: one vector whatever the text says
+            if not isinstance(sentence, str) and model.tokenizer.fills_length(sentence[0]):
+                raise HTTPError(
+                    400,
+                    f"input {i}: its instruction takes all of the model's {model.max_seq_length} tokens and leaves "
+                    "none for the text; send a shorter instruction",
+                    param="instruction",
+                )
         futures = self.submit(tokenized.ids, tokenized.pool_start)
         try:
             vectors = await asyncio.wait_for(asyncio.gather(*futures), settings.request_timeout_s)
@@ -363,7 +377,8 @@ class _Api:
 
 
 async def _routing_error(request: Request, err: StarletteHTTPException) -> Response:  # 404, 405: JSON too
-    return JSONResponse(error_body(err.status_code, str(err.detail), "invalid_request_error"), err.status_code)
+    body = error_body(err.status_code, str(err.detail), "invalid_request_error")
+    return JSONResponse(body, err.status_code, headers=err.headers)  # a 405's Allow
 
 
 def _routed(endpoints: dict):
@@ -390,7 +405,11 @@ def create_app(model: Instructor, settings: ServerSettings | None = None, model_
         "/metrics": api.metrics_endpoint,
         "/openapi.json": api.openapi,
     }
-    routes = [Route(path, api.handler(path, work), methods=[method]) for path, (method, work) in _routed(endpoints)]
+    # {model:path}: a hub id ('hkunlp/instructor-large', the default served name) holds a '/'
+    routes = [
+        Route(path.replace("{model}", "{model:path}"), api.handler(path, work), methods=[method])
+        for path, (method, work) in _routed(endpoints)
+    ]
     routes += [Route("/health", api.health, methods=["GET"]), Route("/ready", api.ready, methods=["GET"])]
     middleware = []
     if api.settings.cors_origins:

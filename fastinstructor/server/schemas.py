@@ -205,7 +205,10 @@ def validate(schema: type[BaseModel], body: dict) -> BaseModel:
             if name in params:  # a union reports each of its alternatives: one message per field
                 continue
             params.append(name)
-            if error["type"] == "extra_forbidden":
+            if name not in schema.model_fields and error["type"] != "extra_forbidden":  # e.g. a key that is no text
+                accepted = ", ".join(schema.model_fields)
+                problems.append(f"the body has a field name that is not valid text (accepted: {accepted})")
+            elif error["type"] == "extra_forbidden":
                 problems.append(f"unknown field '{name}' (accepted: {', '.join(schema.model_fields)})")
             elif error["type"] == "missing":
                 problems.append(f"'{name}' is required: {schema.model_fields[name].description}")
@@ -218,7 +221,7 @@ def validate(schema: type[BaseModel], body: dict) -> BaseModel:
                         "check_embedding_ctx_length=False)"
                     )
                 problems.append(f"'{name}' must be {schema.model_fields[name].description}, got {_kind(value)}{hint}")
-        raise HTTPError(422, "; ".join(problems), param=params[0] if params else None) from None
+        raise HTTPError(422, "; ".join(problems), param=(params[0] or None) if params else None) from None
 
 
 def openapi_document(title: str, version: str) -> dict:
