@@ -97,22 +97,6 @@ def _precision(value: str) -> str:
     return ALIASES.get(value, value)
 
 
-def _index(value: str) -> int:
-    if not value.isdecimal():
-        raise argparse.ArgumentTypeError(f"expected a whole number (0 or more), got {value!r}")
-    return int(value)
-
-
-def _csv(kind):
-    def parse(value: str) -> list:
-        try:
-            return [kind(part) for part in value.split(",") if part.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}") from None
-
-    return parse
-
-
 def _bench(args: argparse.Namespace) -> int:
     import shlex
 
@@ -187,13 +171,18 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    if args.engine != "ray" and (args.address is not None or args.actor_gpus):
+        raise ValueError("--address and --actor-gpus place the job on a Ray cluster: add --engine ray")
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _embed_job(args)
     except _Terminated:
+        again = (
+            "cannot be resumed from standard input" if args.input == ["-"] else "re-run the same command to continue"
+        )
         print(
             "fastinstructor embed: terminated (SIGTERM); the shard in flight was dropped and the finished ones are "
-            "kept: re-run the same command to continue",
+            f"kept: {again}",
             file=sys.stderr,
         )
         return 143  # 128 + SIGTERM, as a shell reports a process it ended
@@ -205,7 +194,7 @@ def _embed_job(args: argparse.Namespace) -> int:
 
         return embed_from_args(args)
     from .corpus import embed_corpus
-    from .shards import part_folder
+    from .shards import all_skipped, part_folder
 
     start = time.perf_counter()
     manifest = embed_corpus(  # loads the model once the output folder is locked, and says what it chose
@@ -249,6 +238,9 @@ def _embed_job(args: argparse.Namespace) -> int:
             "NOTE: this checkpoint has RANDOM weights, so these embeddings are meaningless; the speed is real. "
             "For meaningful embeddings pass a real checkpoint: --model hkunlp/instructor-large (or its folder)."
         )
+    if (why := all_skipped(manifest)) is not None:
+        print(f"fastinstructor embed: error: {why}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -258,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .export.onnx_export import PRECISIONS as GRAPH_PRECISIONS
     from .precisions import ALIASES, PRECISIONS
     from .readers import FORMATS
-    from .server.settings import THREADS_HELP, add_engine_arguments, positive_int
+    from .server.settings import THREADS_HELP, add_engine_arguments, comma_list, positive_int, whole_number
     from .server.settings import add_arguments as add_serve_arguments
     from .testmodel import PRESETS
     from .tokenization import POOLING_RULES
@@ -329,13 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", required=True, help="checkpoint folder or hub id")
     bench.add_argument(
         "--backends",
-        type=_csv(str),
+        type=comma_list(str),
         default=list(BACKENDS),
         help=f"comma-separated (default: {','.join(BACKENDS)}; unavailable ones are reported as skipped)",
     )
     bench.add_argument(
         "--precisions",
-        type=_csv(_precision),
+        type=comma_list(_precision),
         help=f"comma-separated, e.g. fp16,int8 {aliases} (default: every precision each backend supports here)",
     )
     bench.add_argument(
@@ -347,11 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--texts", type=int, default=256, help="texts in the workload (default 256)")
     bench.add_argument("--instruction", help="instruction for every text (default: the workload's own)")
     bench.add_argument(
-        "--batch-tokens", type=_csv(int), default=[8192], help="padded-token budgets per batch (default 8192)"
+        "--batch-tokens", type=comma_list(int), default=[8192], help="padded-token budgets per batch (default 8192)"
     )
     bench.add_argument("--batch-size", type=int, default=32, help="rows per batch at most (default 32, as encode's)")
     bench.add_argument(
-        "--latency-batch-sizes", type=_csv(int), default=[1, 8, 32], help="batch sizes for latency (default 1,8,32)"
+        "--latency-batch-sizes",
+        type=comma_list(int),
+        default=[1, 8, 32],
+        help="batch sizes for latency (default 1,8,32)",
     )
     bench.add_argument("--latency-batches", type=int, default=8, help="batches per size and pass (default 8)")
     bench.add_argument("--repeat", type=int, default=3, help="interleaved passes per contender (default 3)")
@@ -426,7 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (default): the fastest backend that passes its parity check here",
     )
     embed.add_argument(
-        "--precision", type=_precision, choices=["auto", *precisions], default="auto", help=f"default: auto {aliases}"
+        "--precision",
+        type=_precision,
+        choices=["auto", *precisions],
+        default="auto",
+        help=f"default: auto {aliases}",
     )
     embed.add_argument("--pooling-rule", choices=POOLING_RULES, default="instructor")
     embed.add_argument("--max-seq-length", type=positive_int, help="tokens per input at most (default: the model's)")
@@ -448,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument(
         "--shard-index",
-        type=_index,
+        type=whole_number,
         help="with --num-shards N: the part K (0 to N - 1) this process embeds: the input's blocks of --shard-rows "
         "rows numbered K modulo N",
     )

@@ -49,7 +49,7 @@ from .batching import DEFAULT_EMBED_POLICY, BatchPolicy, default_policy
 from .locking import LockHeld, hold
 from .model import Instructor, load
 from .readers import CorpusReader, InputSpec, Row
-from .resume import hash_rows, input_identity, input_stat, verify_input
+from .resume import hash_rows, input_identity, input_stat, verify_complete_input, verify_input
 from .shards import DTYPES, LOCK, MANIFEST, OUTPUT_FORMATS, CorpusError, read_embeddings
 from .version import __version__
 
@@ -274,7 +274,8 @@ def embed_corpus(
     output = Path(output)
     if num_shards is not None or shard_index is not None:  # checked, and the part's own folder
         output = shards.part_output(output, num_shards, shard_index)
-    shards.check_output_folder(output, overwrite)
+    named = [] if spec.path == "-" else [spec.path] if isinstance(spec.path, str) else list(spec.path)
+    shards.check_output_folder(output, overwrite, [*named, *spec.files])
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     try:
@@ -323,6 +324,12 @@ class _Job:
             model = load(model, **load_options)
             _say(quiet, _describe_choice(model))
         self.model = model
+        if settings.instruction is not None and model.tokenizer.fills_length(settings.instruction):
+            raise CorpusError(
+                f"the instruction takes all {model.max_seq_length} tokens of max_seq_length but </s>: no token of any "
+                "text would be embedded, and every row would get the same vector. Shorten it (or raise "
+                "--max-seq-length)."
+            )
         self.policy = self._batch_policy(overwrite)
         identity = {
             "model_fingerprint": model.checkpoint.fingerprint,
@@ -348,7 +355,7 @@ class _Job:
             if stat == manifest.get("input_stat"):
                 _say(quiet, f"{output} is already complete: nothing to do")
                 return manifest
-            verify_input(rows, manifest, self.reader, output, settings.shard_rows)  # touched or copied: read again
+            verify_complete_input(rows, manifest, self.reader, output, settings.shard_rows, settings.limit)
             manifest["input_stat"] = stat
             shards.write_json(output / MANIFEST, manifest)
             _say(quiet, f"{output} is already complete (its input was touched but holds the same rows)")
@@ -402,17 +409,22 @@ class _Job:
         return policy if recorded is None else recorded
 
     def _kept(self) -> str:
-        return (
-            f"the {len(self.manifest['shards'])} finished shard(s) in {self.output} are kept and a re-run "
-            "continues after them"
+        again = (
+            "a job from standard input cannot be resumed" if self.spec.path == "-" else "a re-run continues after them"
         )
+        return f"the {len(self.manifest['shards'])} finished shard(s) in {self.output} are kept; {again}"
 
     def embed_shard(self, chunk: list[Row], input_sha256: str, block: int) -> dict:
         settings, spec = self.settings, self.spec
         good: list[Row] = []
         skipped: list[dict] = []
+        tokenizer = self.model.tokenizer
         for row in chunk:
             error = row.error or (None if row.text.strip() else "empty text")
+            if error is None and spec.instruction_field is not None and tokenizer.fills_length(row.instruction):
+                error = (
+                    f"its instruction takes all {tokenizer.max_length} tokens: no token of the text would be embedded"
+                )
             if error is None:
                 good.append(row)
             elif self.on_error == "fail":

@@ -42,6 +42,7 @@ _SUFFIXES = {
     ".txt": "text",
     ".text": "text",
 }
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4")
 _FORMAT_NAMES = {"jsonl": "JSON Lines", "csv": "CSV", "tsv": "TSV", "parquet": "Parquet", "text": "text"}
 
 
@@ -87,10 +88,20 @@ def input_files(paths: str | Sequence[str], format: str = "auto") -> tuple[str, 
         return ("-",)
     files: list[str] = []
     for path in paths:
+        if Path(path).suffix.lower() in _COMPRESSED:
+            raise ValueError(
+                f"input {path} is compressed; decompress it, or pipe it in: zcat {path} | fastinstructor embed "
+                "--input - --input-format jsonl (or csv, tsv, text) ..."
+            )
         if Path(path).is_file():
             files.append(path)
         elif Path(path).is_dir():
             files += _folder_files(Path(path), format)
+        elif Path(path).exists():
+            raise ValueError(
+                f"input {path} is not a regular file (a pipe or a device): pass it on standard input instead, "
+                "--input - --input-format F (a job from standard input cannot be resumed)"
+            )
         elif glob.has_magic(path):
             matched = sorted(m for m in glob.glob(path, recursive=True) if Path(m).is_file())
             if not matched:
@@ -247,6 +258,8 @@ class CorpusReader:
             for number, raw in enumerate(stream, start=1):
                 self.position += len(raw)
                 self.count = number
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Excel, Notepad)
+                    raw = raw[3:]
                 try:
                     yield number, raw.decode("utf-8")
                 except UnicodeDecodeError as err:
@@ -306,6 +319,9 @@ class CorpusReader:
             except json.JSONDecodeError as err:
                 yield Row(number, error=f"malformed JSON ({err.msg} at column {err.colno})")
                 continue
+            except (ValueError, RecursionError) as err:  # an integer of over 4,300 digits; nesting too deep
+                yield Row(number, error=f"unreadable JSON ({type(err).__name__}: {str(err)[:200]})")
+                continue
             yield self._record(number, record)
 
     def _csv(self, lines: Iterator[tuple[int, str]]) -> Iterator[Row]:
@@ -319,8 +335,11 @@ class CorpusReader:
                 yield line
 
         # strict: a quote that is never closed, or text after a closing quote, is an error instead of rows
-        # silently merged into one field up to the next quote (or the end of the file).
-        reader = csv.reader(text_lines(), delimiter=delimiter, strict=True)
+        # silently merged into one field up to the next quote (or the end of the file). TSV has no quoting (IANA's
+        # text/tab-separated-values, as MS MARCO, BEIR and STS-B write it): a line is a row, a quote is a character.
+        csv.field_size_limit(sys.maxsize)  # a long text is truncated by the tokenizer, never refused here
+        quoting = csv.QUOTE_NONE if self.format == "tsv" else csv.QUOTE_MINIMAL
+        reader = csv.reader(text_lines(), delimiter=delimiter, strict=True, quoting=quoting)
         try:
             header = next(reader, None)
         except csv.Error as err:
@@ -335,7 +354,10 @@ class CorpusReader:
                 return
             except csv.Error as err:
                 self._pop_undecodable(first, current[0])
-                yield Row(first, error=f"malformed CSV in lines {first}-{current[0]} ({err}); check its quotes")
+                hint = "; check its quotes" if self.format == "csv" else ""
+                yield Row(
+                    first, error=f"malformed {_FORMAT_NAMES[self.format]} in lines {first}-{current[0]} ({err}){hint}"
+                )
                 continue
             number = current[0]
             undecodable = self._pop_undecodable(first, number)
@@ -344,7 +366,9 @@ class CorpusReader:
             elif not values:
                 continue
             elif len(values) != len(header):
-                yield Row(number, error=f"{len(values)} fields, the header has {len(header)}")
+                hint = " (TSV has no quoting: a tab in a text splits it; write such a file as CSV)"
+                hint = hint if self.format == "tsv" else ""
+                yield Row(number, error=f"{len(values)} fields, the header has {len(header)}{hint}")
             else:
                 yield self._record(number, dict(zip(header, values, strict=True)))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from .readers import CorpusReader, InputSpec, Row
 from .shards import CorpusError
 
-__all__ = ["hash_rows", "input_identity", "input_stat", "verify_input"]
+__all__ = ["hash_rows", "input_identity", "input_stat", "verify_input", "verify_complete_input"]
 
 
 def hash_rows(digest, rows: Iterable[Row]) -> int:
@@ -82,3 +82,19 @@ def verify_input(
                 "inputs. Restore the input, or re-run with --overwrite to embed the new input from the start."
             )
     return digest, read
+
+
+def verify_complete_input(
+    rows: Iterator[Row], manifest: dict, reader: CorpusReader, output: Path, shard_rows: int, limit: int | None
+) -> None:
+    """A completed job's input, touched or copied since: every row the job read (up to ``limit``) must still be the
+    same, and none added after them (rows appended since were never embedded: the output is not complete for them)."""
+    digest, read = verify_input(rows, manifest, reader, output, shard_rows)
+    read += hash_rows(digest, rows if limit is None else islice(rows, max(limit - read, 0)))
+    recorded = manifest.get("input_read")
+    if recorded is not None and (read, digest.hexdigest()) != (recorded["rows"], recorded["sha256"]):
+        raise CorpusError(
+            f"the input {reader.spec.name} changed since {output} was completed: it now has {read} rows where the "
+            f"job read {recorded['rows']} (rows added or edited after the embedded ones), which this output does not "
+            "hold. Restore the input, or re-run with --overwrite to embed it anew."
+        )

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ __all__ = [
     "LOCK",
     "MANIFEST",
     "OUTPUT_FORMATS",
+    "all_skipped",
     "check_output_folder",
     "file_sha256",
     "is_ours",
@@ -68,6 +70,12 @@ OUTPUT_FORMATS = ("parquet", "npy")
 DTYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 CALIBRATED = ("int8", "uint8")  # quantized between per-dimension ranges: fixed by the first shard, in the manifest
 LOCK = ".fastinstructor.lock"  # and LOCK + ".holder": who holds it
+_SHARD_FILE = re.compile(r"part-\d{5,}\.(parquet|npy|ids\.jsonl)")  # write_shard's names, and no other file
+
+
+def _shard_files(output: Path) -> list[Path]:
+    """The shard files in ``output``: only the names ``write_shard`` gives (a file of the user's is never ours)."""
+    return [p for p in output.glob("part-*") if _SHARD_FILE.fullmatch(p.name) and p.is_file()]
 
 
 class CorpusError(ValueError):
@@ -192,10 +200,21 @@ def is_ours(path: Path) -> bool:
     return path.name.startswith((LOCK, f".{MANIFEST}.tmp-", ".part-"))
 
 
-def check_output_folder(output: Path, overwrite: bool) -> None:
-    """Refuse a file, or a folder of someone else's files, before anything is written into it."""
+def check_output_folder(output: Path, overwrite: bool, inputs: Sequence[str] = ()) -> None:
+    """Refuse a file, a folder of someone else's files, or one among ``inputs`` (the input's paths and files), before
+    anything is written into it."""
     if output.exists() and not output.is_dir():
         raise CorpusError(f"output {output} is a file; pass a folder")
+    for path in inputs:  # an input folder holding the output, or an input file in it: its shards would be read again
+        if (
+            output.resolve().is_relative_to(Path(path).resolve())
+            if Path(path).is_dir()
+            else Path(path).resolve().is_relative_to(output.resolve())
+        ):
+            raise CorpusError(
+                f"output folder {output} lies within the input ({path}): a re-run would read its own shards as "
+                "input; choose an output folder outside the input"
+            )
     if parts := _part_folders(output):  # not even with overwrite: the parts are other jobs' folders
         raise CorpusError(
             f"output folder {output} holds the parts of a split job ({', '.join(sorted(parts.values()))}); give "
@@ -208,6 +227,18 @@ def check_output_folder(output: Path, overwrite: bool) -> None:
         and any(not is_ours(p) for p in output.iterdir())
     ):
         raise CorpusError(f"output folder {output} is not empty and has no {MANIFEST}; choose an empty folder")
+
+
+def all_skipped(manifest: dict) -> str | None:
+    """Why a job that read rows embedded none, every one skipped (a wrong --text-field, most often); else None."""
+    totals = manifest["totals"]
+    if totals["rows"] or not totals["skipped"]:
+        return None
+    first = next(row for shard in manifest["shards"] for row in shard["skipped_rows"])
+    return (
+        f"every one of the {totals['skipped']} rows was skipped, so nothing was embedded (the first, row "
+        f"{first['row']}: {first['reason']}); check --text-field and the input"
+    )
 
 
 def remove_temporaries(output: Path) -> None:
@@ -224,7 +255,7 @@ def open_output(output: Path, identity: dict, from_stdin: bool, overwrite: bool)
     check_output_folder(output, overwrite)
     remove_temporaries(output)
     if overwrite:
-        for old in list(output.glob("part-*")) + [manifest_path]:
+        for old in _shard_files(output) + [manifest_path]:
             old.unlink(missing_ok=True)
     if not manifest_path.is_file():
         return {"identity": identity, "shards": [], "complete": False}
@@ -259,7 +290,7 @@ def open_output(output: Path, identity: dict, from_stdin: bool, overwrite: bool)
                     f"{path} is missing or not the size recorded in {manifest_path}; the output was modified. "
                     "Re-run with --overwrite to start again."
                 )
-    for path in output.glob("part-*"):  # written by a run killed before it recorded them: redone below
+    for path in _shard_files(output):  # written by a run killed before it recorded them: redone below
         if path.name not in listed:
             path.unlink()
     return manifest

@@ -105,11 +105,14 @@ def _write_inputs(folder):
     (folder / "in.jsonl").write_text(
         "".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS))
     )
-    for name, delimiter in (("in.csv", ","), ("in.tsv", "\t")):
-        with open(folder / name, "w", newline="") as f:
-            writer = csv.writer(f, delimiter=delimiter)
-            writer.writerow(["id", "text"])
-            writer.writerows([f"r{i}", t] for i, t in enumerate(TEXTS))
+    with open(folder / "in.csv", "w", newline="") as f:  # quoted where a text holds a quote or a comma
+        writer = csv.writer(f)
+        writer.writerow(["id", "text"])
+        writer.writerows([f"r{i}", t] for i, t in enumerate(TEXTS))
+    # TSV has no quoting (IANA's text/tab-separated-values, MS MARCO, STS-B): a quote is a character, a tab splits
+    (folder / "in.tsv").write_text(
+        "id\ttext\n" + "".join(f"r{i}\t{t.replace(chr(9), ' ')}\n" for i, t in enumerate(TEXTS))
+    )
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -122,7 +125,7 @@ def test_input_formats(model, tmp_path, name):
     _write_inputs(tmp_path)
     embed_corpus(model, tmp_path / name, tmp_path / "out", instruction=INSTRUCTION, quiet=True)
     ids, embeddings = read_embeddings(tmp_path / "out")
-    texts = [t.replace("\t", " ") for t in TEXTS] if name == "in.txt" else TEXTS
+    texts = [t.replace("\t", " ") for t in TEXTS] if name in ("in.txt", "in.tsv") else TEXTS
     assert ids == (["1", "2", "3"] if name == "in.txt" else ["r0", "r1", "r2"])
     np.testing.assert_allclose(embeddings, expected_embeddings(model, texts), atol=1e-6, rtol=0)
 

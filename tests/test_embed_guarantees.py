@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -108,6 +109,20 @@ def test_a_complete_output_is_not_passed_off_as_the_output_of_a_changed_input(mo
     _jsonl(path, rows)
     with pytest.raises(CorpusError, match="changed since"):
         _embed(model, path, tmp_path / "out")
+
+
+def test_rows_appended_after_the_job_completed_are_not_called_embedded(model, tmp_path):
+    """The rows after the last shard count too: an output complete for 22 rows is not complete for 24."""
+    path = _jsonl(tmp_path / "in.jsonl", _rows()[:22])  # the last shard holds 2 of its 4 rows
+    _embed(model, path, tmp_path / "out")
+    _jsonl(path, _rows())
+    with pytest.raises(CorpusError, match=r"changed since .* was completed: it now has 24 rows where the job read 22"):
+        _embed(model, path, tmp_path / "out")
+    _jsonl(path, _rows()[:22])  # restored: complete again
+    assert _embed(model, path, tmp_path / "out")["totals"]["rows"] == 22
+    _jsonl(path, _rows())  # with the job's --limit, the rows past it do not count
+    _embed(model, path, tmp_path / "limited", limit=22)
+    assert _embed(model, path, tmp_path / "limited", limit=22)["totals"]["rows"] == 22
 
 
 def _stdin(monkeypatch, rows):
@@ -391,3 +406,83 @@ def test_a_run_that_fails_before_any_work_leaves_no_output_folder(tiny_model, tm
     with pytest.raises(ImportError, match="backend 'triton' is not available here"):
         embed_corpus(tiny_model, path, tmp_path / "out", backend="triton", precision="bfloat16", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+# 7. Inputs that are read wrong or refused for a reason that is not theirs.
+
+
+def test_a_users_files_that_look_like_shards_survive_overwrite(model, tmp_path):
+    out = tmp_path / "out"
+    _embed(model, _jsonl(tmp_path / "in.jsonl", _rows()), out)
+    (out / "part-00000-c000.snappy.parquet").write_text("Spark's, not ours")  # another tool's part file
+    _embed(model, tmp_path / "in.jsonl", out, overwrite=True)
+    _embed(model, tmp_path / "in.jsonl", out)  # and a resume's clean-up leaves it too
+    assert (out / "part-00000-c000.snappy.parquet").read_text() == "Spark's, not ours"
+
+
+def test_tsv_quotes_csv_bom_long_csv_fields_and_unreadable_json_lines(model, tmp_path):
+    # TSV has no quoting: a text in quotes keeps them, and an unbalanced quote reads as a character (STS-B's rows)
+    texts = ['"We need to change," he said.', 'A 12" record, "quoted" mid-text.']
+    (tmp_path / "in.tsv").write_text("id\ttext\n" + "".join(f"t{i}\t{t}\n" for i, t in enumerate(texts)))
+    _embed(model, tmp_path / "in.tsv", tmp_path / "tsv")
+    np.testing.assert_allclose(read_embeddings(tmp_path / "tsv")[1], _expected(model, texts), atol=1e-6, rtol=0)
+    # A UTF-8 byte-order mark (Excel) is not part of the first column's name; a CSV text over 128 KiB is truncated
+    long = "warming " * 20_000
+    (tmp_path / "in.csv").write_bytes(b"\xef\xbb\xbfid,text\nA,hello\nB," + long.encode() + b"\n")
+    manifest = _embed(model, tmp_path / "in.csv", tmp_path / "csv")
+    assert read_embeddings(tmp_path / "csv")[0] == ["A", "B"] and manifest["totals"]["truncated"] == 1
+    # An integer too long for Python or a line nested too deep is a bad row, not the job's end
+    lines = ['{"text": "fine"}', '{"text": "x", "n": ' + "9" * 5000 + "}", '{"text": ' + "[" * 100_000 + "]" * 100_000]
+    (tmp_path / "odd.jsonl").write_text("\n".join(lines) + "\n")
+    manifest = _embed(model, tmp_path / "odd.jsonl", tmp_path / "odd", on_error="skip")
+    assert manifest["totals"]["rows"] == 1 and manifest["totals"]["skipped"] == 2
+
+
+def test_an_instruction_that_leaves_the_text_no_token_is_refused(model, tmp_path):
+    """Only </s> would be pooled: every row the same vector (the authors' encode does that silently)."""
+    path = _jsonl(tmp_path / "in.jsonl", _rows()[:4])
+    long = "Represent " + " ".join(f"w{i}" for i in range(600)) + ":"
+    with pytest.raises(CorpusError, match="the instruction takes all 512 tokens"):
+        embed_corpus(model, path, tmp_path / "out", instruction=long, quiet=True)
+    rows = [{**row, "instruction": long if i == 1 else INSTRUCTION} for i, row in enumerate(_rows()[:4])]
+    manifest = embed_corpus(
+        model, _jsonl(path, rows), tmp_path / "rows", instruction_field="instruction", on_error="skip", quiet=True
+    )
+    (skipped,) = manifest["shards"][0]["skipped_rows"]
+    assert skipped["row"] == 2 and "its instruction takes all 512 tokens" in skipped["reason"]
+    with pytest.warns(UserWarning, match="takes all 511 tokens of max_seq_length"):
+        model.encode([[long, "a text"]])
+
+
+def test_an_output_folder_within_the_input_is_refused(model, tmp_path):
+    corpus_folder = tmp_path / "corpus"
+    corpus_folder.mkdir()
+    _jsonl(corpus_folder / "in.jsonl", _rows())
+    with pytest.raises(CorpusError, match="lies within the input .*choose an output folder outside"):
+        _embed(model, corpus_folder, corpus_folder / "embeddings")
+    assert not (corpus_folder / "embeddings").exists()
+
+
+def test_compressed_files_pipes_and_a_job_that_embedded_nothing_are_named(tiny_model, tmp_path):
+    gz = tmp_path / "in.jsonl.gz"
+    gz.write_bytes(b"\x1f\x8b")
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "fastinstructor", "embed", "--model", str(tiny_model), *args],
+            capture_output=True,
+            text=True,
+        )
+
+    result = run("--input", str(gz), "--output", str(tmp_path / "a"))
+    assert result.returncode == 2 and "is compressed" in result.stderr and "--input -" in result.stderr
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = run("--input", str(fifo), "--input-format", "jsonl", "--output", str(tmp_path / "b"))
+    assert result.returncode == 2 and "not a regular file" in result.stderr
+    wrong_field = _jsonl(tmp_path / "in.jsonl", [{"body": t} for t in TEXTS[:3]])
+    result = run("--input", str(wrong_field), "--output", str(tmp_path / "c"), "--on-error", "skip")
+    assert result.returncode == 1 and "every one of the 3 rows was skipped" in result.stderr
+    assert "no field 'text'" in result.stderr
+    result = run("--input", str(wrong_field), "--output", str(tmp_path / "d"), "--address", "auto")
+    assert result.returncode == 2 and "add --engine ray" in result.stderr

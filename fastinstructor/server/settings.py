@@ -138,6 +138,25 @@ def positive_int(value: str) -> int:
     return int(value)
 
 
+def whole_number(value: str) -> int:
+    """A flag's whole number of 0 or more (an index)."""
+    if not value.isdecimal():
+        raise argparse.ArgumentTypeError(f"expected a whole number (0 or more), got {value!r}")
+    return int(value)
+
+
+def comma_list(kind):
+    """A flag's comma-separated list of ``kind``."""
+
+    def parse(value: str) -> list:
+        try:
+            return [kind(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}") from None
+
+    return parse
+
+
 def _precision(value: str) -> str:
     try:
         return canonical_precision(value, allow_auto=True)
