@@ -401,3 +401,42 @@ def test_one_tokenizer_called_from_two_threads_keeps_each_calls_truncation(model
         for future in [pool.submit(batches), pool.submit(windows)]:
             future.result()
     assert not any(wrong), f"{sum(wrong)} of {len(wrong)} windows were tokenized with the other call's truncation"
+
+
+def test_left_truncation_tokenizes_a_long_text_a_few_times_not_a_binary_searchs_ten(model, monkeypatch):
+    """Its first guess (the text's room counted back from the end) is most often right: probed with the word
+    before it, two tokenizations find the cut."""
+    from fastinstructor.server.inputs import left_truncate
+    from fastinstructor.tokenization import PairTokenizer
+
+    words = [f"word{i}" for i in range(1500)]
+    calls = []
+    call = PairTokenizer.__call__
+    monkeypatch.setattr(PairTokenizer, "__call__", lambda self, sentences: calls.append(1) or call(self, sentences))
+    instruction, text = left_truncate(model.tokenizer, [DOC, " ".join(words)])
+    assert instruction == DOC and text == _left_truncated(model, DOC, words)
+    calls.clear()
+    left_truncate(model.tokenizer, [DOC, " ".join(words)])
+    assert len(calls) <= 4, f"{len(calls)} tokenizations"  # is it cut at all, the guess, the word before it (+1)
+
+
+def test_the_request_timeout_covers_tokenizing_too(tiny_model):
+    """A request whose tokenizing alone outlasts --request-timeout gets its 504 at the timeout, not after."""
+    from starlette.testclient import TestClient
+
+    import fastinstructor
+    from fastinstructor.server import ServerSettings, create_app
+
+    slow = fastinstructor.load(tiny_model)
+    tokenizer = slow.tokenizer
+
+    class Slow(type(tokenizer)):
+        def __call__(self, sentences):
+            time.sleep(1.5)
+            return super().__call__(sentences)
+
+    slow.tokenizer = Slow(tokenizer.tokenizer, tokenizer.max_length, tokenizer.pooling_rule)
+    with TestClient(create_app(slow, ServerSettings(request_timeout_s=0.3))) as client:
+        started = time.perf_counter()
+        reply = client.post("/v1/embeddings", json={"input": ["a text"]})
+        assert reply.status_code == 504 and time.perf_counter() - started < 1.2, reply.text

@@ -206,18 +206,33 @@ class _Api:
             batch = [left_truncate(self.model.tokenizer, s) for s in batch]
         return batch, self.model.tokenizer(batch)
 
-    async def tokenize(self, batch: list, left: bool = False):
+    async def tokenize(self, batch: list, left: bool = False, deadline: float | None = None):
+        """The sentences and their tokens, from the tokenize pool; a 504 past ``deadline`` (default: the request
+        timeout from now), which covers the tokenizing as it covers the embedding."""
         if len(batch) > self.settings.max_inputs:
             raise HTTPError(413, f"{len(batch)} inputs exceed the limit of {self.settings.max_inputs} per request")
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.tokenize_pool, self._tokenize, batch, left)
+        work = loop.run_in_executor(self.tokenize_pool, self._tokenize, batch, left)
+        result = await self.within(deadline or started + self.settings.request_timeout_s, work)
         self.metrics["tokenize_seconds"].observe(time.perf_counter() - started)
         return result
 
+    async def within(self, deadline: float, work, futures: list[asyncio.Future] = ()):
+        """``work``'s result, or a 504 once ``deadline`` (``time.perf_counter()``) passes: ``futures`` are
+        cancelled then (rows still queued are dropped by the batcher)."""
+        try:
+            return await asyncio.wait_for(work, max(deadline - time.perf_counter(), 0.0))
+        except asyncio.TimeoutError:
+            for future in futures:
+                future.cancel()
+            timeout = self.settings.request_timeout_s
+            raise HTTPError(504, f"the request took longer than {timeout} s", "timeout") from None
+
     async def embed_rows(self, batch: list, truncate: bool, left: bool = False) -> tuple[np.ndarray, int]:
         settings, model, metrics = self.settings, self.model, self.metrics
-        _, tokenized = await self.tokenize(batch, left and truncate)
+        deadline = time.perf_counter() + settings.request_timeout_s
+        _, tokenized = await self.tokenize(batch, left and truncate, deadline)
         if not truncate and any(tokenized.truncated):
             first = tokenized.truncated.index(True)
             raise HTTPError(
@@ -234,12 +249,7 @@ class _Api:
                     param="instruction",
                 )
         futures = self.submit(tokenized.ids, tokenized.pool_start)
-        try:
-            vectors = await asyncio.wait_for(asyncio.gather(*futures), settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            for f in futures:
-                f.cancel()
-            raise HTTPError(504, f"the request took longer than {settings.request_timeout_s} s", "timeout") from None
+        vectors = await self.within(deadline, asyncio.gather(*futures), futures)
         tokens = sum(len(ids) for ids in tokenized.ids)
         metrics["inputs"].inc(len(batch))
         metrics["tokens"].inc(tokens)
