@@ -135,6 +135,22 @@ def test_langchain_vectors_and_defaults(model, tiny_model, evidence):
     assert_close(custom.embed_query(evidence[0]), expected(model, evidence[:1], "Q:")[0])
 
 
+def test_langchain_takes_huggingface_instruct_embeddings_arguments_and_refuses_what_would_go_wrong(model, tiny_model):
+    needs("langchain")
+    from fastinstructor.integrations.langchain import InstructorEmbeddings
+
+    drop_in = InstructorEmbeddings(model_name=str(tiny_model), model_kwargs={"device": "cpu"}, backend="cpu")
+    assert_close(drop_in.embed_documents(["a text"]), expected(model, ["a text"], LANGCHAIN_EMBED_INSTRUCTION))
+    with pytest.raises(ValueError, match=r"encode_kwargs \['convert_to_numpy', 'prompt'\]: the adapter sets these"):
+        InstructorEmbeddings(model, encode_kwargs={"prompt": "x", "convert_to_numpy": False})
+    with pytest.raises(ValueError, match=r"model_kwargs \['cache_folder'\]: only 'device' applies"):
+        InstructorEmbeddings(model_name=str(tiny_model), model_kwargs={"cache_folder": "/tmp"})
+    with pytest.raises(TypeError, match="once"):
+        InstructorEmbeddings(model, model_name=str(tiny_model))
+    with pytest.raises(TypeError, match="not one str"):  # list() would embed it a character at a time
+        InstructorEmbeddings(model).embed_documents("a text")
+
+
 def embeddings_of(embeddings, texts) -> np.ndarray:
     return np.array(embeddings.embed_documents(texts), dtype=np.float32)
 
@@ -186,6 +202,19 @@ def test_llamaindex_vectors(model, evidence):
     assert_close(custom.get_text_embedding(evidence[0]), expected(model, evidence[:1], "D:")[0])
 
 
+def test_llamaindex_refuses_a_cache_keyed_by_text_when_queries_have_their_own_instruction(model):
+    """LlamaIndex caches query and text embeddings under the text alone: a query would get the document's vector."""
+    needs("llamaindex")
+    from llama_index.core.storage.kvstore import SimpleKVStore
+
+    from fastinstructor.integrations.llamaindex import InstructorEmbedding
+
+    with pytest.raises(ValueError, match="embeddings_cache keys LlamaIndex's cache by the text alone"):
+        InstructorEmbedding(model, embeddings_cache=SimpleKVStore())
+    same = InstructorEmbedding(model, query_instruction="I:", text_instruction="I:", embeddings_cache=SimpleKVStore())
+    assert_close(same.get_query_embedding("a text"), expected(model, ["a text"], "I:")[0])
+
+
 def test_llamaindex_vector_store_index_round_trip(model, evidence):
     needs("llamaindex")
     from llama_index.core import VectorStoreIndex
@@ -224,6 +253,29 @@ def test_chroma_vectors_and_config(model, tiny_model, evidence):
     assert_close(rebuilt.embed_query(evidence[:2]), expected(model, evidence[:2], "Q:"))
     with pytest.raises(TypeError, match=r"sentences\[0\] is ndarray"):  # an image: this model embeds text only
         function([np.zeros((2, 2, 3), dtype=np.uint8)])
+    with pytest.raises(TypeError, match="not one str"):
+        function("a text")
+
+
+def test_chroma_rebuilds_a_loaded_models_options_and_loads_each_model_once(tiny_model, evidence, monkeypatch):
+    """Chroma rebuilds the function from its config on its own (create, configuration reads): the rebuilt one must
+    embed as the original (a shorter max_seq_length, the sentence-transformers pooling rule), with the same model."""
+    needs("chroma")
+    import chromadb
+
+    from fastinstructor.integrations import chroma
+
+    short = fastinstructor.load(tiny_model, backend="cpu", max_seq_length=8, pooling_rule="sentence-transformers")
+    function = chroma.InstructorEmbeddingFunction(short)
+    assert function.get_config()["load_options"] == {"max_seq_length": 8, "pooling_rule": "sentence-transformers"}
+    loads = []
+    monkeypatch.setattr(chroma, "resolve_model", lambda *a, **k: loads.append(a) or pytest.fail("loaded again"))
+    rebuilt = chroma.InstructorEmbeddingFunction.build_from_config(function.get_config())
+    assert_close(rebuilt.embed_query(evidence[:2]), expected(short, evidence[:2], DEFAULT_QUERY_INSTRUCTION))
+    collection = chromadb.EphemeralClient().create_collection("once", embedding_function=function)
+    collection.add(ids=["a"], documents=[evidence[0]])
+    collection.query(query_texts=[evidence[1]], n_results=1)
+    assert not loads
 
 
 def test_chroma_collection_finds_each_sentence_first(model, evidence):

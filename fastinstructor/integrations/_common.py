@@ -6,7 +6,7 @@ import os
 
 from ..model import Instructor, load
 
-__all__ = ["check_model", "missing_extra", "model_name", "resolve_model"]
+__all__ = ["check_model", "missing_extra", "model_name", "resolve_model", "texts_of"]
 
 
 def missing_extra(extra: str, package: str, err: ImportError) -> ImportError:
@@ -51,3 +51,10 @@ def check_model(model):
 def model_name(model: Instructor | str | os.PathLike) -> str:
     """What a framework records as the model's name: the id or folder given, or the loaded model's folder."""
     return str(model.checkpoint.path) if isinstance(model, Instructor) else os.fspath(model)
+
+
+def texts_of(texts) -> list[str]:
+    """``texts`` as a list; a TypeError for a bare string (``list`` would make it one text per character)."""
+    if isinstance(texts, str):
+        raise TypeError("pass a list of texts, not one str (it would be embedded a character at a time)")
+    return list(texts)

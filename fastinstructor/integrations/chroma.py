@@ -14,11 +14,13 @@ needs, which Chroma's own ``InstructorEmbeddingFunction`` (one instruction for b
 
 from __future__ import annotations
 
+import json
 import os
+import weakref
 from typing import Any
 
 from ..model import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION, Instructor
-from ._common import missing_extra, model_name, resolve_model
+from ._common import check_model, missing_extra, model_name, resolve_model, texts_of
 
 try:
     from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
@@ -27,6 +29,25 @@ except ImportError as err:
     raise missing_extra("chroma", "chromadb", err) from err
 
 __all__ = ["InstructorEmbeddingFunction"]
+
+# Models by what get_config records of them: Chroma rebuilds the function from its config on its own (is_legacy() on
+# create_collection, each read of a collection's configuration), and each rebuild would load the model again.
+_models: weakref.WeakValueDictionary[str, Instructor] = weakref.WeakValueDictionary()
+
+
+def _model_key(config: dict[str, Any]) -> str:
+    keys = ("model", "backend", "precision", "device", "load_options")
+    return json.dumps({key: config.get(key) for key in keys}, sort_keys=True, default=str)
+
+
+def _loaded_options(model: Instructor) -> dict[str, Any]:
+    """The load options of a loaded model that change its embeddings, for a rebuild from the config to match it."""
+    options: dict[str, Any] = {}
+    if model.tokenizer.max_length != model.checkpoint.max_seq_length:
+        options["max_seq_length"] = model.tokenizer.max_length
+    if model.tokenizer.pooling_rule != "instructor":
+        options["pooling_rule"] = model.tokenizer.pooling_rule
+    return options
 
 
 @register_embedding_function
@@ -46,23 +67,29 @@ class InstructorEmbeddingFunction(EmbeddingFunction[Documents]):
         device: str | None = None,
         load_options: dict | None = None,
     ) -> None:
-        self._model = resolve_model(model, backend, precision, device, load_options)
-        self.instruction = instruction
-        self.query_instruction = query_instruction
-        loaded = isinstance(model, Instructor)
+        loaded = isinstance(check_model(model), Instructor)
+        if loaded:
+            resolve_model(model, backend, precision, device, load_options)  # refuses load options with a loaded model
         self._config = {  # what get_config records: enough to load the same model again
             "model": model_name(model),
-            "backend": self._model.backend_name if loaded else backend,
-            "precision": self._model.precision if loaded else precision,
-            "device": str(self._model.backend.device) if loaded else device,
-            "load_options": dict(load_options or {}),
+            "backend": model.backend_name if loaded else backend,
+            "precision": model.precision if loaded else precision,
+            "device": str(model.backend.device) if loaded else device,
+            "load_options": _loaded_options(model) if loaded else dict(load_options or {}),
         }
+        key = _model_key(self._config)
+        self._model = model if loaded else _models.get(key)
+        if self._model is None:
+            self._model = resolve_model(model, backend, precision, device, load_options)
+        _models.setdefault(key, self._model)
+        self.instruction = instruction
+        self.query_instruction = query_instruction
 
     def __call__(self, input: Documents) -> Embeddings:
-        return list(self._model.encode(list(input), prompt=self.instruction))
+        return list(self._model.encode(texts_of(input), prompt=self.instruction))
 
     def embed_query(self, input: Documents) -> Embeddings:
-        return list(self._model.encode(list(input), prompt=self.query_instruction))
+        return list(self._model.encode(texts_of(input), prompt=self.query_instruction))
 
     @staticmethod
     def name() -> str:

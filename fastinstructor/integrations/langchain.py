@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from ..model import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION, Instructor
-from ._common import missing_extra, resolve_model
+from ._common import missing_extra, resolve_model, texts_of
 
 try:
     from langchain_core.embeddings import Embeddings
@@ -25,6 +25,7 @@ except ImportError as err:
 __all__ = ["DEFAULT_EMBED_INSTRUCTION", "DEFAULT_QUERY_INSTRUCTION", "InstructorEmbeddings"]
 
 DEFAULT_EMBED_INSTRUCTION = DEFAULT_DOCUMENT_INSTRUCTION  # HuggingFaceInstructEmbeddings' name for it
+_SET_BY_THE_ADAPTER = {"prompt", "convert_to_numpy", "convert_to_tensor", "precision", "output_value"}
 
 
 class InstructorEmbeddings(Embeddings):
@@ -32,13 +33,16 @@ class InstructorEmbeddings(Embeddings):
 
     ``model``: a model id or folder (loaded with ``backend``, ``precision``, ``device`` and ``load_options``, as
     ``fastinstructor.load``) or a loaded ``fastinstructor.Instructor``. ``encode_kwargs`` go to every
-    ``Instructor.encode`` call (e.g. ``{"batch_size": 64}``).
+    ``Instructor.encode`` call (e.g. ``{"batch_size": 64}``). As ``HuggingFaceInstructEmbeddings``: ``model_name``
+    for ``model``, and ``model_kwargs={"device": ...}``.
     """
 
     def __init__(
         self,
-        model: Instructor | str | os.PathLike,
+        model: Instructor | str | os.PathLike | None = None,
         *,
+        model_name: str | None = None,
+        model_kwargs: dict | None = None,
         embed_instruction: str = DEFAULT_EMBED_INSTRUCTION,
         query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
         backend: str = "auto",
@@ -48,7 +52,18 @@ class InstructorEmbeddings(Embeddings):
         encode_kwargs: dict | None = None,
         show_progress: bool = False,
     ) -> None:
-        self.client = resolve_model(model, backend, precision, device, load_options)
+        if (model is None) == (model_name is None):
+            raise TypeError("pass the model (or, as HuggingFaceInstructEmbeddings, model_name=), once")
+        if set(model_kwargs or {}) - {"device"}:
+            raise ValueError(
+                f"model_kwargs {sorted(model_kwargs)}: only 'device' applies; pass load options as load_options="
+            )
+        if clashing := sorted(set(encode_kwargs or {}) & _SET_BY_THE_ADAPTER):
+            raise ValueError(f"encode_kwargs {clashing}: the adapter sets these (instructions, float vectors as lists)")
+        device = (model_kwargs or {}).get("device", device)
+        self.client = resolve_model(
+            model if model_name is None else model_name, backend, precision, device, load_options
+        )
         self.embed_instruction = embed_instruction
         self.query_instruction = query_instruction
         self.encode_kwargs = dict(encode_kwargs or {})
@@ -56,9 +71,11 @@ class InstructorEmbeddings(Embeddings):
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         options = {"show_progress_bar": self.show_progress, **self.encode_kwargs}
-        return self.client.encode(list(texts), prompt=self.embed_instruction, **options).tolist()
+        return self.client.encode(texts_of(texts), prompt=self.embed_instruction, **options).tolist()
 
     def embed_query(self, text: str) -> list[float]:
+        if not isinstance(text, str):
+            raise TypeError(f"embed_query takes one text (a str), got {type(text).__name__}")
         return self.client.encode([text], prompt=self.query_instruction, **self.encode_kwargs)[0].tolist()
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:

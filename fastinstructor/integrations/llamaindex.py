@@ -52,6 +52,12 @@ class InstructorEmbedding(BaseEmbedding):
         embed_batch_size: int = DEFAULT_EMBED_BATCH_SIZE,
         **kwargs,
     ) -> None:
+        if kwargs.get("embeddings_cache") is not None and query_instruction != text_instruction:
+            raise ValueError(
+                "embeddings_cache keys LlamaIndex's cache by the text alone, for queries and texts alike: a query "
+                "equal to a cached text would get the text's embedding (text_instruction's, not query_instruction's). "
+                "Use one instruction for both, or no embeddings_cache"
+            )
         loaded = resolve_model(model, backend, precision, device, load_options)
         super().__init__(
             model_name=model_name(model),
