@@ -271,11 +271,11 @@ def embed_corpus(
     reader = CorpusReader(spec)
     if output_format == "parquet":
         import pyarrow  # noqa: F401  (fail before any work if it is missing)
-    output = Path(output)
+    output = root = Path(output)
     if num_shards is not None or shard_index is not None:  # checked, and the part's own folder
         output = shards.part_output(output, num_shards, shard_index)
     named = [] if spec.path == "-" else [spec.path] if isinstance(spec.path, str) else list(spec.path)
-    shards.check_output_folder(output, overwrite, [*named, *spec.files])
+    shards.check_output_folder(output, overwrite, [*named, *spec.files], root)
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     try:

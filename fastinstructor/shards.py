@@ -51,6 +51,7 @@ __all__ = [
     "load_manifest",
     "open_output",
     "part_folder",
+    "split_count",
     "part_output",
     "policy_identity",
     "read_embeddings",
@@ -200,19 +201,21 @@ def is_ours(path: Path) -> bool:
     return path.name.startswith((LOCK, f".{MANIFEST}.tmp-", ".part-"))
 
 
-def check_output_folder(output: Path, overwrite: bool, inputs: Sequence[str] = ()) -> None:
+def check_output_folder(output: Path, overwrite: bool, inputs: Sequence[str] = (), root: Path | None = None) -> None:
     """Refuse a file, a folder of someone else's files, or one among ``inputs`` (the input's paths and files), before
-    anything is written into it."""
+    anything is written into it. ``root``: the folder of every part of a split job (``output`` is one part's): no
+    input may lie in it, where the other parts write."""
+    root = output if root is None else root
     if output.exists() and not output.is_dir():
         raise CorpusError(f"output {output} is a file; pass a folder")
     for path in inputs:  # an input folder holding the output, or an input file in it: its shards would be read again
         if (
-            output.resolve().is_relative_to(Path(path).resolve())
+            root.resolve().is_relative_to(Path(path).resolve())
             if Path(path).is_dir()
-            else Path(path).resolve().is_relative_to(output.resolve())
+            else Path(path).resolve().is_relative_to(root.resolve())
         ):
             raise CorpusError(
-                f"output folder {output} lies within the input ({path}): a re-run would read its own shards as "
+                f"output folder {root} lies within the input ({path}): a re-run would read its own shards as "
                 "input; choose an output folder outside the input"
             )
     if parts := _part_folders(output):  # not even with overwrite: the parts are other jobs' folders
@@ -376,6 +379,13 @@ def _part_folders(output: Path) -> dict[tuple[int, int], str]:
         if (match := _PART.fullmatch(path.name)) and path.is_dir():
             found[int(match[1]), int(match[2])] = path.name
     return found
+
+
+def split_count(output: Path) -> int | None:
+    """How many ways the job in ``output`` is split, from its part folders; None where there are none (or several
+    counts, which reading the parts refuses)."""
+    counts = {count for _, count in _part_folders(output)}
+    return counts.pop() if len(counts) == 1 else None
 
 
 def part_folder(output: str | os.PathLike, index: int, count: int) -> Path:

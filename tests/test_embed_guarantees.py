@@ -461,6 +461,11 @@ def test_an_output_folder_within_the_input_is_refused(model, tmp_path):
     with pytest.raises(CorpusError, match="lies within the input .*choose an output folder outside"):
         _embed(model, corpus_folder, corpus_folder / "embeddings")
     assert not (corpus_folder / "embeddings").exists()
+    # A split job: part 1's glob must not read part 0's shards, written in the same output folder
+    pattern, out = str(tmp_path / "**" / "*.jsonl"), tmp_path / "split"
+    _embed(model, pattern, out, num_shards=2, shard_index=0, output_format="npy")  # writes part-*.ids.jsonl there
+    with pytest.raises(CorpusError, match="lies within the input"):
+        _embed(model, pattern, out, num_shards=2, shard_index=1, output_format="npy")
 
 
 def test_compressed_files_pipes_and_a_job_that_embedded_nothing_are_named(tiny_model, tmp_path):

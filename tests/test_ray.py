@@ -93,6 +93,34 @@ def test_a_shipped_folder_is_the_same_files_on_a_worker(shipped, tiny_model, tmp
     assert fray.ship_folder(tiny_model, shared_filesystem=True).path() == tiny_model.resolve()
 
 
+def test_the_same_files_shipped_under_two_names_unpack_under_each(shipped, tiny_model, tmp_path):
+    """A hub snapshot (named by its commit) and a local copy of the same model: each worker path has its own name."""
+    import shutil
+
+    copy = fray.ship_folder(shutil.copytree(tiny_model, tmp_path / "a-copy"))
+    assert copy.key == shipped.key
+    names = ray.get(ray.remote(lambda a, b: [a.path().name, b.path().name]).remote(shipped, copy))
+    assert names == [tiny_model.name, "a-copy"]
+
+
+def test_a_failed_serve_command_removes_no_deployment_it_did_not_make(cluster, monkeypatch):
+    """`serve --engine ray --address auto --model typo` against a live cluster: the model is not found, and the
+    deployment already serving stays."""
+    from ray import serve
+
+    from fastinstructor import CheckpointError
+    from fastinstructor.ray import serving
+    from fastinstructor.server.settings import ServerSettings, resolve
+
+    deleted = []
+    monkeypatch.setattr(serve, "delete", deleted.append)
+    monkeypatch.setattr(serving.ray, "shutdown", lambda: None)  # the module's cluster serves the other tests
+    values = resolve({"model": "/no/such/model", "engine": "ray"})
+    with pytest.raises(CheckpointError, match="no such folder"):
+        serving.serve_from_values(values, ServerSettings())
+    assert not deleted
+
+
 def test_a_shipped_folder_is_checked_against_its_key(shipped, tiny_model, tmp_path, monkeypatch):
     """The key is the sha256 of each file's relative name, a NUL and its bytes, in order; a copy that does not hash
     to it is refused and leaves nothing in the cache."""
@@ -290,6 +318,18 @@ def test_embed_dataset_equals_the_local_job(shipped, corpus, local_output, tmp_p
     assert summary["totals"]["rows"] == 1000 and summary["parts"] == 3 and len(summary["shards"]) == 100
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"part-{k}-of-3" for k in range(3)]
     _assert_equal_to_local(tmp_path / "out", local_output)
+    again = fray.embed_dataset(shipped, corpus, tmp_path / "out", **JOB)  # no parts: the folder's 3, not the cluster's
+    assert again["parts"] == 3 and again["totals"]["rows"] == 1000
+
+
+def test_embed_dataset_takes_its_input_options_by_name(shipped, tmp_path):
+    """Any of input_format, text_field, id_field, instruction_field may be left out (they went by position)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = [{"doc": f"d{i}", "body": f"Sea ice report {i}."} for i in range(4)]
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fray.embed_dataset(shipped, folder, tmp_path / "out", parts=1, text_field="body", id_field="doc", **JOB)
+    assert fastinstructor.read_embeddings(tmp_path / "out")[0] == ["d0", "d1", "d2", "d3"]
 
 
 @pytest.mark.parametrize("max_retries", [0, 1])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -158,16 +159,18 @@ def embed_dataset(
     from collections import deque
 
     from ..readers import InputSpec
-    from ..shards import CorpusError
+    from ..shards import CorpusError, split_count
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False)
-    spec_fields = ("input_format", "text_field", "id_field", "instruction_field")
-    spec = InputSpec(input, *(job_options[k] for k in spec_fields if k in job_options))
+    spec_fields = {"input_format": "format", "text_field": "text_field", "id_field": "id_field"}
+    spec_fields["instruction_field"] = "instruction_field"  # by name: any of them may be left out
+    spec = InputSpec(input, **{field: job_options[k] for k, field in spec_fields.items() if k in job_options})
     if spec.path == "-":
         raise ValueError("a Ray job cannot read standard input: pass files, a folder or a glob pattern")
     files = [os.path.abspath(file) for file in spec.files]  # every part reads the same files, from any worker
     output = os.path.abspath(output)
+    parts = parts or split_count(Path(output))  # a job already in the folder: its own count, not the cluster's size
     actors = actors or min(parts or sys.maxsize, _slots(num_cpus, num_gpus))
     parts = parts or actors
     actors = min(actors, parts)
@@ -267,4 +270,9 @@ def embed_from_args(args) -> int:
     )
     if summary["random_weights"]:
         print("NOTE: this checkpoint has RANDOM weights, so these embeddings are meaningless; the speed is real.")
+    from ..shards import all_skipped
+
+    if (why := all_skipped({"totals": totals, "shards": summary["shards"]})) is not None:
+        print(f"fastinstructor embed: error: {why}", file=sys.stderr)
+        return 1
     return 0

@@ -108,9 +108,14 @@ def serve_from_values(values: dict, settings) -> int:
     name = values["served_model_name"] or served_name(values["model"])
     scaling = f"{values['replicas']}" + (f" to {values['max_replicas']}" if values["max_replicas"] else "")
     print(f"starting {scaling} Ray Serve replica(s) of {values['model']} as {name!r} ...", file=sys.stderr)
+    deploying = False  # True once this command deploys: before that, an application of this name is not ours
     try:
+        if not ray.is_initialized():
+            ray.init(address=values["address"], include_dashboard=False)
+        model = ship_model(values["model"])  # first: a model that cannot be found must remove nothing
+        deploying = True
         url = run_server(
-            values["model"],
+            model,
             settings,
             host=values["host"],
             port=values["port"],
@@ -131,6 +136,7 @@ def serve_from_values(values: dict, settings) -> int:
             time.sleep(3600)
     finally:  # also when interrupted while the replicas start
         if ray.is_initialized():
-            with contextlib.suppress(Exception):  # Serve never started: nothing to remove
-                serve.delete(DEPLOYMENT)
+            if deploying:
+                with contextlib.suppress(Exception):  # Serve never started: nothing to remove
+                    serve.delete(DEPLOYMENT)
             ray.shutdown()

@@ -48,7 +48,8 @@ class ShippedFolder:
         unpacks, the others wait on its lock), each byte hashed on the way and checked against ``key``."""
         if self.shared_path is not None:
             return Path(self.shared_path)
-        root = cache_dir("ray") / self.key[:32]
+        # the name too: the same files shipped under two folder names are unpacked twice, each under its name
+        root = cache_dir("ray") / hashlib.sha256(f"{self.key}\0{self.name}".encode()).hexdigest()[:32]
         if not root.is_dir():
             with hold(root.with_name(root.name + ".lock"), what=f"the node's copy of {self.name}"):
                 if not root.is_dir():
