@@ -410,6 +410,9 @@ class _RecordingTokenizer:
             raise ValueError(f"chunk {self.fail_at} is broken")
         return self.inner(sentences)
 
+    def __getattr__(self, name: str):  # the rest of the tokenizer's interface, unrecorded
+        return getattr(self.inner, name)
+
 
 class _WaitingBackend:
     """The cpu backend, saying it runs off the CPU (``device``: "meta", where a GPU backend says "cuda"), whose first

@@ -145,11 +145,11 @@ def test_max_seq_length_from_the_embed_command(tiny_model, texts, tmp_path):
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:12]), encoding="utf-8")
     out = tmp_path / "out"
     args = ["embed", "--model", str(tiny_model), "--input", str(corpus), "--output", str(out), "--quiet"]
-    assert main([*args, "--instruction", INSTRUCTION, "--max-seq-length", "8"]) == 0
+    assert main([*args, "--instruction", INSTRUCTION, "--max-seq-length", "24"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["identity"]["max_seq_length"] == 8
-    assert manifest["totals"]["truncated"] == 12  # every text is longer than 8 tokens with its instruction
+    assert manifest["identity"]["max_seq_length"] == 24
+    assert manifest["totals"]["truncated"] == 12  # every text is longer than 24 tokens with its instruction
     ids, embeddings = fastinstructor.read_embeddings(out)
-    short = fastinstructor.load(tiny_model, backend="cpu", max_seq_length=8)
+    short = fastinstructor.load(tiny_model, backend="cpu", max_seq_length=24)
     np.testing.assert_allclose(embeddings, short.encode(texts[:12], prompt=INSTRUCTION), atol=1e-6, rtol=0)
     assert main([*args, "--instruction", INSTRUCTION]) == 2  # a re-run at the model's length is another job
