@@ -103,6 +103,20 @@ def test_the_same_files_shipped_under_two_names_unpack_under_each(shipped, tiny_
     assert names == [tiny_model.name, "a-copy"]
 
 
+def test_a_shipped_hub_id_is_served_under_the_id_not_its_snapshots_commit(cluster, tiny_model, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from test_checkpoint import _fake_hf_cache
+
+    from fastinstructor.server.settings import served_name
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    snapshot = _fake_hf_cache(tmp_path / "hub", "hkunlp/instructor-tiny", tiny_model)
+    shipped = fray.ship_model("hkunlp/instructor-tiny", cache_dir=str(tmp_path / "hub"))
+    assert shipped.name == snapshot.name and served_name(shipped.source) == "hkunlp/instructor-tiny"
+    model, settings, name, load_options = fray.serve_app(shipped)._bound_deployment.init_args  # the replica's
+    assert name == "hkunlp/instructor-tiny" and model is shipped
+
+
 def test_a_failed_serve_command_removes_no_deployment_it_did_not_make(cluster, monkeypatch):
     """`serve --engine ray --address auto --model typo` against a live cluster: the model is not found, and the
     deployment already serving stays."""
@@ -154,6 +168,17 @@ def test_map_batches_in_two_actors_equals_encode(shipped, model, real_texts, bat
     assert sorted(got) == list(range(len(rows)))
     expected = model.encode([[r["task"], r["text"]] for r in rows])
     np.testing.assert_allclose(np.stack([got[i] for i in range(len(rows))]), expected, atol=1e-6)
+
+
+def test_the_embedder_names_a_null_text_and_refuses_an_instruction_that_fills_the_length(tiny_model):
+    import pyarrow as pa
+
+    with pytest.raises(TypeError, match=r"column 'text', row 1 of this batch, is None, not a text"):
+        fray.Embedder(tiny_model, instruction=DOC)(pa.table({"text": ["a", None]}))
+    with pytest.raises(TypeError, match=r"column 'task', row 0 of this batch, is nan"):
+        fray.Embedder(tiny_model, instruction_column="task")({"text": np.array(["a"]), "task": np.array([np.nan])})
+    with pytest.raises(ValueError, match="the instruction takes all 512 tokens"):
+        fray.Embedder(tiny_model, instruction="Represent " + " ".join(f"w{i}" for i in range(600)))
 
 
 def test_the_embedder_takes_one_instruction_or_none(tiny_model, model, real_texts):

@@ -17,16 +17,25 @@ from .shipping import ShippedFolder, load_on_worker, ship_model
 __all__ = ["Embedder", "embed_dataset", "embed_from_args"]
 
 
-def _column(batch, name: str) -> list:
-    """A column of a pyarrow Table, a pandas DataFrame or a dict of numpy arrays, as a list."""
+def _texts(batch, name: str) -> list[str]:
+    """A column of texts of a pyarrow Table, a pandas DataFrame or a dict of numpy arrays, as a list; a TypeError
+    naming the column and the row for a value that is no text (a null, a NaN)."""
     if hasattr(batch, "column_names"):  # pyarrow.Table
         if name not in batch.column_names:
             raise KeyError(f"the batch has no column {name!r} (columns: {batch.column_names})")
-        return batch.column(name).to_pylist()
-    if name not in batch:
-        raise KeyError(f"the batch has no column {name!r} (columns: {list(batch.keys())})")
-    column = batch[name]
-    return column.tolist() if hasattr(column, "tolist") else list(column)
+        values = batch.column(name).to_pylist()
+    else:
+        if name not in batch:
+            raise KeyError(f"the batch has no column {name!r} (columns: {list(batch.keys())})")
+        column = batch[name]
+        values = column.tolist() if hasattr(column, "tolist") else list(column)
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise TypeError(
+                f"column {name!r}, row {row} of this batch, is {value!r}, not a text: drop or fill such rows first "
+                "(Dataset.filter)"
+            )
+    return values
 
 
 def _with_column(batch, name: str, vectors: np.ndarray):
@@ -80,11 +89,16 @@ class Embedder:
         self.output_column, self.normalize = output_column, normalize
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
         self.model = load_on_worker(model, threads=threads, onnx_dir=onnx_dir, **load_options)
+        if instruction is not None and self.model.tokenizer.fills_length(instruction):  # each row: one vector
+            raise ValueError(
+                f"the instruction takes all {self.model.max_seq_length} tokens of max_seq_length but </s>: no token "
+                "of any text would be embedded; shorten it"
+            )
 
     def __call__(self, batch):
-        texts = _column(batch, self.text_column)
+        texts = _texts(batch, self.text_column)
         if self.instruction_column is not None:
-            instructions = _column(batch, self.instruction_column)
+            instructions = _texts(batch, self.instruction_column)
             sentences = [[i, t] for i, t in zip(instructions, texts, strict=True)]
         elif self.instruction is not None:
             sentences = [[self.instruction, t] for t in texts]

@@ -56,7 +56,7 @@ def serve_app(
 
     settings = settings or ServerSettings()
     if isinstance(model, ShippedFolder):
-        name = model_name or model.name
+        name = model_name or served_name(model.source or model.name)  # a hub id, not its snapshot's commit
     else:
         name = model_name or served_name(str(model))
         model = ship_model(model, shared_filesystem=shared_filesystem)

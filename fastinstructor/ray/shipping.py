@@ -10,6 +10,7 @@ its threads.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -42,6 +43,7 @@ class ShippedFolder:
     key: str
     files: tuple[tuple[str, tuple[ray.ObjectRef, ...]], ...] = ()
     shared_path: str | None = None
+    source: str | None = None  # what ship_model was given (a hub id, a folder): the name a server shows clients
 
     def path(self) -> Path:
         """The folder on this node: the shared path, or the node's copy, unpacked on first use (one process
@@ -116,9 +118,8 @@ def ship_model(
 ) -> ShippedFolder:
     """``ship_folder`` of a checkpoint: a folder as is, a hub id downloaded once, here on the driver (``cache_dir``,
     ``revision`` as ``fastinstructor.load`` takes them), so that no worker needs the hub."""
-    return ship_folder(
-        resolve_model_path(model, cache_dir=cache_dir, revision=revision), shared_filesystem=shared_filesystem
-    )
+    folder = resolve_model_path(model, cache_dir=cache_dir, revision=revision)
+    return dataclasses.replace(ship_folder(folder, shared_filesystem=shared_filesystem), source=os.fspath(model))
 
 
 def actor_threads() -> int | None:
