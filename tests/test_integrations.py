@@ -215,6 +215,23 @@ def test_llamaindex_refuses_a_cache_keyed_by_text_when_queries_have_their_own_in
     assert_close(same.get_query_embedding("a text"), expected(model, ["a text"], "I:")[0])
 
 
+def test_llamaindex_adapter_pickles_and_round_trips_through_to_dict(tiny_model, evidence):
+    """IngestionPipeline(num_workers=...) pickles the adapter, and LlamaIndex drops the model that does not pickle:
+    the copy loads it again from the adapter's fields (a loaded model's options too), as from_dict does."""
+    needs("llamaindex")
+    import pickle
+
+    from fastinstructor.integrations.llamaindex import InstructorEmbedding
+
+    short = fastinstructor.load(tiny_model, backend="cpu", max_seq_length=8)
+    for adapter in (InstructorEmbedding(short), InstructorEmbedding(str(tiny_model), backend="cpu")):
+        wanted = adapter.get_text_embedding_batch(evidence[:3])
+        for copy in (pickle.loads(pickle.dumps(adapter)), InstructorEmbedding.from_dict(adapter.to_dict())):
+            assert copy.backend == "cpu" and copy.load_options == adapter.load_options
+            assert_close(copy.get_text_embedding_batch(evidence[:3]), np.array(wanted, dtype=np.float32))
+    assert InstructorEmbedding(short).load_options == {"max_seq_length": 8}
+
+
 def test_llamaindex_vector_store_index_round_trip(model, evidence):
     needs("llamaindex")
     from llama_index.core import VectorStoreIndex

@@ -6,7 +6,7 @@ import os
 
 from ..model import Instructor, load
 
-__all__ = ["check_model", "missing_extra", "model_name", "resolve_model", "texts_of"]
+__all__ = ["check_model", "load_options_of", "missing_extra", "model_name", "resolve_model", "texts_of"]
 
 
 def missing_extra(extra: str, package: str, err: ImportError) -> ImportError:
@@ -58,3 +58,14 @@ def texts_of(texts) -> list[str]:
     if isinstance(texts, str):
         raise TypeError("pass a list of texts, not one str (it would be embedded a character at a time)")
     return list(texts)
+
+
+def load_options_of(model: Instructor) -> dict:
+    """The load options of a loaded model that change its embeddings: what a framework must record for a model
+    rebuilt from its configuration (or in another process) to embed as this one."""
+    options: dict = {}
+    if model.tokenizer.max_length != model.checkpoint.max_seq_length:
+        options["max_seq_length"] = model.tokenizer.max_length
+    if model.tokenizer.pooling_rule != "instructor":
+        options["pooling_rule"] = model.tokenizer.pooling_rule
+    return options

@@ -20,7 +20,7 @@ import weakref
 from typing import Any
 
 from ..model import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION, Instructor
-from ._common import check_model, missing_extra, model_name, resolve_model, texts_of
+from ._common import check_model, load_options_of, missing_extra, model_name, resolve_model, texts_of
 
 try:
     from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
@@ -38,16 +38,6 @@ _models: weakref.WeakValueDictionary[str, Instructor] = weakref.WeakValueDiction
 def _model_key(config: dict[str, Any]) -> str:
     keys = ("model", "backend", "precision", "device", "load_options")
     return json.dumps({key: config.get(key) for key in keys}, sort_keys=True, default=str)
-
-
-def _loaded_options(model: Instructor) -> dict[str, Any]:
-    """The load options of a loaded model that change its embeddings, for a rebuild from the config to match it."""
-    options: dict[str, Any] = {}
-    if model.tokenizer.max_length != model.checkpoint.max_seq_length:
-        options["max_seq_length"] = model.tokenizer.max_length
-    if model.tokenizer.pooling_rule != "instructor":
-        options["pooling_rule"] = model.tokenizer.pooling_rule
-    return options
 
 
 @register_embedding_function
@@ -75,7 +65,7 @@ class InstructorEmbeddingFunction(EmbeddingFunction[Documents]):
             "backend": model.backend_name if loaded else backend,
             "precision": model.precision if loaded else precision,
             "device": str(model.backend.device) if loaded else device,
-            "load_options": _loaded_options(model) if loaded else dict(load_options or {}),
+            "load_options": load_options_of(model) if loaded else dict(load_options or {}),
         }
         key = _model_key(self._config)
         self._model = model if loaded else _models.get(key)

@@ -15,7 +15,8 @@ import asyncio
 import os
 
 from ..model import DEFAULT_DOCUMENT_INSTRUCTION, DEFAULT_QUERY_INSTRUCTION, Instructor
-from ._common import missing_extra, model_name, resolve_model
+from ._common import load_options_of, missing_extra, resolve_model, texts_of
+from ._common import model_name as name_of
 
 try:
     from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -37,12 +38,19 @@ class InstructorEmbedding(BaseEmbedding):
 
     query_instruction: str = Field(default=DEFAULT_QUERY_INSTRUCTION, description="Instruction for queries.")
     text_instruction: str = Field(default=DEFAULT_DOCUMENT_INSTRUCTION, description="Instruction for texts (nodes).")
+    # How the model was loaded: to_dict / from_dict, and a copy in another process (a pickled adapter, as
+    # IngestionPipeline's workers take it: LlamaIndex drops the model and builds the adapter anew from its fields).
+    backend: str = Field(default="auto", description="fastinstructor.load's backend.")
+    precision: str = Field(default="auto", description="fastinstructor.load's precision.")
+    device: str | None = Field(default=None, description="fastinstructor.load's device.")
+    load_options: dict = Field(default_factory=dict, description="fastinstructor.load's other options.")
     _model: Instructor = PrivateAttr()
 
     def __init__(
         self,
-        model: Instructor | str | os.PathLike,
+        model: Instructor | str | os.PathLike | None = None,
         *,
+        model_name: str | None = None,
         query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
         text_instruction: str = DEFAULT_DOCUMENT_INSTRUCTION,
         backend: str = "auto",
@@ -58,11 +66,19 @@ class InstructorEmbedding(BaseEmbedding):
                 "equal to a cached text would get the text's embedding (text_instruction's, not query_instruction's). "
                 "Use one instruction for both, or no embeddings_cache"
             )
+        if (model is None) == (model_name is None):
+            raise TypeError("pass the model (or model_name=, as to_dict records it), once")
+        model = model_name if model is None else model
         loaded = resolve_model(model, backend, precision, device, load_options)
+        given = isinstance(model, Instructor)
         super().__init__(
-            model_name=model_name(model),
+            model_name=name_of(model),
             query_instruction=query_instruction,
             text_instruction=text_instruction,
+            backend=loaded.backend_name if given else backend,
+            precision=loaded.precision if given else precision,
+            device=str(loaded.backend.device) if given else device,
+            load_options=load_options_of(loaded) if given else dict(load_options or {}),
             embed_batch_size=embed_batch_size,
             **kwargs,
         )
@@ -79,7 +95,7 @@ class InstructorEmbedding(BaseEmbedding):
         return self._get_text_embeddings([text])[0]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
-        return self._model.encode(list(texts), prompt=self.text_instruction).tolist()
+        return self._model.encode(texts_of(texts), prompt=self.text_instruction).tolist()
 
     async def _aget_query_embedding(self, query: str) -> list[float]:
         return await asyncio.to_thread(self._get_query_embedding, query)
