@@ -421,11 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (default): the fastest backend that passes its parity check here",
     )
     embed.add_argument(
-        "--precision",
-        type=_precision,
-        choices=["auto", *precisions],
-        default="auto",
-        help=f"default: auto {aliases}",
+        "--precision", type=_precision, choices=["auto", *precisions], default="auto", help=f"default: auto {aliases}"
     )
     embed.add_argument("--pooling-rule", choices=POOLING_RULES, default="instructor")
     embed.add_argument("--max-seq-length", type=positive_int, help="tokens per input at most (default: the model's)")

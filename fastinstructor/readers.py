@@ -325,7 +325,7 @@ class CorpusReader:
             yield self._record(number, record)
 
     def _csv(self, lines: Iterator[tuple[int, str]]) -> Iterator[Row]:
-        delimiter = "\t" if self.format == "tsv" else ","
+        tsv = self.format == "tsv"
         # csv wants an iterable of strings; remember each physical line number for messages.
         current = [0]
 
@@ -338,8 +338,8 @@ class CorpusReader:
         # silently merged into one field up to the next quote (or the end of the file). TSV has no quoting (IANA's
         # text/tab-separated-values, as MS MARCO, BEIR and STS-B write it): a line is a row, a quote is a character.
         csv.field_size_limit(sys.maxsize)  # a long text is truncated by the tokenizer, never refused here
-        quoting = csv.QUOTE_NONE if self.format == "tsv" else csv.QUOTE_MINIMAL
-        reader = csv.reader(text_lines(), delimiter=delimiter, strict=True, quoting=quoting)
+        quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+        reader = csv.reader(text_lines(), delimiter="\t" if tsv else ",", strict=True, quoting=quoting)
         try:
             header = next(reader, None)
         except csv.Error as err:
@@ -354,7 +354,7 @@ class CorpusReader:
                 return
             except csv.Error as err:
                 self._pop_undecodable(first, current[0])
-                hint = "; check its quotes" if self.format == "csv" else ""
+                hint = "" if tsv else "; check its quotes"
                 yield Row(
                     first, error=f"malformed {_FORMAT_NAMES[self.format]} in lines {first}-{current[0]} ({err}){hint}"
                 )
@@ -366,8 +366,7 @@ class CorpusReader:
             elif not values:
                 continue
             elif len(values) != len(header):
-                hint = " (TSV has no quoting: a tab in a text splits it; write such a file as CSV)"
-                hint = hint if self.format == "tsv" else ""
+                hint = " (TSV has no quoting: a tab in a text splits it; write such a file as CSV)" if tsv else ""
                 yield Row(number, error=f"{len(values)} fields, the header has {len(header)}{hint}")
             else:
                 yield self._record(number, dict(zip(header, values, strict=True)))

@@ -208,12 +208,10 @@ def check_output_folder(output: Path, overwrite: bool, inputs: Sequence[str] = (
     root = output if root is None else root
     if output.exists() and not output.is_dir():
         raise CorpusError(f"output {output} is a file; pass a folder")
+    where = root.resolve()
     for path in inputs:  # an input folder holding the output, or an input file in it: its shards would be read again
-        if (
-            root.resolve().is_relative_to(Path(path).resolve())
-            if Path(path).is_dir()
-            else Path(path).resolve().is_relative_to(root.resolve())
-        ):
+        named = Path(path).resolve()
+        if where.is_relative_to(named) if named.is_dir() else named.is_relative_to(where):
             raise CorpusError(
                 f"output folder {root} lies within the input ({path}): a re-run would read its own shards as "
                 "input; choose an output folder outside the input"

@@ -177,8 +177,13 @@ def embed_dataset(
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False)
-    spec_fields = {"input_format": "format", "text_field": "text_field", "id_field": "id_field"}
-    spec_fields["instruction_field"] = "instruction_field"  # by name: any of them may be left out
+    # by name: any of them may be left out
+    spec_fields = {
+        "input_format": "format",
+        "text_field": "text_field",
+        "id_field": "id_field",
+        "instruction_field": "instruction_field",
+    }
     spec = InputSpec(input, **{field: job_options[k] for k, field in spec_fields.items() if k in job_options})
     if spec.path == "-":
         raise ValueError("a Ray job cannot read standard input: pass files, a folder or a glob pattern")
