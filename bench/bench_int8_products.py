@@ -3,9 +3,9 @@
 ``backends.cpu.Int8Linear`` on layer 0's four projections of a checkpoint (qkv, o, wi with its ReLU, wo), fed
 per-token quantized rows, timed as one layer's products per token count, in up to three ways:
 
-- ``oneDNN s8``: oneDNN's product with an s8 input (zero point 0): what a CPU with VNNI runs;
-- ``oneDNN u8``: the same with the input as u8 and zero point 128 (``q + 128``): what a CPU without VNNI runs from
-  ``Int8Linear.FEW_TOKENS`` rows on;
+- ``oneDNN s8``: oneDNN's product with an s8 input (zero point 0): what a CPU with AMX runs;
+- ``oneDNN u8``: the same with the input as u8 and zero point 128 (``q + 128``): what every other CPU runs (one
+  without VNNI from ``Int8Linear.FEW_TOKENS`` rows on);
 - ``FBGEMM``: PyTorch's FBGEMM product on its own packing of the same weights: what a CPU without VNNI runs below
   ``FEW_TOKENS`` rows.
 
@@ -53,32 +53,36 @@ def layer_products(model: Path) -> tuple[list[tuple[cpu.Int8Linear, int]], bool]
 
 def run_layer(products: list[tuple[cpu.Int8Linear, int]], inputs: list, way: str) -> list[torch.Tensor]:
     """One layer's four products the given way: each ``Int8Linear`` called with its kernel choice set for the call
-    (the u8 input with zero point 128 is its ``reduce_range`` path; FBGEMM its path below ``FEW_TOKENS``)."""
+    (its ``input_zero_point`` 0 or 128; FBGEMM its path below ``FEW_TOKENS``)."""
     outputs = []
     for (linear, _), x in zip(products, inputs, strict=True):
-        reduce_range = linear.reduce_range
-        linear.reduce_range = way != "oneDNN s8"
+        zero_point = linear.input_zero_point
+        linear.input_zero_point = 0 if way == "oneDNN s8" else 128
         linear.FEW_TOKENS = 1 << 62 if way == "FBGEMM" else 0
         try:
             outputs.append(linear(x)[0])
         finally:
-            linear.reduce_range = reduce_range
+            linear.input_zero_point = zero_point
             del linear.FEW_TOKENS  # back to the class's
     return outputs
 
 
-def measure(products: list[tuple[cpu.Int8Linear, int]], tokens: int, repeat: int) -> dict:
+def measure(products: list[tuple[cpu.Int8Linear, int]], tokens: int, repeat: int, ways: tuple[str, ...]) -> dict:
     generator = torch.Generator().manual_seed(tokens)
     inputs = [quantize_rows_ref(torch.randn(tokens, width, generator=generator)) for _, width in products]
-    outputs = {way: run_layer(products, inputs, way) for way in WAYS}  # also the warm-up
-    times: dict[str, list[float]] = {way: [] for way in WAYS}
+    outputs = {way: run_layer(products, inputs, way) for way in ways}  # also the warm-up
+    times: dict[str, list[float]] = {way: [] for way in ways}
     for _ in range(repeat):
-        for way in WAYS:
+        for way in ways:
             start = time.perf_counter()
             run_layer(products, inputs, way)
             times[way].append(time.perf_counter() - start)
-    same = all(torch.equal(a, b) for way in WAYS[1:] for a, b in zip(outputs[WAYS[0]], outputs[way], strict=True))
+    same = all(torch.equal(a, b) for way in ways[1:] for a, b in zip(outputs[ways[0]], outputs[way], strict=True))
     return {"tokens": tokens, "ms": {way: 1e3 * statistics.median(t) for way, t in times.items()}, "same": same}
+
+
+def ratio(row: dict, a: str, b: str) -> str:
+    return f"{row['ms'][a] / row['ms'][b]:.2f}x" if a in row["ms"] and b in row["ms"] else "-"
 
 
 def main() -> int:
@@ -86,6 +90,9 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--tokens", default="1,8,16,32,64,96,128,160,256,512,1024,2048")
     parser.add_argument("--repeat", type=int, default=15, help="turns per token count; the median counts")
+    parser.add_argument("--s8-up-to", type=int, default=1 << 62, metavar="TOKENS",
+                        help="time the s8 input only up to this many tokens (on an AVX-512 VNNI CPU without AMX "
+                        "oneDNN runs it in its reference kernel: minutes a turn at 2048)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     if not cpu.Int8Linear.available() or not cpu._fbgemm_available():
@@ -95,21 +102,22 @@ def main() -> int:
     linear = products[0][0]
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
-        row = measure(products, tokens, args.repeat)
+        row = measure(products, tokens, args.repeat, WAYS if tokens <= args.s8_up_to else WAYS[1:])
         few = kept and tokens < linear.FEW_TOKENS
-        row["backend"] = "FBGEMM" if few else "oneDNN u8" if linear.reduce_range else "oneDNN s8"
+        row["backend"] = "FBGEMM" if few else "oneDNN u8" if linear.input_zero_point else "oneDNN s8"
         rows.append(row)
-        print(f"{tokens:>5} tokens: " + ", ".join(f"{w} {row['ms'][w]:.3f} ms" for w in WAYS), file=sys.stderr)
+        print(f"{tokens:>5} tokens: " + ", ".join(f"{w} {ms:.3f} ms" for w, ms in row["ms"].items()), file=sys.stderr)
     result = record(command("bench_int8_products.py"), model=args.model.name, reduce_range=linear.reduce_range,
-                    few_tokens=linear.FEW_TOKENS if kept else None, rows=rows)  # fmt: skip
+                    input_zero_point=linear.input_zero_point, few_tokens=linear.FEW_TOKENS if kept else None,
+                    rows=rows)  # fmt: skip
     table = markdown_table(
         ["tokens", *(f"{w} ms" for w in WAYS), "oneDNN u8 / FBGEMM", "oneDNN s8 / u8", "same output", "backend"],
         [
             [
                 str(r["tokens"]),
-                *(f"{r['ms'][w]:.3f}" for w in WAYS),
-                f"{r['ms']['oneDNN u8'] / r['ms']['FBGEMM']:.2f}x",
-                f"{r['ms']['oneDNN s8'] / r['ms']['oneDNN u8']:.2f}x",
+                *(f"{r['ms'][w]:.3f}" if w in r["ms"] else "not run" for w in WAYS),
+                ratio(r, "oneDNN u8", "FBGEMM"),
+                ratio(r, "oneDNN s8", "oneDNN u8"),
                 str(r["same"]),
                 r["backend"],
             ]

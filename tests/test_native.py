@@ -229,7 +229,8 @@ def test_the_int8_product_equals_the_dequantized_one():
     against the same quantized operands multiplied in float32, the activations' scale left to the caller. At
     base's width, where 8-bit weights saturate a product on a CPU without VNNI (in 2-4% of its elements on an
     AVX2-only AMD EPYC): there the weights are in 7 bits, and fewer than FEW_TOKENS rows run on FBGEMM, whose
-    output must equal oneDNN's to the bit."""
+    output must equal oneDNN's to the bit. The input goes in as s8 (with AMX) or as u8 with zero point 128
+    (elsewhere: an s8 one runs oneDNN's reference kernel there): both give the same output to the bit."""
     from fastinstructor.backends.cpu import Int8Linear, _fbgemm_available
 
     if not Int8Linear.available():
@@ -251,6 +252,10 @@ def test_the_int8_product_equals_the_dequantized_one():
                                        atol=1e-4, rtol=1e-5)  # fmt: skip
             if linear.few_tokens_packed is not None:
                 linear.few_tokens_packed = None  # the same rows on oneDNN
+                assert torch.equal(linear((xq, x_scale))[0], y)
+            assert linear.input_zero_point == (0 if "amx_int8" in cpu_flags() else 128)
+            if not linear.reduce_range:  # an s8 input of 8-bit weights, as with AMX, equals the u8 one
+                linear.input_zero_point = 128 - linear.input_zero_point
                 assert torch.equal(linear((xq, x_scale))[0], y)
 
 

@@ -96,12 +96,20 @@ class Int8Linear:
     bench/results/int8-products-2026-12-07-vm.md). oneDNN's first call at a new row count also costs more (about
     0.5 ms a product at 20-120 rows there), and a server's requests bring a new one nearly every time. One text,
     p50: 67 -> 46 ms, throughput unchanged (bench/results/2026-12-07-vm/evidence-cpu-int8-fbgemm.md). The int8
-    weights take their memory twice there (load: 191 -> 326 MiB for base; float32 takes 488)."""
+    weights take their memory twice there (load: 191 -> 326 MiB for base; float32 takes 488).
+
+    The input is s8 only with AMX (``amx_int8``), where oneDNN multiplies s8 x s8 in its AMX kernels. Elsewhere
+    it goes in as u8 with zero point 128, VNNI or not: on an AMD EPYC with AVX-512 VNNI (no AMX) an s8 input ran
+    oneDNN's reference int8 matmul (``ref_int8`` in ``ONEDNN_VERBOSE``), 600-2,000x slower than the u8 one
+    (``brg_matmul:avx512_core_vnni``), and the two give the same output to the bit
+    (bench/results/int8-products-2026-12-08-vm.md)."""
 
     FEW_TOKENS: ClassVar[int] = 128
 
     def __init__(self, weight: torch.Tensor, activation: str, out_dtype: torch.dtype) -> None:
-        self.reduce_range = not VNNI & cpu_flags()
+        flags = cpu_flags()
+        self.reduce_range = not VNNI & flags
+        self.input_zero_point = 0 if "amx_int8" in flags else 128
         wq, self.weight_scale = quantize_rows_ref(weight, torch.int8, reduce_range=self.reduce_range)
         self.packed = torch.ops.onednn.qlinear_prepack(wq, None)
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
@@ -121,12 +129,11 @@ class Int8Linear:
                 q.float(), 1.0, 128, self.few_tokens_packed
             )
             return (y.relu_() if self.activation == "relu" else y), x_scale
-        zero_point = 128 if self.reduce_range else 0
-        if zero_point:
+        if self.input_zero_point:
             q = q.view(torch.uint8) ^ 128  # q + 128, as u8
         y = torch.ops.onednn.qlinear_pointwise(
-            q, 1.0, zero_point, self.packed, self.weight_scale, self.zero_points, None, 1.0, 0, self.out_dtype,
-            self.activation, [], "",
+            q, 1.0, self.input_zero_point, self.packed, self.weight_scale, self.zero_points, None, 1.0, 0,
+            self.out_dtype, self.activation, [], "",
         )  # fmt: skip
         return y, x_scale  # the ReLU commutes with the activations' scale (it is > 0)
 
