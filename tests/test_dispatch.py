@@ -12,12 +12,13 @@ from conftest import needs_cpu_bfloat16
 
 import fastinstructor
 from fastinstructor import dispatch
-from fastinstructor.backends import BACKENDS, CpuBackend, OnnxBackend
+from fastinstructor.backends import BACKENDS, CpuBackend
+from fastinstructor.backends.cpu import Int8Linear
 from fastinstructor.cli import main as cli_main
 from fastinstructor.dispatch import Candidate, candidates, probe, unavailable_reason
 from fastinstructor.parity import TOLERANCES, Tolerance
 
-pytest.importorskip("onnxruntime", reason="the dispatcher's CPU order starts with onnx (pip install '.[onnx]')")
+pytest.importorskip("onnxruntime", reason="the dispatcher's CPU order has onnx second (pip install '.[onnx]')")
 
 
 @pytest.fixture(autouse=True)
@@ -33,8 +34,8 @@ AMX = frozenset({"amx_tile", "amx_bf16", "amx_int8"})
 
 @pytest.fixture(autouse=True)
 def vnni_without_amx(monkeypatch):
-    """These tests expect auto's order on a CPU with VNNI and without AMX, onnx/int8 first, whichever CPU runs them
-    (only the order: the backends still see the real CPU); test_the_cpu_order covers the others."""
+    """These tests expect auto's order on a CPU with VNNI and without AMX, cpu/int8 then onnx/int8 first, whichever
+    CPU runs them (only the order: the backends still see the real CPU); test_the_cpu_order covers the others."""
     real = dispatch.probe
     monkeypatch.setattr(
         dispatch, "probe", lambda: dataclasses.replace(real(), cpu_flags=real().cpu_flags - AMX | {"avx512_vnni"})
@@ -42,47 +43,51 @@ def vnni_without_amx(monkeypatch):
 
 
 def test_the_cpu_order():
-    """With VNNI and without AMX onnx/int8 leads; with AMX the cpu backend's bfloat16, then int8 (AMX's tile units:
-    faster than onnx int8 there, bench/results/2026-12-01-vm/evidence.md); without VNNI the cpu backend's int8 (1.47x
-    onnx int8's throughput there, bench/results/2026-12-07-vm/evidence-cpu-int8.md). float32 on the cpu backend
-    before onnx's."""
+    """The cpu backend's int8 leads onnx/int8 on every CPU family measured (bench/results/2026-12-01-vm/evidence.md
+    with AMX, 2026-12-08-vm/evidence.md with AVX-512 VNNI, 2026-12-07-vm/evidence-cpu-int8.md on AVX2); with AMX its
+    bfloat16 comes first (AMX's tile units: faster than onnx int8 there, and the more exact). float32 on the cpu
+    backend before onnx's."""
     flags = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
     vnni = dataclasses.replace(probe(), cuda_device=None, cuda_capability=None, cpu_flags=flags)
     tail = ["cpu/float32/cpu", "onnx/float32/cpu", "reference/float32/cpu"]
-    assert [str(c) for c in candidates(vnni)] == ["onnx/int8/cpu", "cpu/int8/cpu", "cpu/bfloat16/cpu", *tail]
+    assert [str(c) for c in candidates(vnni)] == ["cpu/int8/cpu", "onnx/int8/cpu", "cpu/bfloat16/cpu", *tail]
     amx = dataclasses.replace(vnni, cpu_flags=flags | AMX)
     assert [str(c) for c in candidates(amx)] == ["cpu/bfloat16/cpu", "cpu/int8/cpu", "onnx/int8/cpu", *tail]
     avx2 = dataclasses.replace(vnni, cpu_flags=frozenset({"avx2"}))
     assert [str(c) for c in candidates(avx2)] == ["cpu/int8/cpu", "onnx/int8/cpu", "cpu/bfloat16/cpu", *tail]
 
 
-def test_cpu_machine_picks_onnx_int8_after_parity(tiny_model):
+def test_cpu_machine_picks_cpu_int8_after_parity(tiny_model):
     model = fastinstructor.load(tiny_model)
     report = model.backend_report
-    assert (report["backend"], report["precision"], report["device"]) == ("onnx", "int8", "cpu")
-    assert model.backend_name == "onnx" and model.precision == "int8"
+    assert (report["backend"], report["precision"], report["device"]) == ("cpu", "int8", "cpu")
+    assert model.backend_name == "cpu" and model.precision == "int8"
     parity = report["parity"]
     assert parity["passed"] and parity["min_cos"] >= 0.99 and parity["rows"] >= 30 and not parity["cached"]
     assert 0 <= parity["topk_agreement"] <= 1 and report["skipped"] == []
 
 
-def test_without_onnxruntime_auto_falls_to_the_cpu_backend(tiny_model, monkeypatch, caplog):
+def test_auto_skips_what_cannot_run_here_naming_why(tiny_model, monkeypatch, caplog):
+    monkeypatch.setattr(Int8Linear, "available", staticmethod(lambda: False))
+    with caplog.at_level(logging.INFO, logger="fastinstructor.dispatch"):
+        model = fastinstructor.load(tiny_model)
+    skipped = {s["candidate"]: s["why"] for s in model.backend_report["skipped"]}
+    assert skipped.pop("cpu/int8/cpu").startswith("this torch build has no oneDNN int8 linear")
+    assert "skipping cpu/int8/cpu: this torch build has no oneDNN int8 linear" in caplog.text
+    assert (model.backend_name, model.precision) == ("onnx", "int8") and not skipped
     monkeypatch.setattr(BACKENDS["onnx"], "availability", classmethod(lambda cls: (False, "onnxruntime missing")))
     with caplog.at_level(logging.INFO, logger="fastinstructor.dispatch"):
         model = fastinstructor.load(tiny_model)
     skipped = {s["candidate"]: s["why"] for s in model.backend_report["skipped"]}
     assert skipped.pop("onnx/int8/cpu") == "onnxruntime missing"
     assert "skipping onnx/int8/cpu: onnxruntime missing" in caplog.text
-    assert (model.backend_name, model.precision) == ("cpu", "int8") and not skipped
+    assert model.backend_name == "cpu" and model.precision in ("bfloat16", "float32")  # bfloat16: if native
     with pytest.raises(ImportError, match="backend 'onnx' is not available here: onnxruntime missing"):
         fastinstructor.load(tiny_model, backend="onnx")
 
 
 class Perturbed(CpuBackend):
-    """A backend that is fast and wrong: what the parity check exists to catch."""
-
-    name = "onnx"
-    capabilities = OnnxBackend.capabilities  # in the onnx backend's place in the order
+    """The cpu backend made wrong: what the parity check exists to catch."""
 
     def embed(self, input_ids, attention_mask, pool_start):
         out = super().embed(input_ids, attention_mask, pool_start)
@@ -91,24 +96,24 @@ class Perturbed(CpuBackend):
 
 
 def test_a_candidate_failing_parity_is_skipped_with_the_reason(tiny_model, monkeypatch, caplog):
-    monkeypatch.setitem(BACKENDS, "onnx", Perturbed)
+    monkeypatch.setitem(BACKENDS, "cpu", Perturbed)
     with caplog.at_level(logging.WARNING, logger="fastinstructor.dispatch"):
         model = fastinstructor.load(tiny_model)
-    assert (model.backend_name, model.precision) == ("cpu", "int8")
+    assert (model.backend_name, model.precision) == ("onnx", "int8")
     skipped = model.backend_report["skipped"]
-    assert [s["candidate"] for s in skipped] == ["onnx/int8/cpu"]
+    assert [s["candidate"] for s in skipped] == ["cpu/int8/cpu"]
     assert all(s["why"].startswith("parity failed: min cosine") for s in skipped)
-    assert "skipping onnx/int8/cpu: parity failed" in caplog.text
-    with pytest.raises(RuntimeError, match=r"no backend .* Tried: onnx/int8/cpu: parity failed"):
+    assert "skipping cpu/int8/cpu: parity failed" in caplog.text
+    with pytest.raises(RuntimeError, match=r"no backend .* Tried: cpu/int8/cpu: parity failed"):
         fastinstructor.load(tiny_model, allow_fallback=False)
     with pytest.raises(RuntimeError, match="parity failed"):  # an explicit request is not degraded either
-        fastinstructor.load(tiny_model, backend="onnx", precision="float32")
+        fastinstructor.load(tiny_model, backend="cpu", precision="float32")
 
 
 def test_policy_knobs(tiny_model):
     assert fastinstructor.load(tiny_model, allow_int8=False).precision in ("bfloat16", "float32")  # bf16: if native
     strict = fastinstructor.load(tiny_model, min_cosine=0.99999)  # int8 cannot meet it
-    assert strict.precision != "int8" and strict.backend_report["skipped"][0]["candidate"] == "onnx/int8/cpu"
+    assert strict.precision != "int8" and strict.backend_report["skipped"][0]["candidate"] == "cpu/int8/cpu"
     assert "the required 0.99999" in strict.backend_report["skipped"][0]["why"]
 
 
@@ -307,7 +312,7 @@ def test_check_command_table_and_exit_code(tiny_model, capsys, monkeypatch):
 def test_info_and_embed_manifest_record_the_choice(tiny_model, tmp_path, capsys):
     assert cli_main(["info", "--model", str(tiny_model)]) == 0
     out = capsys.readouterr().out
-    assert '"fastinstructor"' in out and '"backend": "onnx"' in out and '"precision": "int8"' in out
+    assert '"fastinstructor"' in out and '"backend": "cpu"' in out and '"precision": "int8"' in out
     (tmp_path / "in.txt").write_text("Sea ice is melting.\nGlaciers retreat.\n")
     manifest = fastinstructor.embed_corpus(
         tiny_model,
@@ -318,6 +323,6 @@ def test_info_and_embed_manifest_record_the_choice(tiny_model, tmp_path, capsys)
         backend="auto",
         precision="auto",
     )
-    assert manifest["backend_report"]["backend"] == "onnx" and manifest["backend_report"]["parity"]["passed"]
+    assert manifest["backend_report"]["backend"] == "cpu" and manifest["backend_report"]["parity"]["passed"]
     ids, embeddings = fastinstructor.read_embeddings(tmp_path / "out")
     assert ids == ["1", "2"] and np.isfinite(embeddings).all()

@@ -39,7 +39,6 @@ from ..t5 import packed_mean_pool, position_bias_matrix, quantize_rows_ref
 from .base import BackendClass, Capability
 
 _NATIVE_BFLOAT16 = {"avx512_bf16", "amx_bf16"}
-_AHEAD_OF_ONNX_INT8 = {"bfloat16": 5, "int8": 7}  # onnx/int8's rank is 10 (CpuBackend.rank)
 _FORWARD_BYTES = 16 * 2**20  # the most one forward's FFN activation takes (CpuBackend.forward_tokens)
 
 
@@ -215,7 +214,7 @@ class CpuBackend(BackendClass):
     capabilities: ClassVar[tuple[Capability, ...]] = (
         Capability("float32", "cpu", 40),
         Capability("bfloat16", "cpu", 30),
-        Capability("int8", "cpu", 20),
+        Capability("int8", "cpu", 7),  # before onnx/int8 (10): CpuBackend.rank
     )
     packed_input: ClassVar[bool] = True
     pytorch_cpu: ClassVar[bool] = True
@@ -223,17 +222,13 @@ class CpuBackend(BackendClass):
     @classmethod
     def rank(cls, capability: Capability, hardware: Hardware) -> int | None:
         # Ahead of onnx/int8 (rank 10) where they were measured faster, `make bench` (evidence, same run):
-        # - with AMX (bfloat16 and int8 tile units), bfloat16 then int8: on the 2-core Xeon cpu bfloat16 ran 1.9x
-        #   onnx int8's tokens/s and int8 2.6x; bfloat16 first, the more exact (bench/results/2026-12-01-vm/);
-        # - without VNNI, int8: on the AVX2-only AMD EPYC 1.47x (1.49x on the mix with articles, one call),
-        #   faster from 8-text batches on, and no export at the first load; one text takes 46 ms against 36
-        #   (bench/results/2026-12-07-vm/evidence-cpu-int8.md, evidence-cpu-int8-fbgemm.md).
-        # With VNNI and without AMX (the AMD EPYC family of 2026-11-29) onnx/int8 was the faster, and stays first.
-        flags, precision = hardware.cpu_flags, capability.precision
-        if precision in _AHEAD_OF_ONNX_INT8 and {"amx_bf16", "amx_int8"} <= flags:
-            return _AHEAD_OF_ONNX_INT8[precision]
-        if precision == "int8" and not VNNI & flags:
-            return _AHEAD_OF_ONNX_INT8[precision]
+        # - int8 on every CPU family measured: 2.6x onnx int8's tokens/s on the 2-core Xeon with AMX
+        #   (bench/results/2026-12-01-vm/), 1.41x on the AMD EPYC with AVX-512 VNNI (2026-12-08-vm/; 1.51x on the mix
+        #   with articles, mixed.md), 1.47x on the AVX2-only one (2026-12-07-vm/evidence-cpu-int8.md), and no export
+        #   at the first load; one text takes about as long as onnx int8's (21 against 20 ms, 46 against 36);
+        # - with AMX (bfloat16 tile units), bfloat16 too, and first, the more exact: 1.9x onnx int8 on the Xeon.
+        if capability.precision == "bfloat16" and {"amx_bf16", "amx_int8"} <= hardware.cpu_flags:
+            return 5
         return capability.rank
 
     @classmethod
