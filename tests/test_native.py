@@ -4,8 +4,10 @@ setup.py drives, and the cpu backend's packed forward that uses them."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from conftest import PRECISIONS_HERE
 import fastinstructor
 from fastinstructor import native
 from fastinstructor.batching import BatchPolicy, pack_batch, pad_batch
-from fastinstructor.hardware import VNNI, cpu_flags
+from fastinstructor.hardware import VNNI, cpu_flags, cpu_model
 from fastinstructor.t5 import (
     position_bias_matrix,
     quantize_rows_ref,
@@ -257,6 +259,27 @@ def test_the_int8_product_equals_the_dequantized_one():
             if not linear.reduce_range:  # an s8 input of 8-bit weights, as with AMX, equals the u8 one
                 linear.input_zero_point = 128 - linear.input_zero_point
                 assert torch.equal(linear((xq, x_scale))[0], y)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS_HERE)
+def test_the_cpu_backends_products_run_no_onednn_reference_kernel(tiny_model, precision):
+    """Each oneDNN product the cpu backend runs on this CPU is one of its fast kernels, never its reference one
+    (``ref*`` in ONEDNN_VERBOSE's implementation column): with an s8 input, the int8 products of an AMD EPYC with
+    AVX-512 VNNI ran ``ref_int8``, 100-4,100x slower and the same output, so no other test saw it."""
+    code = (
+        "import sys, fastinstructor\n"
+        "model = fastinstructor.load(sys.argv[1], backend='cpu', precision=sys.argv[2])\n"
+        "model.encode([['Represent the text: ', 'a few words'], ['Represent: ', 'word ' * 40]] * 2)\n"
+    )
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    run = subprocess.run([sys.executable, "-c", code, str(tiny_model), precision], env=env, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    # onednn_verbose,v1,primitive,exec,cpu,<primitive>,<implementation>,...
+    products = [line.split(",")[5:7] for line in run.stdout.splitlines() if ",primitive,exec,cpu," in line]
+    products = [(kind, impl) for kind, impl in products if kind in ("matmul", "inner_product", "convolution")]
+    assert products, f"no oneDNN product logged for cpu/{precision}: {run.stdout[-2000:]}"
+    slow = sorted({f"{kind} {impl}" for kind, impl in products if impl.startswith("ref")})
+    assert not slow, f"cpu/{precision} ran oneDNN's reference kernel on {cpu_model()}: {slow}"
 
 
 def test_the_fallback_runs_the_reference(monkeypatch):
