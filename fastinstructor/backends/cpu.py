@@ -99,7 +99,7 @@ class Int8Linear:
 
     The input is s8 only with AMX (``amx_int8``), where oneDNN multiplies s8 x s8 in its AMX kernels. Elsewhere
     it goes in as u8 with zero point 128, VNNI or not: on an AMD EPYC with AVX-512 VNNI (no AMX) an s8 input ran
-    oneDNN's reference int8 matmul (``ref_int8`` in ``ONEDNN_VERBOSE``), 600-2,000x slower than the u8 one
+    oneDNN's reference int8 matmul (``ref_int8`` in ``ONEDNN_VERBOSE``), 100-4,100x slower than the u8 one
     (``brg_matmul:avx512_core_vnni``), and the two give the same output to the bit
     (bench/results/int8-products-2026-12-08-vm.md)."""
 
