@@ -19,10 +19,11 @@ are close to the real models' for this text). What each group measures:
 - ``pool-head``: ``fastinstructor.backends.base.pool_head``, the function the cpu backend calls after the
   encoder: instruction-masked mean pooling + Dense + L2 normalize, on base shapes (batch 32 x length 128 x
   d_model 768, Dense 768 -> 768), float32, under ``torch.inference_mode`` as in ``CpuBackend.embed``.
-- ``attention-cpu``: packed attention at L = 64, 128 and 512 (base's 12 heads x 64, 4,096 tokens per call, float32):
-  the native op (``fastinstructor.native``, csrc/varlen_attention.cpp; skipped with the reason when it is not
-  built), its PyTorch fallback (``t5.varlen_attention_ref``, one sequence at a time), and the padded cpu
-  backend's attention on the same sequences (SDPA with the bias + padding mask ``[B, H, L, L]``).
+- ``attention-cpu``: packed attention at L = 64, 128 and 512 (base's 12 heads x 64, 4,096 tokens per call, float32
+  and bfloat16, the latter only on a CPU with native bfloat16): the native op (``fastinstructor.native``,
+  csrc/varlen_attention.cpp, with brgemm_attention.cpp for bfloat16; skipped with the reason when it is not
+  built), its PyTorch fallback (``t5.varlen_attention_ref``, one sequence at a time), and ATen's fused attention
+  (SDPA) over the same sequences as one padded ``[B, H, L, D]`` batch with the bias as its ``[B, H, L, L]`` mask.
 - ``triton``: the Triton kernels (``fastinstructor.kernels``) need CUDA, and the CPU
   interpreter's timings are meaningless, so this group is skipped unless ``torch.cuda.is_available()`` and
   triton imports. Then it times the fused residual add +
@@ -229,48 +230,59 @@ def test_triton_masked_mean_pool(benchmark):
 # --- attention-cpu ----------------------------------------------------------------------------------------------
 
 ATTENTION_LENGTHS = [64, 128, 512]
+ATTENTION_DTYPES = ["float32", "bfloat16"]  # names: pytest-benchmark keeps the params in its JSON
 
 
-def _packed_attention_inputs(length: int):
+def _packed_attention_inputs(length: int, dtype_name: str):
+    from fastinstructor.hardware import cpu_flags
     from fastinstructor.t5 import position_bias_matrix
 
+    dtype = getattr(torch, dtype_name)
+    if dtype == torch.bfloat16 and not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+        pytest.skip("this CPU has no native bfloat16 (avx512_bf16 or AMX): the cpu backend attends in float32 here")
     gen = torch.Generator().manual_seed(length)
     batch, heads, head_dim = 4096 // length, 12, 64
-    q, k, v = (torch.randn(batch * length, heads, head_dim, generator=gen).mul(0.3) for _ in range(3))
+    q, k, v = (torch.randn(batch * length, heads, head_dim, generator=gen).mul(0.3).to(dtype) for _ in range(3))
     cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
-    bias = position_bias_matrix(torch.randn(32, heads, generator=gen), length, 128)
+    # In q's dtype, as the cpu backend passes it (made once per batch, read by every layer's call).
+    bias = position_bias_matrix(torch.randn(32, heads, generator=gen), length, 128).to(dtype)
     return q, k, v, cu_seqlens, bias
 
 
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
 @pytest.mark.parametrize("length", ATTENTION_LENGTHS)
 @pytest.mark.benchmark(group="attention-cpu")
-def test_attention_native(benchmark, length):
+def test_attention_native(benchmark, length, dtype):
     from fastinstructor import native
     from fastinstructor.t5 import varlen_attention_ref
 
     if not native.availability()[0]:
         pytest.skip(native.availability()[1])
-    inputs = _packed_attention_inputs(length)
+    inputs = _packed_attention_inputs(length, dtype)
+    tolerance = 1e-5 if dtype == "float32" else 2e-2
     with torch.inference_mode():
         out = benchmark(torch.ops.fastinstructor.varlen_attention, *inputs)
-        torch.testing.assert_close(out, varlen_attention_ref(*inputs), rtol=1e-5, atol=1e-5)
+        expected = varlen_attention_ref(*(x.float() for x in inputs[:3]), *inputs[3:])
+        torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
 @pytest.mark.parametrize("length", ATTENTION_LENGTHS)
 @pytest.mark.benchmark(group="attention-cpu")
-def test_attention_fallback(benchmark, length):
+def test_attention_fallback(benchmark, length, dtype):
     from fastinstructor.t5 import varlen_attention_ref
 
-    inputs = _packed_attention_inputs(length)
+    inputs = _packed_attention_inputs(length, dtype)
     with torch.inference_mode():
         benchmark(varlen_attention_ref, *inputs)
 
 
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
 @pytest.mark.parametrize("length", ATTENTION_LENGTHS)
 @pytest.mark.benchmark(group="attention-cpu")
-def test_attention_padded_sdpa(benchmark, length):
-    """What the padded cpu backend runs on the same sequences: [B, H, L, D] and a [B, H, L, L] additive mask."""
-    q, k, v, _, bias = _packed_attention_inputs(length)
+def test_attention_padded_sdpa(benchmark, length, dtype):
+    """ATen's fused attention on the same sequences as one batch: [B, H, L, D] and a [B, H, L, L] additive mask."""
+    q, k, v, _, bias = _packed_attention_inputs(length, dtype)
     batch = q.shape[0] // length
     qp, kp, vp = (t.view(batch, length, 12, 64).transpose(1, 2) for t in (q, k, v))
     mask = bias[None].expand(batch, -1, -1, -1)

@@ -8,11 +8,13 @@
 // layer); it depends only on j - i, so a sequence of L tokens reads its top-left [L, L] block: there is no
 // [B, H, L, L] bias tensor and no padded batch. Layouts: q, k, v, out [T, H, D] packed tokens (float32 or
 // bfloat16); cu_seqlens [B + 1] (int32 or int64) the sequences' boundaries. Work is split over (sequence, heads)
-// tasks run by every thread (at::parallel_for), each one call of ATen's fused CPU attention
-// (scaled_dot_product_attention: flash attention, vectorized) on views, so a batch of short sequences costs no
-// Python loop and every core works. A bfloat16 sequence whose length is not a multiple of 16 is attended as one
-// that is (its padded keys masked) when position_bias covers the batch's longest length + 15
-// (t5.position_bias_matrix of that length, as the cpu backend builds it): ATen's kernel runs such lengths up to
+// tasks run by every thread (at::parallel_for), so a batch of short sequences costs no Python loop and every core
+// works. A task is one call of ATen's fused CPU attention (scaled_dot_product_attention: flash attention,
+// vectorized) on views, except in bfloat16 on a CPU with avx512_bf16 and no AMX, where it is brgemm_attend
+// (brgemm_attention.cpp: ATen's bfloat16 kernel there runs at a third of the CPU's bfloat16 products). For ATen's
+// kernel, a bfloat16 sequence whose length is not a multiple of 16 is attended as one that is (its padded keys
+// masked) when position_bias covers the batch's longest length + 15 (t5.position_bias_matrix of that length, as
+// the cpu backend builds it): ATen's kernel runs such lengths up to
 // twice as fast. With x_scale [T] (the per-token scale the int8 qkv product leaves to apply), q, k and v are read
 // as x * x_scale[:, None, None]: each task scales its block into a buffer of its own as it reads it, in q's
 // dtype, the arithmetic of a pass over the whole product's output (which this replaces). varlen_attention_quantized
@@ -29,6 +31,7 @@
 #include <tuple>
 #include <vector>
 
+#include "brgemm_attention.h"
 #include "rows.h"
 
 namespace {
@@ -158,7 +161,8 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q, const at::Tensor&
   // caller's own (checked). The
   // bias depends only on j - i, so the block that starts at (s, s) on the diagonal holds the same values as the
   // top-left one; with s = longest - L its columns from L on are the -inf ones.
-  const bool pad = q.scalar_type() == at::kBFloat16 && ragged && covered >= longest + kPadTo - 1;
+  const bool brgemm = q.scalar_type() == at::kBFloat16 && fastinstructor::brgemm_attention_runs();
+  const bool pad = q.scalar_type() == at::kBFloat16 && !brgemm && ragged && covered >= longest + kPadTo - 1;
   // A caller that runs several calls on one bias (the cpu backend: every layer of a forward) can pass it in q's
   // dtype with those columns at -inf already, and no call copies it (1.9 ms for a bias of 12 x 527 x 527).
   const bool masked = pad && position_bias.scalar_type() == q.scalar_type() && masked_from(position_bias, longest);
@@ -200,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q, const at::Tensor&
     quantized = at::empty({tokens, width}, q.options().dtype(at::kChar));
     scale = at::empty({tokens}, q.options().dtype(at::kFloat));
   }
-  if (!quantize || !split.empty()) out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  if (!quantize || !split.empty() || brgemm) out = at::empty_like(q, at::MemoryFormat::Contiguous);
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.work > b.work; });
   // The tasks call ATen ops on other threads, which do not inherit the caller's thread-local state (inference
   // mode: `out` is an inference tensor when the caller runs in one, and only inference mode may write it).
@@ -218,6 +222,22 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q, const at::Tensor&
         return t.as_strided({1, group, n, t.size(2)}, {0, t.stride(1), t.stride(0), t.stride(2)},
                             t.storage_offset() + start * t.stride(0) + h0 * t.stride(1));
       };
+      if (brgemm) {  // into `out`, whose rows it then quantizes where it has all the heads
+        auto at_task = [&](const at::Tensor& x) {  // the sequence's first token, the task's first head
+          return x.data_ptr<c10::BFloat16>() + start * x.stride(0) + h0 * x.stride(1);
+        };
+        auto view = [&](const at::Tensor& x) { return fastinstructor::Heads{at_task(x), x.stride(0), x.stride(1)}; };
+        fastinstructor::brgemm_attend(view(q), view(k), view(v),
+                                      scales.defined() ? scales.data_ptr<float>() + start : nullptr, length, group,
+                                      q.size(2), bias.data_ptr<c10::BFloat16>() + h0 * bias.stride(0), bias.stride(0),
+                                      bias.stride(1), at_task(out),
+                                      out.stride(0));
+        if (quantize && group == heads) {
+          quantize_tokens(heads_of(out, length), length, quantized.data_ptr<int8_t>() + start * width,
+                          scale.data_ptr<float>() + start);
+        }
+        continue;
+      }
       const int64_t corner = rows == length ? 0 : longest - length;  // the mask's block: (corner, corner) on
       const int64_t offset = bias.storage_offset() + h0 * bias.stride(0) + corner * (bias.stride(1) + 1);
       const at::Tensor mask = bias.as_strided({1, group, rows, rows}, {0, bias.stride(0), bias.stride(1), 1}, offset);
@@ -244,6 +264,7 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q, const at::Tensor&
         heads_of(out, length).copy_(kept);
       }
     }
+    if (brgemm) fastinstructor::brgemm_attention_done();
   });
   if (!quantize) return {out, at::Tensor()};
   std::vector<at::Tensor> split_rows;  // [1, H, L, D] views, made here: the threads run no ATen op
@@ -282,6 +303,8 @@ TORCH_LIBRARY(fastinstructor, m) {
   m.def(
       "varlen_attention_quantized(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor position_bias,"
       " Tensor? x_scale=None) -> (Tensor, Tensor)");
+  // Which kernel attends bfloat16 here (no tensor to dispatch on: one kernel for every device).
+  m.def("brgemm_attention_runs() -> bool", &fastinstructor::brgemm_attention_runs);
 }
 
 TORCH_LIBRARY_IMPL(fastinstructor, CPU, m) {

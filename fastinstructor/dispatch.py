@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("fastinstructor.dispatch")
-_PARITY_VERSION = 4  # bump when the measure or a backend's arithmetic changes: invalidates cached results
+_PARITY_VERSION = 5  # bump when the measure or a backend's arithmetic changes: invalidates cached results
 
 
 class NoBackendError(RuntimeError):

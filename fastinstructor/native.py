@@ -70,7 +70,9 @@ def availability() -> tuple[bool, str]:
     except (OSError, RuntimeError) as err:  # built for another torch, or another CPU
         return False, f"{path.name} does not load ({err}); reinstall to rebuild it: PyTorch fallback"
     # The threads its loops ran on, asked of the library: 1 where it was built without torch's OpenMP.
-    return True, f"native C++ ({path.name}, {torch.ops.fastinstructor.parallel_threads()} threads)"
+    threads = torch.ops.fastinstructor.parallel_threads()
+    kernel = "oneDNN brgemm" if torch.ops.fastinstructor.brgemm_attention_runs() else "ATen's fused attention"
+    return True, f"native C++ ({path.name}, {threads} threads; bfloat16 attention on {kernel})"
 
 
 def varlen_attention(

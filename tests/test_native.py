@@ -45,11 +45,27 @@ def packed_inputs(lengths: list[int], heads: int, head_dim: int, dtype: torch.dt
 @pytest.mark.parametrize(
     "lengths", [[1], [7], [600], [1, 7, 33, 128, 600, 70, 2], [5] * 40 + [300], list(range(1, 30))]
 )
-@pytest.mark.parametrize("heads, head_dim", [(4, 48), (3, 20), (2, 64)])
-def test_the_native_op_equals_the_reference_in_float32(lengths, heads, head_dim):
-    q, k, v, cu, bias = packed_inputs(lengths, heads, head_dim, torch.float32, seed=len(lengths) + head_dim)
+@pytest.mark.parametrize("heads, head_dim", [(4, 48), (3, 20), (2, 64), (3, 41)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_op_equals_the_reference(lengths, heads, head_dim, dtype):
+    """float32 to 1e-5; bfloat16 to its tolerance, on whichever kernel attends it here (brgemm_attend: keys padded
+    to 32, query blocks of 16 or 32 rows, an odd head dim's last pair completed by a zero)."""
+    q, k, v, cu, bias = packed_inputs(lengths, heads, head_dim, dtype, seed=len(lengths) + head_dim)
     out = torch.ops.fastinstructor.varlen_attention(q, k, v, cu, bias)
-    torch.testing.assert_close(out, varlen_attention_ref(q, k, v, cu, bias), atol=1e-5, rtol=1e-5)
+    expected = varlen_attention_ref(q.float(), k.float(), v.float(), cu, bias)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@needs_native
+def test_bfloat16_attention_runs_on_brgemm_where_the_cpu_has_avx512_bf16_and_no_amx():
+    """The kernel that attends bfloat16 follows the CPU, and the report names it: brgemm_attend with avx512_bf16 and
+    no AMX (where ATen's kernel runs its products on cpublas::gemm), ATen's fused attention elsewhere."""
+    flags = cpu_flags()
+    runs = "avx512_bf16" in flags and "amx_bf16" not in flags
+    assert torch.ops.fastinstructor.brgemm_attention_runs() == runs
+    kernel = "oneDNN brgemm" if runs else "ATen's fused attention"
+    assert native.availability()[1].endswith(f"; bfloat16 attention on {kernel})")
 
 
 @needs_native
