@@ -276,6 +276,25 @@ def test_a_request_past_its_timeout_gets_504_and_the_server_goes_on(tiny_model, 
         np.testing.assert_allclose(ok.json()[0], model.encode(["fast"])[0], atol=1e-6)
 
 
+def test_a_client_that_leaves_costs_no_batch_and_is_counted_499(tiny_model, model):
+    """A client that closes its connection while its rows wait has them dropped before they take a batch (its
+    rows' futures cancelled as it leaves), and the request is counted as 499, not as a 200."""
+    with _threaded_server(tiny_model, delay_s=1.0, max_wait_ms=10) as (url, _, slow):
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            first = pool.submit(httpx.post, url + "/embed", json={"inputs": ["first"]}, timeout=30)
+            time.sleep(0.3)  # its batch runs for a second
+            with pytest.raises(httpx.ReadTimeout):  # httpx closes the connection as it gives up
+                httpx.post(url + "/embed", json={"inputs": ["gone", "gone too"]}, timeout=0.3)
+            assert first.result().status_code == 200
+        time.sleep(0.5)  # the batch of the rows left behind would have started by now
+        assert slow.backend.batches == [1], slow.backend.batches
+        metrics = httpx.get(url + "/metrics").text
+        assert 'fastinstructor_requests_total{endpoint="/embed",status="499"} 1.0' in metrics
+        assert 'fastinstructor_requests_total{endpoint="/embed",status="200"} 1.0' in metrics
+        ok = httpx.post(url + "/embed", json={"inputs": ["after"]}, timeout=30)
+        np.testing.assert_allclose(ok.json()[0], model.encode(["after"])[0], atol=1e-6)
+
+
 def test_rows_wait_at_most_the_max_wait_plus_one_batch(tiny_model, model):
     """Requests arriving while a batch runs join the next batch; none waits behind more than one batch.
 

@@ -40,6 +40,16 @@ __all__ = ["create_app"]
 log = logging.getLogger("fastinstructor.server")
 
 TOKENIZE_WORKERS = 2  # threads that tokenize requests off the event loop
+# nginx's "client closed request": the status counted for a request whose client left before its answer (sent to
+# nobody).
+CLIENT_CLOSED = 499
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client closes its connection. Called once the body is read: the next ASGI message is then
+    the disconnect (uvicorn sends it when the socket closes, or once the response has been sent)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _metrics():
@@ -136,8 +146,8 @@ class _Api:
             return await asyncio.wait_for(collect(), timeout)
         except asyncio.TimeoutError:  # not TimeoutError: Python 3.10 has two
             raise HTTPError(408, f"the request body did not arrive within {timeout} s", "timeout", CLOSE) from None
-        except ClientDisconnect:  # nobody to answer; counted as a 400, not logged as an internal error
-            raise HTTPError(400, "the client closed the connection before the whole body arrived") from None
+        except ClientDisconnect:  # nobody to answer; counted, not logged as an internal error
+            raise HTTPError(CLIENT_CLOSED, "the client closed the connection before the whole body arrived") from None
 
     async def read_json(self, request: Request, schema):
         """The body, read within its limits, parsed, and validated as a ``schema`` instance."""
@@ -206,7 +216,7 @@ class _Api:
             batch = [left_truncate(self.model.tokenizer, s) for s in batch]
         return batch, self.model.tokenizer(batch)
 
-    async def tokenize(self, batch: list, left: bool = False, deadline: float | None = None):
+    async def tokenize(self, request: Request, batch: list, left: bool = False, deadline: float | None = None):
         """The sentences and their tokens, from the tokenize pool; a 504 past ``deadline`` (default: the request
         timeout from now), which covers the tokenizing as it covers the embedding."""
         if len(batch) > self.settings.max_inputs:
@@ -214,25 +224,34 @@ class _Api:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(self.tokenize_pool, self._tokenize, batch, left)
-        result = await self.within(deadline or started + self.settings.request_timeout_s, work)
+        result = await self.within(request, deadline or started + self.settings.request_timeout_s, work)
         self.metrics["tokenize_seconds"].observe(time.perf_counter() - started)
         return result
 
-    async def within(self, deadline: float, work, futures: list[asyncio.Future] = ()):
-        """``work``'s result, or a 504 once ``deadline`` (``time.perf_counter()``) passes: ``futures`` are
-        cancelled then (rows still queued are dropped by the batcher)."""
+    async def within(self, request: Request, deadline: float, work):
+        """``work``'s result; a 504 once ``deadline`` (``time.perf_counter()``) passes, or a 499 when the client
+        closes its connection first. Either way ``work`` is cancelled: for the rows' futures (a ``gather``), their
+        rows still queued are then dropped by the batcher, and a client that gave up costs no batch."""
+        work = asyncio.ensure_future(work)
+        left = asyncio.ensure_future(_disconnect(request))
         try:
-            return await asyncio.wait_for(work, max(deadline - time.perf_counter(), 0.0))
-        except asyncio.TimeoutError:
-            for future in futures:
-                future.cancel()
-            timeout = self.settings.request_timeout_s
-            raise HTTPError(504, f"the request took longer than {timeout} s", "timeout") from None
+            timeout = max(deadline - time.perf_counter(), 0.0)
+            done, _ = await asyncio.wait([work, left], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            work.cancel()  # nothing where it is done; cancelling a gather cancels its futures
+            left.cancel()
+        if work in done:
+            return work.result()
+        if left in done:
+            raise HTTPError(CLIENT_CLOSED, "the client closed the connection before its answer", "client_closed")
+        raise HTTPError(504, f"the request took longer than {self.settings.request_timeout_s} s", "timeout")
 
-    async def embed_rows(self, batch: list, truncate: bool, left: bool = False) -> tuple[np.ndarray, int]:
+    async def embed_rows(
+        self, request: Request, batch: list, truncate: bool, left: bool = False
+    ) -> tuple[np.ndarray, int]:
         settings, model, metrics = self.settings, self.model, self.metrics
         deadline = time.perf_counter() + settings.request_timeout_s
-        _, tokenized = await self.tokenize(batch, left and truncate, deadline)
+        _, tokenized = await self.tokenize(request, batch, left and truncate, deadline)
         if not truncate and any(tokenized.truncated):
             first = tokenized.truncated.index(True)
             raise HTTPError(
@@ -249,7 +268,7 @@ class _Api:
                     param="instruction",
                 )
         futures = self.submit(tokenized.ids, tokenized.pool_start)
-        vectors = await self.within(deadline, asyncio.gather(*futures), futures)
+        vectors = await self.within(request, deadline, asyncio.gather(*futures))
         tokens = sum(len(ids) for ids in tokenized.ids)
         metrics["inputs"].inc(len(batch))
         metrics["tokens"].inc(tokens)
@@ -278,7 +297,7 @@ class _Api:
         body = await self.read_json(request, EmbeddingsRequest)
         self.check_model(body.model)
         self.check_dimensions(body.dimensions)
-        vectors, tokens = await self.embed_rows(sentences(body, "input", self.settings), truncate=True)
+        vectors, tokens = await self.embed_rows(request, sentences(body, "input", self.settings), truncate=True)
         if body.encoding_format == "base64":
             values = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
         else:
@@ -291,7 +310,7 @@ class _Api:
         body = await self.read_json(request, EmbedRequest)
         self.check_dimensions(body.dimensions)
         left = body.truncation_direction.lower() == "left"
-        vectors, _ = await self.embed_rows(sentences(body, "inputs", self.settings), bool(body.truncate), left)
+        vectors, _ = await self.embed_rows(request, sentences(body, "inputs", self.settings), bool(body.truncate), left)
         if body.normalize:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return JSONResponse(vectors.tolist())
@@ -299,7 +318,7 @@ class _Api:
     async def tei_tokenize(self, request: Request) -> Response:
         body = await self.read_json(request, TokenizeRequest)
         left = body.truncation_direction.lower() == "left"
-        batch, tokenized = await self.tokenize(sentences(body, "inputs", self.settings), left)
+        batch, tokenized = await self.tokenize(request, sentences(body, "inputs", self.settings), left)
         rows = zip(batch, tokenized.ids, tokenized.pool_start, strict=True)
         tokenizer, special = self.model.tokenizer, body.add_special_tokens
         return JSONResponse([tokens(tokenizer, s, ids, start, special) for s, ids, start in rows])
