@@ -357,6 +357,13 @@ def test_embed_dataset_takes_its_input_options_by_name(shipped, tmp_path):
     assert fastinstructor.read_embeddings(tmp_path / "out")[0] == ["d0", "d1", "d2", "d3"]
 
 
+def test_a_model_that_does_not_load_on_a_worker_fails_the_job_at_once_naming_why(shipped, corpus, tmp_path):
+    """An actor whose model does not load (a bad load option) is not replaced by another that would fail the same
+    way, and the error names the cause, not "run the same job again"."""
+    with pytest.raises(ValueError, match=r"the model did not load on a Ray worker \(.*int3"):
+        fray.embed_dataset(shipped, corpus, tmp_path / "out", parts=2, actors=2, load_options={"precision": "int3"})
+
+
 @pytest.mark.parametrize("max_retries", [0, 1])
 def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(shipped, corpus, local_output, tmp_path, max_retries):
     """Killed with no retry left: the job fails, keeping every finished shard, and a re-run embeds the rest; with a

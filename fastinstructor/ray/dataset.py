@@ -138,6 +138,23 @@ def _slots(num_cpus: float, num_gpus: float) -> int:
     return max(1, int(resources.get("CPU", 1) // max(num_cpus, 1e-9)))
 
 
+def _input_files(input, job_options: dict) -> list[str]:
+    """The job's input files as absolute paths (every part reads the same files, from any worker), expanded with the
+    job's input options, taken by name: any of them may be left out."""
+    from ..readers import InputSpec
+
+    spec_fields = {
+        "input_format": "format",
+        "text_field": "text_field",
+        "id_field": "id_field",
+        "instruction_field": "instruction_field",
+    }
+    spec = InputSpec(input, **{field: job_options[k] for k, field in spec_fields.items() if k in job_options})
+    if spec.path == "-":
+        raise ValueError("a Ray job cannot read standard input: pass files, a folder or a glob pattern")
+    return [os.path.abspath(file) for file in spec.files]
+
+
 def embed_dataset(
     model: ShippedFolder | str | os.PathLike,
     input,
@@ -162,7 +179,8 @@ def embed_dataset(
 
     ``input``: a file, a folder, a glob pattern or a list of these (``embed_corpus``'s), expanded here on the driver
     into absolute file paths; the input files and ``output`` must be at the same path on every node (a local
-    cluster, or a shared filesystem). ``model``: as ``ship_model`` takes it, shipped once. An actor that dies (killed,
+    cluster, or a shared filesystem). ``model``: as ``ship_model`` takes it, shipped once; a ValueError at once where it
+    does not load on a worker (a bad load option). An actor that dies (killed,
     its node lost) has its part resumed by a new actor up to ``max_retries`` times; a part that still fails leaves its
     finished shards, the other parts complete, and this raises: call it again (or run ``fastinstructor embed --engine
     ray`` again) and only what is missing is embedded. ``load_options``: ``backend``, ``precision``, ``threads``, ...
@@ -172,22 +190,11 @@ def embed_dataset(
     import uuid
     from collections import deque
 
-    from ..readers import InputSpec
     from ..shards import CorpusError, split_count
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False)
-    # by name: any of them may be left out
-    spec_fields = {
-        "input_format": "format",
-        "text_field": "text_field",
-        "id_field": "id_field",
-        "instruction_field": "instruction_field",
-    }
-    spec = InputSpec(input, **{field: job_options[k] for k, field in spec_fields.items() if k in job_options})
-    if spec.path == "-":
-        raise ValueError("a Ray job cannot read standard input: pass files, a folder or a glob pattern")
-    files = [os.path.abspath(file) for file in spec.files]  # every part reads the same files, from any worker
+    files = _input_files(input, job_options)
     output = os.path.abspath(output)
     parts = parts or split_count(Path(output))  # a job already in the folder: its own count, not the cluster's size
     actors = actors or min(parts or sys.maxsize, _slots(num_cpus, num_gpus))
@@ -223,6 +230,12 @@ def embed_dataset(
                 else:  # nothing left for it: its CPUs and GPUs go to an actor still waiting for them
                     ray.kill(actor)
             except ray.exceptions.RayActorError as err:  # the actor died: its part resumes in a new one
+                if err.actor_init_failed:  # ... unless it never loaded the model: a new one would fail the same way
+                    why = str(err).strip().splitlines()[-1]
+                    raise ValueError(
+                        f"the model did not load on a Ray worker ({why}); fix the model or its load options and run "
+                        "the job again"
+                    ) from None
                 free.append(None)
                 if retries[index] < max_retries:
                     retries[index] += 1
