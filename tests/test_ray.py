@@ -135,6 +135,32 @@ def test_a_failed_serve_command_removes_no_deployment_it_did_not_make(cluster, m
     assert not deleted
 
 
+def test_a_second_serve_command_refuses_to_replace_the_application_running(cluster, tiny_model, monkeypatch):
+    """`serve --engine ray` on a cluster where a fastinstructor application already runs: refused, naming the way
+    out, and the running one stays (serve.run under the same name would have replaced it)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from fastinstructor.ray import serving
+    from fastinstructor.server.settings import ServerSettings, resolve
+
+    deployed, deleted = [], []
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={"fastinstructor": "RUNNING"}))
+
+    def run_server(*args, **kwargs):  # a deployment over the running one: fail here rather than serve for ever
+        deployed.append(args)
+        raise RuntimeError("deployed over the running application")
+
+    monkeypatch.setattr(serving, "run_server", run_server)
+    monkeypatch.setattr(serve, "delete", deleted.append)
+    monkeypatch.setattr(serving.ray, "shutdown", lambda: None)  # the module's cluster serves the other tests
+    values = resolve({"model": str(tiny_model), "engine": "ray"})
+    with pytest.raises(ValueError, match="already runs on this cluster.*stop that one"):
+        serving.serve_from_values(values, ServerSettings())
+    assert not deployed and not deleted
+
+
 def test_a_shipped_folder_is_checked_against_its_key(shipped, tiny_model, tmp_path, monkeypatch):
     """The key is the sha256 of each file's relative name, a NUL and its bytes, in order; a copy that does not hash
     to it is refused and leaves nothing in the cache."""

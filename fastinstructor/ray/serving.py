@@ -113,6 +113,11 @@ def serve_from_values(values: dict, settings) -> int:
         if not ray.is_initialized():
             ray.init(address=values["address"], include_dashboard=False)
         model = ship_model(values["model"])  # first: a model that cannot be found must remove nothing
+        if DEPLOYMENT in serve.status().applications:  # serve.run would replace it (its name and route are ours)
+            raise ValueError(
+                f"a {DEPLOYMENT!r} Ray Serve application already runs on this cluster (another `serve --engine "
+                "ray`?): stop that one (Ctrl-C, or ray.serve.delete('fastinstructor')) or serve on another cluster"
+            )
         deploying = True
         url = run_server(
             model,
