@@ -234,12 +234,13 @@ ATTENTION_DTYPES = ["float32", "bfloat16"]  # names: pytest-benchmark keeps the 
 
 
 def _packed_attention_inputs(length: int, dtype_name: str):
-    from fastinstructor.hardware import cpu_flags
+    from fastinstructor.backends import CpuBackend
+    from fastinstructor.hardware import probe
     from fastinstructor.t5 import position_bias_matrix
 
     dtype = getattr(torch, dtype_name)
-    if dtype == torch.bfloat16 and not {"avx512_bf16", "amx_bf16"} & cpu_flags():
-        pytest.skip("this CPU has no native bfloat16 (avx512_bf16 or AMX): the cpu backend attends in float32 here")
+    if dtype == torch.bfloat16 and (why := CpuBackend.unavailable("bfloat16", "cpu", probe())) is not None:
+        pytest.skip(f"the cpu backend does not attend in bfloat16 here: {why}")
     gen = torch.Generator().manual_seed(length)
     batch, heads, head_dim = 4096 // length, 12, 64
     q, k, v = (torch.randn(batch * length, heads, head_dim, generator=gen).mul(0.3).to(dtype) for _ in range(3))

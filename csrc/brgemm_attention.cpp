@@ -141,8 +141,8 @@ void brgemm_attend(Heads q, Heads k, Heads v, const float* x_scale, int64_t leng
   Scratch& b = scratch;
   const int64_t keys = round_up(length, kBlock), rows = round_up(length, 16);
   const int64_t dk = round_up(d, 2);  // the QK^T product's reduction, in pairs (VNNI): an odd d gets a zero
-  // Zeros where no token is: the padded keys' columns of K^T and rows of V (P's columns there are 0, and 0 times a
-  // NaN left in a buffer would be NaN) and the padded query rows (whose outputs are dropped).
+  // Zeros where no token is: V's padded rows must be (P's columns there are 0, and 0 times a NaN left in the buffer
+  // would be NaN); Q's padded rows and K^T's padded columns only feed scores that are dropped, zeroed all the same.
   b.q.assign(rows * dk, BF(0.0f));
   b.k.assign(dk * keys, BF(0.0f));
   b.v.assign(keys * d, BF(0.0f));
@@ -151,12 +151,12 @@ void brgemm_attend(Heads q, Heads k, Heads v, const float* x_scale, int64_t leng
   b.s.resize(kBlock * keys);
   b.o.resize(kBlock * d);
   b.inv.resize(kBlock);
+  uint32_t* const k_words = reinterpret_cast<uint32_t*>(b.k.data());
+  uint32_t* const v_words = reinterpret_cast<uint32_t*>(b.v.data());
   for (int64_t h = 0; h < heads; ++h) {
     const BF* const q_in = q.data + h * q.head_stride;
     const BF* const k_in = k.data + h * k.head_stride;
     const BF* const v_in = v.data + h * v.head_stride;
-    uint32_t* const k_words = reinterpret_cast<uint32_t*>(b.k.data());
-    uint32_t* const v_words = reinterpret_cast<uint32_t*>(b.v.data());
     for (int64_t j = 0; j < length; ++j) {
       read_row(q_in + j * q.token_stride, x_scale, j, d, b.q.data() + j * dk);
       read_row(k_in + j * k.token_stride, x_scale, j, d, b.row.data());

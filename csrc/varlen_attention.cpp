@@ -14,12 +14,13 @@
 // (brgemm_attention.cpp: ATen's bfloat16 kernel there runs at a third of the CPU's bfloat16 products). For ATen's
 // kernel, a bfloat16 sequence whose length is not a multiple of 16 is attended as one that is (its padded keys
 // masked) when position_bias covers the batch's longest length + 15 (t5.position_bias_matrix of that length, as
-// the cpu backend builds it): ATen's kernel runs such lengths up to
-// twice as fast. With x_scale [T] (the per-token scale the int8 qkv product leaves to apply), q, k and v are read
-// as x * x_scale[:, None, None]: each task scales its block into a buffer of its own as it reads it, in q's
-// dtype, the arithmetic of a pass over the whole product's output (which this replaces). varlen_attention_quantized
-// returns the output's rows quantized per token (t5.quantize_rows_ref), as int8's o product takes them: each task
-// that has all its sequence's heads quantizes its rows as it has them, so no [T, H, D] output is written.
+// the cpu backend builds it): ATen's kernel runs such lengths up to twice as fast. With x_scale [T] (the
+// per-token scale the int8 qkv product leaves to apply), q, k and v are read as x * x_scale[:, None, None]: each
+// task scales its block into a buffer of its own as it reads it, in q's dtype, the arithmetic of a pass over the
+// whole product's output (which this replaces). varlen_attention_quantized returns the output's rows quantized per
+// token (t5.quantize_rows_ref), as int8's o product takes them: each task that has all its sequence's heads
+// quantizes its rows as it has them (from ATen's result, with no [T, H, D] output written; brgemm_attend's rows
+// from the output it wrote them to).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -227,11 +228,10 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q, const at::Tensor&
           return x.data_ptr<c10::BFloat16>() + start * x.stride(0) + h0 * x.stride(1);
         };
         auto view = [&](const at::Tensor& x) { return fastinstructor::Heads{at_task(x), x.stride(0), x.stride(1)}; };
-        fastinstructor::brgemm_attend(view(q), view(k), view(v),
-                                      scales.defined() ? scales.data_ptr<float>() + start : nullptr, length, group,
-                                      q.size(2), bias.data_ptr<c10::BFloat16>() + h0 * bias.stride(0), bias.stride(0),
-                                      bias.stride(1), at_task(out),
-                                      out.stride(0));
+        const float* x_scale = scales.defined() ? scales.data_ptr<float>() + start : nullptr;
+        fastinstructor::brgemm_attend(view(q), view(k), view(v), x_scale, length, group, q.size(2),
+                                      bias.data_ptr<c10::BFloat16>() + h0 * bias.stride(0), bias.stride(0),
+                                      bias.stride(1), at_task(out), out.stride(0));
         if (quantize && group == heads) {
           quantize_tokens(heads_of(out, length), length, quantized.data_ptr<int8_t>() + start * width,
                           scale.data_ptr<float>() + start);
